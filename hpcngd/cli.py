@@ -1,0 +1,203 @@
+"""Command line: ``hpcngd RUN.toml [--set section.key=value ...]`` and its helpers.
+
+    hpcngd RUN.toml [--set k=v ...]          train (under mpirun -n N, or as one rank)
+    hpcngd validate RUN.toml [--set ...] [--world-size N]
+                                             print the resolved run file; exit 0, or 2 if invalid
+    hpcngd data demo OUT_DIR                 write the small procedural demo data set
+
+This is the only module that names ``MPI.COMM_WORLD``. Error policy:
+- bad input found while setting up (run file, data folder, run directory) is agreed on by all ranks,
+  printed once by rank 0 as one line, and every rank exits with code 2;
+- bad input met later (an unreadable image) is printed as one line by the rank that met it, and any
+  other uncaught exception with its traceback; either way the whole job is aborted (``MPI_Abort``)
+  with a non-zero code naming the rank, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from hpcngd import __version__, config
+from hpcngd.errors import UserError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+T = TypeVar("T")
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcngd", description="SP-NGD training of ResNets over MPI ranks.")
+    p.add_argument("--version", action="version", version=f"hpcngd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("run_file", help="TOML run file")
+    overrides.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one run-file key (repeatable)",
+    )
+    sub.add_parser("train", parents=[overrides], help="train (the default command)")
+    val = sub.add_parser("validate", parents=[overrides], help="check a run file and print it resolved")
+    val.add_argument("--world-size", type=int, default=0, help="also check against this rank count")
+    data = sub.add_parser("data", help="data set tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    demo = data_sub.add_parser("demo", help="write the procedural demo data set")
+    demo.add_argument("out_dir")
+    demo.add_argument("--train-per-class", type=int, default=300)
+    demo.add_argument("--val-per-class", type=int, default=50)
+    demo.add_argument("--size", type=int, default=64, help="image side in pixels")
+    demo.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hpcngd`` console script; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in ("train", "validate", "data"):
+        args_list.insert(0, "train")  # `hpcngd RUN.toml` means `hpcngd train RUN.toml`
+    args = _parser().parse_args(args_list)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "data":
+        from hpcngd.data.demo import generate
+
+        n = generate(args.out_dir, args.train_per_class, args.val_per_class, args.size, args.seed)
+        print(f"hpcngd: wrote {n} images to {args.out_dir}")
+        return 0
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    try:
+        return _train(world, args.run_file, args.overrides)
+    except BaseException as exc:  # noqa: BLE001 - every escape must end the whole job
+        return _abort(world, exc)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.run_file, args.overrides)
+        if args.world_size:
+            config.check_world_size(cfg, args.world_size)
+    except UserError as exc:
+        print(f"hpcngd: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(config.to_toml(cfg), end="")
+    return 0
+
+
+def _agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raised UserError on any rank, raise it on all (collective)."""
+    try:
+        result, error = fn(), None
+    except UserError as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather(error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise _AgreedError(first)
+    return result  # type: ignore[return-value]
+
+
+class _AgreedError(UserError):
+    """A UserError every rank knows about: printed once, exit 2 everywhere, no abort."""
+
+
+def _threads(run_threads: int, local_size: int) -> int:
+    if run_threads:
+        return run_threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    usable = len(os.sched_getaffinity(0))
+    bound = usable < (os.cpu_count() or usable)  # the launcher pinned this rank: use what it gave
+    return usable if bound else max(1, usable // local_size)
+
+
+def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
+    import torch
+
+    from hpcngd.comm.topology import Topology
+    from hpcngd.data import build_datasets
+    from hpcngd.metrics import MetricsLog
+    from hpcngd.train import Trainer, prepare_run_dir
+
+    try:
+        # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
+        text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
+        cfg = _agree(world, lambda: _parse(text, run_file, overrides, world.size))
+        topo = Topology(world, cfg.comm.ranks_per_node) if _agree(world, lambda: _check_rpn(cfg, world.size)) else None
+        assert topo is not None
+        torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
+        train_set, val_set = _agree(world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed))
+        run_dir = _agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
+    except _AgreedError as exc:
+        if world.rank == 0:
+            print(f"hpcngd: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
+    with topo:
+        trainer = Trainer(cfg, topo, train_set, val_set, log)
+        log.say(
+            f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "
+            f"{torch.get_num_threads()} thread(s) each | {cfg.model.arch} "
+            f"({sum(p.numel() for p in trainer.params):,} parameters) | {cfg.data.source} data: "
+            f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
+            f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
+            f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
+        )
+        result = trainer.train()
+        log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
+        log.close()
+    return 0
+
+
+def _capture(fn: Callable[[], T]) -> T | UserError:
+    try:
+        return fn()
+    except UserError as exc:
+        return exc
+
+
+def _parse(text: str | UserError, source: str, overrides: Sequence[str], world_size: int) -> config.Config:
+    if isinstance(text, UserError):
+        raise text
+    cfg = config.loads(text, source, overrides)
+    try:
+        config.check_world_size(cfg, world_size)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _check_rpn(cfg: config.Config, world_size: int) -> bool:
+    rpn = cfg.comm.ranks_per_node
+    if rpn and world_size % rpn:
+        raise config.ConfigError(f"comm.ranks_per_node = {rpn}: must divide the {world_size} ranks")
+    return True
+
+
+def _abort(world: MPI.Comm, exc: BaseException) -> int:
+    """Report ``exc`` for this rank and end the whole job; returns the code when only one rank runs."""
+    if isinstance(exc, SystemExit):
+        raise exc
+    where = f"rank {world.rank} of {world.size}"
+    if isinstance(exc, UserError):
+        message, code = f"hpcngd: error on {where}: {exc}", EXIT_USER_ERROR
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = f"hpcngd: interrupted on {where}", 130
+    else:
+        trace = "".join(traceback.format_exception(exc))
+        message = f"{trace}hpcngd: {where} failed: {type(exc).__name__}: {exc}"
+        code = EXIT_FAILURE
+    if world.size > 1:
+        message += f"; aborting all {world.size} ranks"
+    print(message, file=sys.stderr, flush=True)
+    if world.size > 1:
+        world.Abort(code)
+    return code

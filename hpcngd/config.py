@@ -1,0 +1,397 @@
+"""Run files: a frozen dataclass tree read from TOML.
+
+Every section is a frozen dataclass; every key is a field whose metadata says what is allowed
+(``choices``, ``ge``/``gt``/``le``/``lt``) and documents it (``help``). Construction validates, so a
+``Config`` that exists is a valid one. Any problem raises :class:`ConfigError` with one line that names
+``section.key``, the bad value and what is allowed.
+
+Checks that need the world size (the batch must split evenly over ranks) live in
+:func:`check_world_size`, called by the driver before any rank computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcngd.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+def _key(help: str, **rules: Any) -> dict[str, Any]:
+    return {"help": help, **rules}
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    return field(default=default, metadata=_key(help, **rules))
+
+
+class Section:
+    """Base of every run-file section: type and range checks from field metadata."""
+
+    SECTION: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(self.SECTION, f.name, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+            _check_rules(self.SECTION, f.name, value, f.metadata)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks of one section; override to add them."""
+
+    def fail(self, key: str, why: str) -> typing.NoReturn:
+        """Raise the one-line error for ``SECTION.key``."""
+        raise ConfigError(f"{self.SECTION}.{key} = {_show(getattr(self, key))}: {why}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return _toml_value(value) if isinstance(value, (str, int, float, bool, list)) else repr(value)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation and return it in canonical form (tuples, floats)."""
+    where = f"{section}.{key} = {_show(value)}"
+    if typing.get_origin(hint) is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list of {_TYPE_NAMES[item_type]}s")
+        return tuple(_coerce(section, key, v, item_type) for v in value)
+    ok = (
+        isinstance(value, bool)
+        if hint is bool
+        else (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if hint is float
+            else isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        )
+    )
+    if not ok:
+        raise ConfigError(f"{where}: must be {_TYPE_NAMES[hint]}")
+    if hint is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number")
+    return value
+
+
+def _check_rules(section: str, key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    where = f"{section}.{key} = {_show(value)}"
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(_show(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: must be one of {allowed}")
+    for op, test, words in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        if op in meta and not all(test(v, meta[op]) for v in items):
+            raise ConfigError(f"{where}: must be {words} {meta[op]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+MODEL_ARCHS = ("resnet8", "resnet20", "resnet32", "resnet18", "resnet34", "resnet50")
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    """[run]: what the run is called, where it writes, how long it lasts."""
+
+    SECTION = "run"
+    name: str = _opt("run", "Run name; the run directory is output_dir/name.")
+    output_dir: str = _opt("out", "Folder that holds run directories (relative to the working dir).")
+    seed: int = _opt(0, "Seed of model init, data order and augmentation.", ge=0)
+    epochs: int = _opt(1, "Number of training epochs.", ge=1)
+    max_steps: int = _opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
+    threads: int = _opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
+
+    def check(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            self.fail("name", "must be non-empty and use only letters, digits, '.', '_' and '-'")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """[model]: the network."""
+
+    SECTION = "model"
+    arch: str = _opt("resnet20", "Architecture.", choices=MODEL_ARCHS)
+    num_classes: int = _opt(10, "Number of classes (must match the data set).", ge=2)
+    zero_init_residual: bool = _opt(False, "Zero-init the last BN gamma of each residual block.")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """[data]: where images come from and how batches are formed."""
+
+    SECTION = "data"
+    source: str = _opt("synthetic", "Data source.", choices=("synthetic", "folder"))
+    path: str = _opt("", "Root holding train/<class>/*.jpg and val/<class>/*.jpg (source = folder).")
+    image_size: int = _opt(32, "Training crop and validation crop size in pixels.", ge=8)
+    val_resize: int = _opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
+    batch_size: int = _opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
+    micro_batch_size: int = _opt(
+        0,
+        "Images per forward pass on a rank (also the BatchNorm batch); the rest is accumulated. "
+        "0 = batch_size / world size. Fix it to get the same losses at any rank count.",
+        ge=0,
+    )
+    workers: int = _opt(2, "Decoding worker processes per rank (folder source; 0 = in-process).", ge=0)
+    crop_scale: tuple[float, ...] = _opt((0.08, 1.0), "Random resized crop area range.", gt=0.0, le=1.0)
+    crop_ratio: tuple[float, ...] = _opt((3 / 4, 4 / 3), "Random resized crop aspect range.", gt=0.0)
+    flip: bool = _opt(True, "Random horizontal flip in training.")
+    mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "Per-channel mean for normalization.")
+    std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "Per-channel std for normalization.", gt=0.0)
+    synthetic_train_samples: int = _opt(1024, "Training set size for source = synthetic.", ge=1)
+    synthetic_val_samples: int = _opt(256, "Validation set size for source = synthetic.", ge=0)
+
+    def check(self) -> None:
+        if self.source == "folder" and not self.path:
+            self.fail("path", 'is required when data.source = "folder"')
+        for key in ("crop_scale", "crop_ratio"):
+            pair = getattr(self, key)
+            if len(pair) != 2 or pair[0] > pair[1]:
+                self.fail(key, "must be [low, high] with low <= high")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                self.fail(key, "must have 3 values (R, G, B)")
+        if self.micro_batch_size > self.batch_size:
+            self.fail("micro_batch_size", f"must be <= data.batch_size = {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    """[optim]: update rule and learning-rate schedule (epochs may be fractional)."""
+
+    SECTION = "optim"
+    name: str = _opt("sgd", "Optimizer.", choices=("sgd",))
+    lr: float = _opt(0.1, "Peak learning rate (for the global batch; no automatic scaling).", gt=0.0)
+    momentum: float = _opt(0.9, "Momentum.", ge=0.0, lt=1.0)
+    nesterov: bool = _opt(False, "Nesterov momentum.")
+    weight_decay: float = _opt(5e-5, "L2 weight decay on conv/fc weights (never on BN or bias).", ge=0)
+    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy.", ge=0.0, lt=1.0)
+    schedule: str = _opt("poly", "LR shape.", choices=("constant", "poly", "cosine", "step"))
+    warmup_epochs: float = _opt(0.0, "Linear warmup from warmup_init_lr to lr.", ge=0.0)
+    warmup_init_lr: float = _opt(0.0, "LR at step 0 when warmup_epochs > 0.", ge=0.0)
+    e_start: float = _opt(0.0, "poly: constant lr until this epoch.", ge=0.0)
+    e_end: float = _opt(0.0, "poly: lr reaches 0 at this epoch (0 = end of the run).", ge=0.0)
+    power: float = _opt(2.0, "poly: exponent.", gt=0.0)
+    min_lr: float = _opt(0.0, "cosine: final lr.", ge=0.0)
+    milestones: tuple[float, ...] = _opt((), "step: epochs at which lr is multiplied by gamma.", ge=0)
+    gamma: float = _opt(0.1, "step: factor at each milestone.", gt=0.0, le=1.0)
+
+    def check(self) -> None:
+        if self.nesterov and self.momentum == 0.0:
+            self.fail("nesterov", "needs optim.momentum > 0")
+        if self.e_end and self.e_end <= self.e_start:
+            self.fail("e_end", f"must be > optim.e_start = {self.e_start} (or 0 for the end of the run)")
+        if list(self.milestones) != sorted(self.milestones):
+            self.fail("milestones", "must be increasing")
+        if self.warmup_epochs and self.warmup_init_lr > self.lr:
+            self.fail("warmup_init_lr", f"must be <= optim.lr = {self.lr}")
+
+
+@dataclass(frozen=True)
+class NgdConfig(Section):
+    """[ngd]: SP-NGD settings (filled by the SP-NGD issue; no keys yet)."""
+
+    SECTION = "ngd"
+
+
+@dataclass(frozen=True)
+class CommConfig(Section):
+    """[comm]: how ranks talk."""
+
+    SECTION = "comm"
+    ranks_per_node: int = _opt(
+        0, "Ranks per node (0 = ranks that share memory); set it to simulate nodes on one host.", ge=0
+    )
+    bucket_mb: float = _opt(8.0, "Size of one fused gradient buffer in MiB.", gt=0.0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(Section):
+    """[checkpoint]: filled by the Checkpoint issue (no keys yet)."""
+
+    SECTION = "checkpoint"
+
+
+@dataclass(frozen=True)
+class LogConfig(Section):
+    """[log]: progress lines, metrics.jsonl and evaluation."""
+
+    SECTION = "log"
+    every_steps: int = _opt(10, "Progress line and metrics.jsonl record every this many steps.", ge=1)
+    eval_every_epochs: int = _opt(1, "Evaluate every this many epochs (0 = only at the end).", ge=0)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.SECTION: cls
+    for cls in (
+        RunConfig,
+        ModelConfig,
+        DataConfig,
+        OptimConfig,
+        NgdConfig,
+        CommConfig,
+        CheckpointConfig,
+        LogConfig,
+    )
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run file. Components receive only their own section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ngd: NgdConfig = field(default_factory=NgdConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder this run writes into."""
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _section(section: str) -> type[Section]:
+    if section not in SECTIONS:
+        raise ConfigError(f"[{section}] is not a known section: sections are {', '.join(SECTIONS)}")
+    return SECTIONS[section]
+
+
+def _field_of(section: str, key: str) -> dataclasses.Field[Any]:
+    fields = {f.name: f for f in dataclasses.fields(_section(section))}  # type: ignore[arg-type]
+    if key not in fields:
+        allowed = ", ".join(fields) or "none yet"
+        raise ConfigError(f"{section}.{key} is not a known key: keys of [{section}] are {allowed}")
+    return fields[key]
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value typed by the schema)."""
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    f = _field_of(section, key)
+    hint = typing.get_type_hints(SECTIONS[section])[f.name]
+    text = text.strip()
+    if hint is str and not text.startswith(('"', "'")):
+        return section, key, text
+    try:
+        return section, key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"--set {name}={text}: not a valid value (TOML syntax)") from None
+
+
+def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated Config from parsed TOML plus ``section.key=value`` overrides."""
+    merged: dict[str, dict[str, Any]] = {}
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section} = {_show(body)}: top-level keys must be [sections]")
+        _section(section)
+        for key in body:
+            _field_of(section, key)
+        merged[section] = dict(body)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        merged.setdefault(section, {})[key] = value
+    return Config(**{name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS})
+
+
+def loads(text: str, source: str = "<run file>", overrides: typing.Sequence[str] = ()) -> Config:
+    """Parse a run file's text; errors name ``source``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def read_text(path: str | Path) -> str:
+    """Read a run file, turning a missing or unreadable file into one clear error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read run file: {exc.__class__.__name__}: {exc}") from None
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read and validate a run file."""
+    return loads(read_text(path), str(path), overrides)
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Checks that need the number of ranks; raise ConfigError naming the key."""
+    data = cfg.data
+    if data.batch_size % world_size:
+        raise ConfigError(
+            f"data.batch_size = {data.batch_size}: must be divisible by the {world_size} ranks"
+        )
+    local = data.batch_size // world_size
+    if data.micro_batch_size and local % data.micro_batch_size:
+        raise ConfigError(
+            f"data.micro_batch_size = {data.micro_batch_size}: must divide the per-rank batch "
+            f"data.batch_size / ranks = {data.batch_size} / {world_size} = {local}"
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved run file, every key written, readable back by :func:`loads`."""
+    lines: list[str] = []
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""An image-folder reader for the ImageNet layout, without DALI.
+
+``ROOT/train/<class>/*.jpg`` and ``ROOT/val/<class>/*.jpg``; class indices are the sorted class folder
+names of ``train`` (as torchvision's ImageFolder numbers them), and ``val`` must hold the same classes.
+Training images get a random resized crop and a horizontal flip drawn from the sample's own RNG
+(:func:`hpcngd.data.sharding.sample_rng`), validation images a resize of the shorter side and a center
+crop. Images are decoded with Pillow in the loader's worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from hpcngd.config import DataConfig
+from hpcngd.data.sharding import sample_rng
+from hpcngd.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and (path, label) pairs of one split, sorted; one clear error if unusable."""
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: data folder not found (expected <class>/<image> folders)")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{split_dir}: no class folders in it")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise UserError(f"{split_dir / name}: class folder holds no images")
+        samples.extend((f, label) for f in files)
+    return classes, samples
+
+
+def random_resized_box(
+    width: int, height: int, scale: tuple[float, ...], ratio: tuple[float, ...], rng: np.random.Generator
+) -> tuple[float, float, float, float]:
+    """A crop box of random area fraction in ``scale`` and log-uniform aspect in ``ratio``.
+
+    Ten tries, as in the Inception/torchvision recipe; otherwise the largest central box whose aspect is
+    clamped to ``ratio``.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            x0 = rng.uniform(0, width - w)
+            y0 = rng.uniform(0, height - h)
+            return (x0, y0, x0 + w, y0 + h)
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, width / aspect) if width / height < aspect else (height * aspect, height)
+    w, h = min(w, width), min(h, height)
+    x0, y0 = (width - w) / 2, (height - h) / 2
+    return (x0, y0, x0 + w, y0 + h)
+
+
+class ImageFolder:
+    """One split of an image folder with its transform.
+
+    Args:
+        cfg: the [data] section.
+        split: "train" (random crop + flip) or "val" (resize + center crop).
+        num_classes: expected class count (``model.num_classes``).
+        seed: run seed for the per-sample augmentation RNG.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, num_classes: int, seed: int) -> None:
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise UserError(f"data.path = {cfg.path!r}: folder not found")
+        self.classes, self.samples = scan(root / split)
+        if len(self.classes) != num_classes:
+            raise UserError(
+                f"{root / split}: {len(self.classes)} class folders, but model.num_classes = "
+                f"{num_classes}"
+            )
+        self.cfg = cfg
+        self.train = split == "train"
+        self.seed = seed
+        self.num_classes = num_classes
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def item(self, index: int, epoch: int) -> tuple[Tensor, int]:
+        """Decoded, augmented, normalized image ``index`` of epoch ``epoch`` and its label."""
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UserError(f"{path}: cannot read image: {exc}") from None
+        size = self.cfg.image_size
+        if self.train:
+            rng = sample_rng(self.seed, epoch, index)
+            box = random_resized_box(img.width, img.height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
+            out = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            if self.cfg.flip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            # Shorter side -> val_resize, then a central size x size crop, in one resampling.
+            resize = self.cfg.val_resize or round(size / 0.875)
+            side = size * min(img.width, img.height) / resize
+            x0, y0 = (img.width - side) / 2, (img.height - side) / 2
+            out = img.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+        pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float().div_(255.0) - self.mean) / self.std, label

@@ -1,0 +1,104 @@
+"""Sharded batch iterators over any data set with ``item(index, epoch)``.
+
+Decoding runs in ``workers`` processes of a torch DataLoader; which samples a rank gets, and their
+augmentation, come from :mod:`hpcngd.data.sharding` alone, so the batches do not depend on the number
+of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hpcngd.data import sharding
+
+Keys = list[tuple[int, int]]
+
+
+class Dataset(Protocol):
+    """What a loader needs of a data set."""
+
+    num_classes: int
+
+    def __len__(self) -> int: ...
+
+    def item(self, index: int, epoch: int) -> tuple[Tensor, int]: ...
+
+
+class _Keyed(torch.utils.data.Dataset[tuple[Tensor, int]]):
+    """Adapts ``item(index, epoch)`` to the DataLoader's ``dataset[key]``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:  # type: ignore[override]
+        return self.dataset.item(*key)
+
+
+def _load(dataset: Dataset, batches: Sequence[Keys], workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    loader = DataLoader(
+        _Keyed(dataset),
+        batch_sampler=batches,  # type: ignore[arg-type]
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    yield from loader
+
+
+class TrainLoader:
+    """This rank's share of every global training batch.
+
+    Args:
+        dataset: the training set.
+        batch_size: global batch (all ranks together).
+        rank, world_size: this rank and the rank count.
+        seed: run seed (sample order and augmentation).
+        workers: decoding processes (0 = in this process).
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.workers = workers
+        self.steps_per_epoch = sharding.steps_per_epoch(len(dataset), batch_size)
+
+    def keys(self, epoch: int, step: int) -> Keys:
+        """The (index, epoch) keys of this rank's part of batch ``step`` of ``epoch``."""
+        perm = sharding.epoch_permutation(len(self.dataset), self.seed, epoch)
+        idx = sharding.local_indices(perm, step, self.batch_size, self.rank, self.world_size)
+        return [(int(i), epoch) for i in idx]
+
+    def batches(
+        self, start_epoch: int, start_step: int, num_epochs: int
+    ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
+        order = [
+            (e, s)
+            for e in range(start_epoch, num_epochs)
+            for s in range(start_step if e == start_epoch else 0, self.steps_per_epoch)
+        ]
+        plans = [self.keys(e, s) for e, s in order]
+        for (epoch, step), (images, labels) in zip(order, _load(self.dataset, plans, self.workers)):
+            yield epoch, step, images, labels
+
+
+def eval_batches(
+    dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's slice of the evaluation set, in batches of at most ``batch_size``."""
+    idx = sharding.eval_indices(len(dataset), rank, world_size)
+    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    yield from _load(dataset, [[(int(i), 0) for i in c] for c in chunks if len(c)], workers)
+
+
+__all__ = ["Dataset", "TrainLoader", "eval_batches"]

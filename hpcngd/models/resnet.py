@@ -1,0 +1,168 @@
+"""ResNets: ImageNet ResNet-18/34/50 with torchvision's architecture and parameter names, and the
+small CIFAR-style ResNet-8/20/32 of He et al. (2016) for CPU runs.
+
+ResNet-50 here is torchvision's ``resnet50`` (v1.5: stride on the 3x3 conv of a bottleneck), with the
+same module names (``conv1``, ``layer3.2.bn2``, ``fc`` ...), 25,557,032 parameters for 1000 classes, and
+the same initialization (Kaiming-normal fan-out convs, BN gamma 1 / beta 0, torch's default Linear).
+The CIFAR nets use a 1x1-conv + BN projection shortcut when the shape changes (option B of the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+
+def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; used by ResNet-18/34 and the CIFAR nets."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(c_in, width, stride)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = _shortcut(c_in, width, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion; ResNet-50."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = _conv1x1(c_in, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, c_out)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(c_in, c_out, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+class ResNet(nn.Module):
+    """A ResNet: stem, stages of residual blocks, global average pool, fully connected classifier.
+
+    Args:
+        block: BasicBlock or Bottleneck.
+        depths: blocks per stage.
+        widths: base width per stage (the block's output is width * expansion).
+        num_classes: classifier outputs.
+        imagenet_stem: 7x7/2 conv + 3x3/2 max-pool (ImageNet) instead of one 3x3 conv (CIFAR).
+        zero_init_residual: start every block as identity by zeroing its last BN gamma.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        depths: list[int],
+        widths: list[int],
+        num_classes: int,
+        imagenet_stem: bool,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        c = widths[0]
+        if imagenet_stem:
+            self.conv1 = nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = _conv3x3(3, c)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = (
+            nn.MaxPool2d(3, stride=2, padding=1) if imagenet_stem else nn.Identity()
+        )
+        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(block(c, width, stride=2 if (i > 0 and j == 0) else 1))
+                c = width * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(depths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _cifar(n: int) -> Callable[[int, bool], ResNet]:
+    return lambda k, z: ResNet(BasicBlock, [n] * 3, [16, 32, 64], k, False, z)
+
+
+def _imagenet(block: Block, depths: list[int]) -> Callable[[int, bool], ResNet]:
+    return lambda k, z: ResNet(block, depths, [64, 128, 256, 512], k, True, z)
+
+
+ARCHS: dict[str, Callable[[int, bool], ResNet]] = {
+    "resnet8": _cifar(1),
+    "resnet20": _cifar(3),
+    "resnet32": _cifar(5),
+    "resnet18": _imagenet(BasicBlock, [2, 2, 2, 2]),
+    "resnet34": _imagenet(BasicBlock, [3, 4, 6, 3]),
+    "resnet50": _imagenet(Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def build(arch: str, num_classes: int, zero_init_residual: bool = False) -> ResNet:
+    """Build a model by name (see ``ARCHS``)."""
+    if arch not in ARCHS:
+        raise RuntimeError(f"unknown arch {arch!r}; config validation should have caught it")
+    return ARCHS[arch](num_classes, zero_init_residual)

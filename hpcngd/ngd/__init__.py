@@ -1,0 +1,1 @@
+"""SP-NGD math (the SP-NGD issue): pure functions and per-layer state, no MPI."""

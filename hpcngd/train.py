@@ -1,0 +1,180 @@
+"""The Trainer: builds the parts of a run and drives the bulk-synchronous loop.
+
+One step (``train_step``):
+  1. forward + backward over the rank's micro-batches, gradients accumulated (scaled so that their
+     sum is the gradient of the rank's mean loss);
+  2. one fused allreduce averages gradients and the loss over all ranks (``comm.bucket_mb`` buckets);
+  3. the optimizer applies the same update on every rank, so replicas stay identical.
+A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, broadcast_
+from hpcngd.comm.topology import Topology
+from hpcngd.config import Config
+from hpcngd.data import Dataset, TrainLoader, eval_batches
+from hpcngd.errors import UserError
+from hpcngd.metrics import MetricsLog, PhaseTimer
+from hpcngd.models.resnet import build
+from hpcngd.optim import build_optimizer, learning_rate, set_lr
+
+
+class Trainer:
+    """Everything one rank needs to train.
+
+    Args:
+        cfg: the validated run file.
+        topo: communicators of this job.
+        train_set, val_set: data sets (see :func:`hpcngd.data.build_datasets`).
+        log: rank 0's console and metrics writer.
+    """
+
+    def __init__(
+        self, cfg: Config, topo: Topology, train_set: Dataset, val_set: Dataset, log: MetricsLog
+    ) -> None:
+        self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
+        data = cfg.data
+        self.loader = TrainLoader(train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers)
+        if self.loader.steps_per_epoch == 0:
+            raise UserError(f"data.batch_size = {data.batch_size}: larger than the {len(train_set)} training images")
+        self.local_batch = data.batch_size // topo.size
+        self.micro_batch = data.micro_batch_size or self.local_batch
+        self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs
+        if cfg.run.max_steps:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = build(cfg.model.arch, cfg.model.num_classes, cfg.model.zero_init_residual)
+        self.model.train()
+        # Same seed gives the same init everywhere on CPU; broadcasting rank 0's makes it certain.
+        broadcast_(list(self.model.state_dict().values()), topo.world)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.loss_buf = torch.zeros(1)
+        shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
+        self.grad_reducer = FusedAllreduce(topo.world, shapes, cfg.comm.bucket_mb)
+        self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self.buffer_reducer = FusedAllreduce(topo.world, [b.shape for b in self.float_buffers], cfg.comm.bucket_mb)
+        self.timer = PhaseTimer()
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        return learning_rate(self.cfg.optim, step, self.loader.steps_per_epoch, self.cfg.run.epochs)
+
+    def train_step(self, images: Tensor, labels: Tensor) -> float:
+        """One step on this rank's part of the global batch; returns the global mean loss."""
+        set_lr(self.optimizer, self.lr_at(self.step))
+        with self.timer.phase("fwd_bwd"):
+            self.optimizer.zero_grad(set_to_none=False)
+            local_loss = 0.0
+            for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch)):
+                loss = self.criterion(self.model(x), y) * (len(x) / len(images))
+                loss.backward()
+                local_loss += loss.item()
+        with self.timer.phase("comm"):
+            self.loss_buf.fill_(local_loss)
+            self.grad_reducer.average_([self._grad(p) for p in self.params] + [self.loss_buf])
+        loss_value = float(self.loss_buf.item())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)")
+        with self.timer.phase("update"):
+            self.optimizer.step()
+        self.step += 1
+        self.timer.count_step()
+        return loss_value
+
+    @staticmethod
+    def _grad(p: nn.Parameter) -> Tensor:
+        if p.grad is None:  # a parameter the forward pass did not reach
+            p.grad = torch.zeros_like(p)
+        return p.grad
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, top-1 and top-5 (%) on the whole validation set, summed over ranks."""
+        self.buffer_reducer.average_(self.float_buffers)  # BN running statistics, same on every rank
+        self.model.eval()
+        k = min(5, self.cfg.model.num_classes)
+        count = loss_sum = top1 = top5 = 0.0
+        for x, y in eval_batches(self.val_set, self.local_batch, self.topo.rank, self.topo.size, self.cfg.data.workers):
+            logits = self.model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            hits = logits.topk(k, dim=1).indices == y[:, None]
+            top1 += float(hits[:, 0].sum())
+            top5 += float(hits.any(dim=1).sum())
+            count += len(y)
+        self.model.train()
+        count, loss_sum, top1, top5 = allreduce_sum([count, loss_sum, top1, top5], self.topo.world)
+        n = max(count, 1.0)
+        return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_images": count}
+
+    def train(self) -> dict[str, Any]:
+        """Run every step of the run; returns the last train and eval figures."""
+        cfg, spe = self.cfg, self.loader.steps_per_epoch
+        losses: list[float] = []
+        last: dict[str, Any] = {}
+        batches = self.loader.batches(0, 0, cfg.run.epochs)
+        while self.step < self.total_steps:
+            with self.timer.phase("data"):
+                epoch, step_in_epoch, images, labels = next(batches)
+            losses.append(self.train_step(images, labels))
+            epoch_done = step_in_epoch + 1 == spe
+            if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps or epoch_done:
+                last = self._log_train(epoch + (step_in_epoch + 1) / spe, losses)
+                losses = []
+            every = cfg.log.eval_every_epochs
+            if self.step == self.total_steps or (epoch_done and every and (epoch + 1) % every == 0):
+                last.update(self._log_eval(epoch + (step_in_epoch + 1) / spe))
+                self.timer.take()  # evaluation time is not training throughput
+        batches.close()
+        return last
+
+    def _log_train(self, epoch: float, losses: list[float]) -> dict[str, Any]:
+        steps, wall, ms = self.timer.take()
+        rec = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": round(epoch, 4),
+            "loss": sum(losses) / len(losses),
+            "lr": self.lr_at(self.step - 1),
+            "images_per_s": steps * self.cfg.data.batch_size / max(wall, 1e-9),
+            "step_ms": 1e3 * wall / max(steps, 1),
+            **{f"{k}_ms": v for k, v in ms.items()},
+            "comm_bytes": self.grad_reducer.bytes_sent,
+        }
+        self.log.record(**rec)
+        phases = " ".join(f"{k} {v:.0f}ms" for k, v in ms.items())
+        self.log.say(
+            f"epoch {epoch:6.2f}/{self.cfg.run.epochs} step {self.step}/{self.total_steps} "
+            f"loss {rec['loss']:.4f} lr {rec['lr']:.4g} img/s {rec['images_per_s']:.0f} | {phases}"
+        )
+        return rec
+
+    def _log_eval(self, epoch: float) -> dict[str, float]:
+        res = self.evaluate()
+        self.log.record(kind="eval", step=self.step, epoch=round(epoch, 4), **res)
+        self.log.say(
+            f"eval  epoch {epoch:6.2f} step {self.step}: loss {res['val_loss']:.4f} "
+            f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
+        )
+        return res
+
+
+def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
+    """Create the run directory and write the resolved run file (rank 0 only)."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(resolved_toml, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"run.output_dir = {cfg.run.output_dir!r}: cannot write {run_dir}: {exc}") from None
+    return run_dir
