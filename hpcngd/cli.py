@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("run_file", help="TOML run file")
     overrides.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one run-file key (repeatable)",
     )
     sub.add_parser("train", parents=[overrides], help="train (the default command)")
@@ -74,8 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    return run_guarded(world, lambda: _train(world, args.run_file, args.overrides))
+
+
+def run_guarded(world: MPI.Comm, fn: Callable[[], int]) -> int:
+    """Run ``fn`` on every rank; anything escaping it on any rank ends the whole job."""
     try:
-        return _train(world, args.run_file, args.overrides)
+        return fn()
     except BaseException as exc:  # noqa: BLE001 - every escape must end the whole job
         return _abort(world, exc)
 
@@ -131,11 +140,19 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
         # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
         text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
         cfg = _agree(world, lambda: _parse(text, run_file, overrides, world.size))
-        topo = Topology(world, cfg.comm.ranks_per_node) if _agree(world, lambda: _check_rpn(cfg, world.size)) else None
+        topo = (
+            Topology(world, cfg.comm.ranks_per_node)
+            if _agree(world, lambda: _check_rpn(cfg, world.size))
+            else None
+        )
         assert topo is not None
         torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
-        train_set, val_set = _agree(world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed))
-        run_dir = _agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
+        train_set, val_set = _agree(
+            world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        )
+        run_dir = _agree(
+            world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None
+        )
     except _AgreedError as exc:
         if world.rank == 0:
             print(f"hpcngd: error: {exc}", file=sys.stderr, flush=True)

@@ -64,6 +64,7 @@ def _show(value: Any) -> str:
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 
 
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
@@ -72,7 +73,7 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         (item_type, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: must be a list of {_TYPE_NAMES[item_type]}s")
+            raise ConfigError(f"{where}: must be a list of {_PLURALS[item_type]}")
         return tuple(_coerce(section, key, v, item_type) for v in value)
     ok = (
         isinstance(value, bool)
@@ -330,7 +331,8 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
     for item in overrides:
         section, key, value = _parse_override(item)
         merged.setdefault(section, {})[key] = value
-    return Config(**{name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS})
+    sections: dict[str, Any] = {name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()}
+    return Config(**sections)
 
 
 def loads(text: str, source: str = "<run file>", overrides: typing.Sequence[str] = ()) -> Config:
@@ -362,9 +364,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     """Checks that need the number of ranks; raise ConfigError naming the key."""
     data = cfg.data
     if data.batch_size % world_size:
-        raise ConfigError(
-            f"data.batch_size = {data.batch_size}: must be divisible by the {world_size} ranks"
-        )
+        raise ConfigError(f"data.batch_size = {data.batch_size}: must be divisible by the {world_size} ranks")
     local = data.batch_size // world_size
     if data.micro_batch_size and local % data.micro_batch_size:
         raise ConfigError(

@@ -42,9 +42,13 @@ class Trainer:
     ) -> None:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
         data = cfg.data
-        self.loader = TrainLoader(train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers)
+        self.loader = TrainLoader(
+            train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers
+        )
         if self.loader.steps_per_epoch == 0:
-            raise UserError(f"data.batch_size = {data.batch_size}: larger than the {len(train_set)} training images")
+            raise UserError(
+                f"data.batch_size = {data.batch_size}: larger than the {len(train_set)} training images"
+            )
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
         self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs
@@ -63,7 +67,9 @@ class Trainer:
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
         self.grad_reducer = FusedAllreduce(topo.world, shapes, cfg.comm.bucket_mb)
         self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        self.buffer_reducer = FusedAllreduce(topo.world, [b.shape for b in self.float_buffers], cfg.comm.bucket_mb)
+        self.buffer_reducer = FusedAllreduce(
+            topo.world, [b.shape for b in self.float_buffers], cfg.comm.bucket_mb
+        )
         self.timer = PhaseTimer()
         self.step = 0
 
@@ -76,7 +82,7 @@ class Trainer:
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
             local_loss = 0.0
-            for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch)):
+            for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=False):
                 loss = self.criterion(self.model(x), y) * (len(x) / len(images))
                 loss.backward()
                 local_loss += loss.item()
@@ -85,7 +91,9 @@ class Trainer:
             self.grad_reducer.average_([self._grad(p) for p in self.params] + [self.loss_buf])
         loss_value = float(self.loss_buf.item())
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)")
+            raise FloatingPointError(
+                f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
+            )
         with self.timer.phase("update"):
             self.optimizer.step()
         self.step += 1
@@ -105,7 +113,9 @@ class Trainer:
         self.model.eval()
         k = min(5, self.cfg.model.num_classes)
         count = loss_sum = top1 = top5 = 0.0
-        for x, y in eval_batches(self.val_set, self.local_batch, self.topo.rank, self.topo.size, self.cfg.data.workers):
+        for x, y in eval_batches(
+            self.val_set, self.local_batch, self.topo.rank, self.topo.size, self.cfg.data.workers
+        ):
             logits = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             hits = logits.topk(k, dim=1).indices == y[:, None]
@@ -115,7 +125,12 @@ class Trainer:
         self.model.train()
         count, loss_sum, top1, top5 = allreduce_sum([count, loss_sum, top1, top5], self.topo.world)
         n = max(count, 1.0)
-        return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_images": count}
+        return {
+            "val_loss": loss_sum / n,
+            "val_top1": 100 * top1 / n,
+            "val_top5": 100 * top5 / n,
+            "val_images": count,
+        }
 
     def train(self) -> dict[str, Any]:
         """Run every step of the run; returns the last train and eval figures."""

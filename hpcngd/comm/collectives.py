@@ -31,7 +31,7 @@ class FusedAllreduce:
         """Replace every tensor by its mean over the ranks (in place)."""
         if len(tensors) != self.num_tensors:
             raise RuntimeError(f"FusedAllreduce planned for {self.num_tensors} tensors, got {len(tensors)}")
-        for bucket, buf in zip(self.buckets, self.buffers):
+        for bucket, buf in zip(self.buckets, self.buffers, strict=False):
             group = [tensors[i] for i in bucket]
             packing.pack(group, buf)
             if self.comm.size > 1:

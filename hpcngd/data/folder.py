@@ -33,9 +33,7 @@ def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise UserError(f"{split_dir}: no class folders in it")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = sorted(str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"{split_dir / name}: class folder holds no images")
         samples.extend((f, label) for f in files)
@@ -85,8 +83,7 @@ class ImageFolder:
         self.classes, self.samples = scan(root / split)
         if len(self.classes) != num_classes:
             raise UserError(
-                f"{root / split}: {len(self.classes)} class folders, but model.num_classes = "
-                f"{num_classes}"
+                f"{root / split}: {len(self.classes)} class folders, but model.num_classes = {num_classes}"
             )
         self.cfg = cfg
         self.train = split == "train"
@@ -102,8 +99,8 @@ class ImageFolder:
         """Decoded, augmented, normalized image ``index`` of epoch ``epoch`` and its label."""
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            with Image.open(path) as opened:
+                img = opened.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"{path}: cannot read image: {exc}") from None
         size = self.cfg.image_size

@@ -7,7 +7,7 @@ of workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -35,14 +35,14 @@ class _Keyed(torch.utils.data.Dataset[tuple[Tensor, int]]):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:  # type: ignore[override]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
         return self.dataset.item(*key)
 
 
 def _load(dataset: Dataset, batches: Sequence[Keys], workers: int) -> Iterator[tuple[Tensor, Tensor]]:
     loader = DataLoader(
         _Keyed(dataset),
-        batch_sampler=batches,  # type: ignore[arg-type]
+        batch_sampler=batches,
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
@@ -80,7 +80,7 @@ class TrainLoader:
 
     def batches(
         self, start_epoch: int, start_step: int, num_epochs: int
-    ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
         """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
         order = [
             (e, s)
@@ -88,7 +88,8 @@ class TrainLoader:
             for s in range(start_step if e == start_epoch else 0, self.steps_per_epoch)
         ]
         plans = [self.keys(e, s) for e, s in order]
-        for (epoch, step), (images, labels) in zip(order, _load(self.dataset, plans, self.workers)):
+        loaded = _load(self.dataset, plans, self.workers)
+        for (epoch, step), (images, labels) in zip(order, loaded, strict=True):
             yield epoch, step, images, labels
 
 

@@ -25,9 +25,7 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return num_samples // batch_size
 
 
-def local_indices(
-    perm: np.ndarray, step: int, batch_size: int, rank: int, world_size: int
-) -> np.ndarray:
+def local_indices(perm: np.ndarray, step: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
     """Sample indices rank ``rank`` trains on at ``step`` (``batch_size`` is the global batch)."""
     if batch_size % world_size:
         raise RuntimeError(f"global batch {batch_size} does not split over {world_size} ranks")

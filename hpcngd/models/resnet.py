@@ -113,9 +113,7 @@ class ResNet(nn.Module):
             self.conv1 = _conv3x3(3, c)
         self.bn1 = nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool: nn.Module = (
-            nn.MaxPool2d(3, stride=2, padding=1) if imagenet_stem else nn.Identity()
-        )
+        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if imagenet_stem else nn.Identity()
         for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             blocks = []
             for j in range(depth):

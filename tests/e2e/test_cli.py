@@ -1,0 +1,182 @@
+"""The command line as a user runs it: plain and under mpiexec, good and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcngd import config
+from hpcngd.data.demo import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+}
+TINY = """
+[run]
+name = "tiny"
+output_dir = "{out}"
+epochs = 2
+[model]
+arch = "resnet8"
+num_classes = 10
+[data]
+source = "folder"
+path = "{data}"
+image_size = 16
+val_resize = 18
+batch_size = 20
+workers = {workers}
+[optim]
+lr = 0.1
+[log]
+every_steps = 2
+eval_every_epochs = 1
+"""
+
+
+def hpcngd(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [str(BIN / "hpcngd"), *args]
+    if ranks:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "hpcngd: error" in line]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    generate(root, train_per_class=4, val_per_class=2, size=24)
+    return root
+
+
+def write_run(tmp_path: Path, demo: Path, workers: int = 0, extra: str = "") -> Path:
+    run_file = tmp_path / "tiny.toml"
+    run_file.write_text(TINY.format(out=tmp_path / "out", data=demo, workers=workers) + extra)
+    return run_file
+
+
+def test_version_and_module_entry() -> None:
+    out = subprocess.run([sys.executable, "-m", "hpcngd", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("hpcngd ")
+
+
+def test_validate_prints_resolved_run_file() -> None:
+    res = hpcngd("validate", "runs/quickstart.toml", "--set", "optim.lr=0.05", "--world-size", "2")
+    assert res.returncode == 0, res.stderr
+    resolved = config.loads(res.stdout)
+    assert resolved == config.load(ROOT / "runs/quickstart.toml", ["optim.lr=0.05"])
+    bad = hpcngd("validate", "runs/quickstart.toml", "--world-size", "3")
+    assert bad.returncode == 2
+    assert error_lines(bad.stderr) == [
+        "hpcngd: error: data.batch_size = 128: must be divisible by the 3 ranks"
+    ]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_bad_run_file_is_one_line_exit_2_on_every_rank_count(tmp_path: Path, ranks: int) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr = -1\n")
+    t0 = time.monotonic()
+    res = hpcngd(str(bad), ranks=ranks)
+    assert res.returncode == 2
+    assert error_lines(res.stderr) == [f"hpcngd: error: {bad}: optim.lr = -1.0: must be > 0.0"]
+    assert "Traceback" not in res.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_bad_input_found_at_setup_under_mpi(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo)
+    res = hpcngd(str(run_file), "--set", "data.batch_size=6", ranks=4)
+    assert res.returncode == 2
+    assert error_lines(res.stderr) == [
+        f"hpcngd: error: {run_file}: data.batch_size = 6: must be divisible by the 4 ranks"
+    ]
+    res = hpcngd(str(run_file), "--set", f"data.path={tmp_path}/missing", ranks=2)
+    assert res.returncode == 2
+    assert error_lines(res.stderr) == [f"hpcngd: error: data.path = '{tmp_path}/missing': folder not found"]
+    res = hpcngd(str(run_file), "--set", "model.num_classes=4", ranks=2)
+    assert res.returncode == 2 and "but model.num_classes = 4" in res.stderr
+    res = hpcngd(str(tmp_path / "absent.toml"), ranks=2)
+    assert res.returncode == 2
+    assert error_lines(res.stderr)[0].startswith(
+        f"hpcngd: error: {tmp_path}/absent.toml: cannot read run file"
+    )
+
+
+def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, workers=1)
+    res = hpcngd(str(run_file), "--set", "optim.lr=0.05", ranks=2)
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "out" / "tiny"
+    assert config.load(run_dir / "config.toml") == config.load(run_file, ["optim.lr=0.05"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert train[-1]["step"] == 4 and train[-1]["epoch"] == 2.0  # 40 images / 20 = 2 steps an epoch
+    for r in train:
+        assert {"step", "epoch", "loss", "lr", "images_per_s", "data_ms", "fwd_bwd_ms", "comm_ms"} <= set(r)
+        assert r["images_per_s"] > 0 and r["loss"] > 0
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["val_images"] == 20 and 0 <= r["val_top1"] <= 100 for r in evals)
+    assert "eval  epoch   2.00 step 4" in res.stdout and res.stdout.count("hpcngd 0.1.0: run tiny") == 1
+    single = hpcngd(str(run_file), "--set", "run.name=one", "--set", "run.max_steps=1")
+    assert single.returncode == 0, single.stderr
+    assert "1 ranks on 1 node(s)" in single.stdout and "done: 1 steps" in single.stdout
+
+
+def test_unreadable_image_during_training_ends_the_job(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate(data, train_per_class=4, val_per_class=1, size=24)
+    for image in (data / "train" / "ring").iterdir():
+        image.write_bytes(b"\xff\xd8 truncated")
+    t0 = time.monotonic()
+    res = hpcngd(str(write_run(tmp_path, data)), ranks=2, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "cannot read image" in line]
+    assert lines and "hpcngd: error on rank" in lines[0] and "/train/ring/ring_0000" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_exception_on_one_rank_ends_the_job(tmp_path: Path) -> None:
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "from hpcngd.cli import run_guarded\n"
+        "def work() -> int:\n"
+        "    if MPI.COMM_WORLD.rank == 1:\n"
+        "        raise RuntimeError('injected failure')\n"
+        "    MPI.COMM_WORLD.Barrier()  # rank 0 would wait here forever\n"
+        "    return 0\n"
+        "sys.exit(run_guarded(MPI.COMM_WORLD, work))\n"
+    )
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [str(MPIEXEC), "-n", "2", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert time.monotonic() - t0 < 30
+    assert res.returncode != 0
+    assert "hpcngd: rank 1 of 2 failed: RuntimeError: injected failure; aborting all 2 ranks" in res.stderr
+    assert "Traceback" in res.stderr

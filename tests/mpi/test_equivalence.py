@@ -1,0 +1,66 @@
+"""A W-rank run equals a 1-rank run with the same global batch (the 1-rank run computed here too)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import torch
+from mpi4py import MPI
+
+from hpcngd import config
+from hpcngd.comm.topology import Topology
+from hpcngd.data import build_datasets
+from hpcngd.metrics import MetricsLog
+from hpcngd.train import Trainer
+
+RUN = """
+[run]
+seed = 11
+epochs = 4
+[model]
+arch = "resnet8"
+num_classes = 5
+[data]
+source = "synthetic"
+image_size = 12
+batch_size = 16
+micro_batch_size = 4     # the BatchNorm batch: the same at 1, 2 and 4 ranks
+synthetic_train_samples = 56
+synthetic_val_samples = 20
+workers = 0
+[optim]
+lr = 0.2
+momentum = 0.9
+weight_decay = 1e-3
+label_smoothing = 0.1
+schedule = "poly"
+warmup_epochs = 1.0
+"""
+NUM_STEPS = 10
+
+
+def train_losses(comm: MPI.Comm) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+    cfg = config.loads(RUN)
+    with Topology(comm) as topo:
+        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
+        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
+        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, NUM_STEPS)]
+        batches.close()
+        params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+        return losses, params, trainer.evaluate()
+
+
+def test_losses_match_single_rank(comm: MPI.Comm) -> None:
+    losses, params, evaluation = train_losses(comm)
+    ref_losses, ref_params, ref_eval = train_losses(MPI.COMM_SELF)  # 1 rank, 4 micro-batches a step
+    assert len(losses) == NUM_STEPS and losses[-1] < losses[0]
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    assert max(rel) <= 1e-5, (losses, ref_losses)
+    torch.testing.assert_close(params, ref_params, rtol=1e-4, atol=1e-5)
+    assert evaluation["val_images"] == ref_eval["val_images"] == 20
+
+    # Every rank holds bit-identical replicas.
+    digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
+    assert len(set(comm.allgather(digest))) == 1

@@ -1,0 +1,112 @@
+"""Demo set, folder reader (layout, transforms, errors) and loaders (workers do not change batches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcngd.config import DataConfig
+from hpcngd.data import TrainLoader, build_datasets, eval_batches
+from hpcngd.data.demo import CLASSES, generate
+from hpcngd.data.folder import ImageFolder, random_resized_box
+from hpcngd.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    assert generate(root, train_per_class=6, val_per_class=2, size=40) == 80
+    return root
+
+
+def folder_cfg(root: Path, **kw: object) -> DataConfig:
+    return DataConfig(source="folder", path=str(root), image_size=24, **kw)  # type: ignore[arg-type]
+
+
+def test_demo_layout_and_determinism(demo: Path, tmp_path: Path) -> None:
+    assert sorted(p.name for p in (demo / "train").iterdir()) == sorted(CLASSES)
+    assert len(list((demo / "val" / "disk").iterdir())) == 2
+    generate(tmp_path, train_per_class=1, val_per_class=0, size=40)
+    for name in CLASSES:
+        file = f"train/{name}/{name}_00000.jpg"
+        assert (tmp_path / file).read_bytes() == (demo / file).read_bytes()
+
+
+def test_folder_reader_labels_and_shapes(demo: Path) -> None:
+    train, val = build_datasets(folder_cfg(demo), 10, seed=0)
+    assert isinstance(train, ImageFolder) and len(train) == 60 and len(val) == 20
+    assert train.classes == sorted(CLASSES)
+    image, label = train.item(0, epoch=0)
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and label == 0
+    assert train.samples[0][0].endswith("checker/checker_00000.jpg")
+    assert train.samples[-1][1] == 9
+    # Train augmentation: same (epoch, index) -> same crop; another epoch -> another crop.
+    assert torch.equal(train.item(5, 1)[0], train.item(5, 1)[0])
+    assert not torch.equal(train.item(5, 1)[0], train.item(5, 2)[0])
+    # Validation is deterministic and ignores the epoch.
+    assert torch.equal(val.item(3, 0)[0], val.item(3, 9)[0])
+
+
+def test_random_resized_box_stays_inside() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = random_resized_box(50, 30, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= x0 < x1 <= 50 + 1e-9 and 0 <= y0 < y1 <= 30 + 1e-9
+        assert 3 / 4 - 1e-6 <= (x1 - x0) / (y1 - y0) <= 4 / 3 + 1e-6
+
+
+def test_workers_do_not_change_batches(demo: Path) -> None:
+    train, val = build_datasets(folder_cfg(demo), 10, seed=3)
+    runs = []
+    for workers in (0, 2):
+        loader = TrainLoader(train, batch_size=12, rank=1, world_size=2, seed=3, workers=workers)
+        runs.append(list(loader.batches(0, 2, 2)))
+    assert [(e, s) for e, s, _, _ in runs[0]] == [
+        (0, 2),
+        (0, 3),
+        (0, 4),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (1, 4),
+    ]
+    for (_, _, x0, y0), (_, _, x1, y1) in zip(*runs, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    labels = torch.cat([y for _, y in eval_batches(val, 3, rank=0, world_size=1, workers=2)])
+    assert labels.tolist() == [label for _, label in val.samples]  # type: ignore[attr-defined]
+
+
+def test_missing_and_bad_folders(tmp_path: Path, demo: Path) -> None:
+    with pytest.raises(UserError, match=r"data.path = '.*nothing': folder not found"):
+        build_datasets(folder_cfg(tmp_path / "nothing"), 10, 0)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"empty/train: no class folders"):
+        build_datasets(folder_cfg(tmp_path / "empty"), 10, 0)
+    (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "noval" / "train" / "a" / "x.txt").write_text("x")
+    with pytest.raises(UserError, match=r"noval/train/a: class folder holds no images"):
+        build_datasets(folder_cfg(tmp_path / "noval"), 10, 0)
+    with pytest.raises(UserError, match=r"demo\d*/train: 10 class folders, but model.num_classes = 5"):
+        build_datasets(folder_cfg(demo), 5, 0)
+
+
+def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    generate(tmp_path, train_per_class=1, val_per_class=1, size=16)
+    bad = tmp_path / "train" / "disk" / "disk_00000.jpg"
+    bad.write_bytes(b"not a jpeg")
+    train, _ = build_datasets(folder_cfg(tmp_path), 10, 0)
+    index = [path for path, _ in train.samples].index(str(bad))  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match=r"disk_00000.jpg: cannot read image"):
+        train.item(index, 0)
+
+
+def test_synthetic_is_a_function_of_index() -> None:
+    train, val = build_datasets(DataConfig(image_size=8, synthetic_train_samples=10), 4, seed=1)
+    assert torch.equal(train.item(3, 0)[0], train.item(3, 5)[0])
+    assert not torch.equal(train.item(3, 0)[0], train.item(4, 0)[0])
+    assert not torch.equal(train.item(3, 0)[0], val.item(3, 0)[0])
+    assert train.item(0, 0)[0].shape == (3, 8, 8)
