@@ -45,10 +45,6 @@ class Trainer:
         self.loader = TrainLoader(
             train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers
         )
-        if self.loader.steps_per_epoch == 0:
-            raise UserError(
-                f"data.batch_size = {data.batch_size}: larger than the {len(train_set)} training images"
-            )
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
         self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs

@@ -23,6 +23,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def folder_cfg(root: Path, **kw: object) -> DataConfig:
+    kw.setdefault("batch_size", 8)
     return DataConfig(source="folder", path=str(root), image_size=24, **kw)  # type: ignore[arg-type]
 
 
@@ -104,8 +105,13 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
         train.item(index, 0)
 
 
+def test_batch_larger_than_training_set(demo: Path) -> None:
+    with pytest.raises(UserError, match=r"data.batch_size = 61: larger than the 60 training images"):
+        build_datasets(folder_cfg(demo, batch_size=61), 10, 0)
+
+
 def test_synthetic_is_a_function_of_index() -> None:
-    train, val = build_datasets(DataConfig(image_size=8, synthetic_train_samples=10), 4, seed=1)
+    train, val = build_datasets(DataConfig(image_size=8, synthetic_train_samples=10, batch_size=2), 4, seed=1)
     assert torch.equal(train.item(3, 0)[0], train.item(3, 5)[0])
     assert not torch.equal(train.item(3, 0)[0], train.item(4, 0)[0])
     assert not torch.equal(train.item(3, 0)[0], val.item(3, 0)[0])

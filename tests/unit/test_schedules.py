@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from hpcngd.config import OptimConfig
-from hpcngd.optim import learning_rate
+from hpcngd.models.resnet import build
+from hpcngd.optim import build_optimizer, learning_rate, param_groups
 
 
 def lr(step: int, spe: int = 10, epochs: float = 10, **kw: object) -> float:
@@ -52,3 +54,38 @@ def test_step() -> None:
     assert lr(29, **kw) == 1.0
     assert lr(30, **kw) == pytest.approx(0.1)
     assert lr(65, **kw) == pytest.approx(0.01)
+
+
+def test_weight_decay_skips_batchnorm_and_biases() -> None:
+    model = build("resnet8", 10)
+    decay, no_decay = param_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])  # type: ignore[attr-defined]
+    skipped = sorted(names[id(p)] for p in no_decay["params"])  # type: ignore[attr-defined]
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert "fc.weight" in decayed and "conv1.weight" in decayed and "layer2.0.downsample.0.weight" in decayed
+    assert "fc.bias" in skipped and "bn1.weight" in skipped and "layer1.0.bn2.bias" in skipped
+    assert all(".bn" not in n and not n.startswith("bn") for n in decayed)
+    assert len(decayed) + len(skipped) == len(names)
+
+
+def test_sgd_step_matches_hand_computed_update() -> None:
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.bias.fill_(0.5)
+    opt = build_optimizer(model, OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.01))
+    for _ in range(2):
+        opt.zero_grad()
+        model.weight.grad = torch.tensor([[0.2, 0.4]])
+        model.bias.grad = torch.tensor([1.0])
+        opt.step()
+    # weight: g = grad + wd * w; v1 = g1; w1 = w0 - lr v1; v2 = 0.9 v1 + g2; w2 = w1 - lr v2.
+    w0 = torch.tensor([1.0, -2.0])
+    v1 = torch.tensor([0.2, 0.4]) + 0.01 * w0
+    w1 = w0 - 0.1 * v1
+    w2 = w1 - 0.1 * (0.9 * v1 + torch.tensor([0.2, 0.4]) + 0.01 * w1)
+    torch.testing.assert_close(model.weight.detach()[0], w2)
+    assert float(model.bias.detach()) == pytest.approx(
+        0.5 - 0.1 * 1.0 - 0.1 * (0.9 + 1.0)
+    )  # no decay on bias
