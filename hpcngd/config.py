@@ -187,11 +187,24 @@ class OptimConfig(Section):
     """[optim]: update rule and learning-rate schedule (epochs may be fractional)."""
 
     SECTION = "optim"
-    name: str = _opt("sgd", "Optimizer.", choices=("sgd",))
+    name: str = _opt(
+        "sgd",
+        "Optimizer: sgd (momentum SGD) or spngd (SP-NGD: preconditioned by [ngd], v <- m v - lr g, "
+        "w <- w + v, momentum corrected when lr drops).",
+        choices=("sgd", "spngd"),
+    )
     lr: float = _opt(0.1, "Peak learning rate (for the global batch; no automatic scaling).", gt=0.0)
     momentum: float = _opt(0.9, "Momentum.", ge=0.0, lt=1.0)
     nesterov: bool = _opt(False, "Nesterov momentum.")
-    weight_decay: float = _opt(5e-5, "L2 weight decay on conv/fc weights (never on BN or bias).", ge=0)
+    weight_decay: float = _opt(
+        5e-5,
+        "Weight decay of conv/fc weights (never BN or bias): L2 in the gradient for sgd, decoupled "
+        "(w <- w - lr wd w) for spngd.",
+        ge=0,
+    )
+    weight_rescaling: bool = _opt(
+        False, "After each update, scale every conv/fc weight with norm > sqrt(2 c_out) down to it."
+    )
     label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy.", ge=0.0, lt=1.0)
     schedule: str = _opt("poly", "LR shape.", choices=("constant", "poly", "cosine", "step"))
     warmup_epochs: float = _opt(0.0, "Linear warmup from warmup_init_lr to lr.", ge=0.0)
@@ -206,6 +219,8 @@ class OptimConfig(Section):
     def check(self) -> None:
         if self.nesterov and self.momentum == 0.0:
             self.fail("nesterov", "needs optim.momentum > 0")
+        if self.nesterov and self.name == "spngd":
+            self.fail("nesterov", 'is not part of the SP-NGD update (optim.name = "spngd")')
         if self.e_end and self.e_end <= self.e_start:
             self.fail("e_end", f"must be > optim.e_start = {self.e_start} (or 0 for the end of the run)")
         if list(self.milestones) != sorted(self.milestones):
@@ -216,9 +231,35 @@ class OptimConfig(Section):
 
 @dataclass(frozen=True)
 class NgdConfig(Section):
-    """[ngd]: SP-NGD settings (filled by the SP-NGD issue; no keys yet)."""
+    """[ngd]: SP-NGD curvature, damping and stale statistics (used when optim.name = "spngd")."""
 
     SECTION = "ngd"
+    fisher: str = _opt(
+        "empirical",
+        "Fisher: empirical (loss gradients; no extra pass) or mc (labels sampled from the model; "
+        "one extra backward on refresh steps).",
+        choices=("empirical", "mc"),
+    )
+    damping: float = _opt(1e-3, "Tikhonov damping lambda of the Kronecker factors (pi-corrected).", gt=0.0)
+    damping_end: float = _opt(
+        0.0, "Damping at the end of the run, reached geometrically from ngd.damping (0 = constant).", ge=0.0
+    )
+    bn_damping: float = _opt(0.0, "Damping of the unit-wise BatchNorm blocks (0 = ngd.damping).", ge=0.0)
+    ema_decay: float = _opt(
+        1.0, "Running average of factors: weight on the new value (1 = no average).", gt=0.0, le=1.0
+    )
+    stale_threshold: float = _opt(
+        0.0,
+        "Stale statistics: a relative change below this doubles the refresh interval (0 = every step).",
+        ge=0.0,
+    )
+    stale_max_interval: int = _opt(20, "Stale statistics: longest refresh interval in steps.", ge=1)
+    exclude: tuple[str, ...] = _opt((), "Layer name patterns (fnmatch) left unpreconditioned, e.g. fc.")
+    dtype: str = _opt("fp32", "Precision of factors and inverses.", choices=("fp32", "fp64"))
+
+    def check(self) -> None:
+        if self.damping_end > self.damping:
+            self.fail("damping_end", f"must be <= ngd.damping = {self.damping} (damping decays)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-PHASES = ("data", "fwd_bwd", "comm", "update")
+PHASES = ("data", "fwd_bwd", "factors", "comm", "inverse", "precondition", "update")
 
 
 class PhaseTimer:
@@ -34,6 +34,10 @@ class PhaseTimer:
             yield
         finally:
             self.totals[name] += time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        """Book time measured elsewhere to ``name``."""
+        self.totals[name] += seconds
 
     def count_step(self) -> None:
         self.steps += 1

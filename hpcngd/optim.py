@@ -10,6 +10,12 @@ steps_per_epoch, total_epochs)``. Epochs are fractional: ``e = step / steps_per_
 - step: ``lr * gamma ** (number of milestones <= e)``.
 
 Linear warmup over ``warmup_epochs`` (from ``warmup_init_lr``) replaces the first part of any shape.
+
+Update rules: ``sgd`` is torch's momentum SGD with L2 weight decay on conv/fc weights. ``spngd`` is the
+SP-NGD rule on (already preconditioned) gradients: ``v <- m v - lr g``, ``w <- w + v``, where ``m`` is
+multiplied by ``lr_t / lr_{t-1}`` on a step where the learning rate drops (momentum correction), and
+weight decay, if any, is decoupled (``w <- w - lr wd w``). Either may be followed by weight rescaling:
+a conv/fc weight whose Frobenius norm exceeds ``sqrt(2 c_out)`` is scaled down to that norm.
 """
 
 from __future__ import annotations
@@ -53,15 +59,61 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     ]
 
 
+def damping_at(start: float, end: float, step: int, total_steps: int) -> float:
+    """Damping at ``step``: constant when ``end`` is 0, else geometric from ``start`` to ``end``."""
+    if not end or total_steps <= 1:
+        return start
+    frac = min(1.0, step / (total_steps - 1))
+    return start * (end / start) ** frac
+
+
+class SPNGD(torch.optim.Optimizer):
+    """The SP-NGD update on preconditioned gradients (see the module docstring).
+
+    Momentum buffers ``v`` live in ``state[p]["velocity"]``; each parameter group remembers the learning
+    rate of its previous step (``prev_lr``) for the momentum correction.
+    """
+
+    def __init__(self, params: list[dict[str, object]], lr: float, momentum: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "prev_lr": None})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, prev = group["lr"], group["prev_lr"]
+            momentum = group["momentum"] * (lr / prev if prev and lr < prev else 1.0)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                v = state["velocity"]
+                v.mul_(momentum).add_(p.grad, alpha=-lr)
+                p.add_(v)
+                if group["weight_decay"]:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+            group["prev_lr"] = lr
+
+
+@torch.no_grad()
+def rescale_weights(model: nn.Module) -> None:
+    """Scale each conv/fc weight with ``||W||_F > sqrt(2 c_out)`` down to that norm."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            limit = math.sqrt(2.0 * m.weight.shape[0])
+            norm = float(torch.linalg.vector_norm(m.weight))
+            if norm > limit:
+                m.weight.mul_(limit / norm)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer the [optim] section names; set its lr every step with :func:`set_lr`."""
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            param_groups(model, cfg.weight_decay),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-        )
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "spngd":
+        return SPNGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise RuntimeError(f"unknown optimizer {cfg.name!r}")
 
 

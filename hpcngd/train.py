@@ -2,29 +2,34 @@
 
 One step (``train_step``):
   1. forward + backward over the rank's micro-batches, gradients accumulated (scaled so that their
-     sum is the gradient of the rank's mean loss);
+     sum is the gradient of the rank's mean loss); with SP-NGD, hooks collect the factors that are due
+     (and the "mc" Fisher takes one extra backward with sampled labels);
   2. one fused allreduce averages gradients and the loss over all ranks (``comm.bucket_mb`` buckets);
-  3. the optimizer applies the same update on every rank, so replicas stay identical.
+  3. SP-NGD only: refreshed factors are averaged over ranks (fused), damped, inverted, and every
+     gradient is preconditioned (:mod:`hpcngd.ngd.preconditioner`);
+  4. the optimizer applies the same update on every rank, so replicas stay identical.
 A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, broadcast_
+from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_, broadcast_
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, TrainLoader, eval_batches
 from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
-from hpcngd.optim import build_optimizer, learning_rate, set_lr
+from hpcngd.ngd import Preconditioner
+from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 
 
 class Trainer:
@@ -58,6 +63,9 @@ class Trainer:
         broadcast_(list(self.model.state_dict().values()), topo.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ngd = Preconditioner(self.model, cfg.ngd) if cfg.optim.name == "spngd" else None
+        self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)
+        self.ngd_counts: Counter[str] = Counter()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
@@ -67,6 +75,7 @@ class Trainer:
             topo.world, [b.shape for b in self.float_buffers], cfg.comm.bucket_mb
         )
         self.timer = PhaseTimer()
+        self.factor_bytes = 0
         self.step = 0
 
     def lr_at(self, step: int) -> float:
@@ -75,11 +84,15 @@ class Trainer:
     def train_step(self, images: Tensor, labels: Tensor) -> float:
         """One step on this rank's part of the global batch; returns the global mean loss."""
         set_lr(self.optimizer, self.lr_at(self.step))
+        capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images))
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
             local_loss = 0.0
-            for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=False):
-                loss = self.criterion(self.model(x), y) * (len(x) / len(images))
+            for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True):
+                logits = self.model(x)
+                loss = self.criterion(logits, y) * (len(x) / len(images))
+                if capturing and self.cfg.ngd.fisher == "mc":
+                    self._mc_backward(logits, len(x) / len(images))
                 loss.backward()
                 local_loss += loss.item()
         with self.timer.phase("comm"):
@@ -90,11 +103,47 @@ class Trainer:
             raise FloatingPointError(
                 f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
             )
+        if self.ngd is not None:
+            self._precondition()
         with self.timer.phase("update"):
             self.optimizer.step()
+            if self.cfg.optim.weight_rescaling:
+                rescale_weights(self.model)
         self.step += 1
         self.timer.count_step()
         return loss_value
+
+    def _mc_backward(self, logits: Tensor, scale: float) -> None:
+        """Monte Carlo Fisher: G from gradients at labels sampled from the model (one extra backward)."""
+        assert self.ngd is not None
+        sampled = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1, generator=self.mc_rng)
+        mc_loss = nn.functional.cross_entropy(logits, sampled.squeeze(1)) * scale
+        self.ngd.capture.collect_grads = True
+        torch.autograd.grad(mc_loss, self.params, retain_graph=True, allow_unused=True)
+        self.ngd.capture.collect_grads = False  # the training backward that follows adds no G
+
+    def _precondition(self) -> None:
+        """Phase 3: average the refreshed factors over ranks, invert them, precondition every gradient."""
+        assert self.ngd is not None
+        total_steps = self.total_steps
+        damping = damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, self.step, total_steps)
+        factor_seconds = self.ngd.capture.seconds
+        self.ngd.capture.seconds = 0.0
+        report = self.ngd.step(self.step, damping, self._average_factors)
+        self.timer.add("factors", factor_seconds)
+        self.timer.add("fwd_bwd", -factor_seconds)  # hooks ran inside forward/backward
+        self.timer.add("comm", report.comm_seconds)
+        self.timer.add("inverse", report.inverse_seconds)
+        self.timer.add("precondition", report.precondition_seconds)
+        self.ngd_counts.update(
+            refreshed=report.refreshed,
+            inverted=report.inverted,
+            fp64_retries=report.retried_fp64,
+            failed=report.failed,
+        )
+
+    def _average_factors(self, tensors: list[Tensor]) -> None:
+        self.factor_bytes += average_(tensors, self.topo.world, self.cfg.comm.bucket_mb)
 
     @staticmethod
     def _grad(p: nn.Parameter) -> Tensor:
@@ -160,10 +209,20 @@ class Trainer:
             "images_per_s": steps * self.cfg.data.batch_size / max(wall, 1e-9),
             "step_ms": 1e3 * wall / max(steps, 1),
             **{f"{k}_ms": v for k, v in ms.items()},
-            "comm_bytes": self.grad_reducer.bytes_sent,
+            "comm_bytes": self.grad_reducer.bytes_sent + self.factor_bytes,
         }
+        if self.ngd is not None:
+            rec.update({f"ngd_{k}": v for k, v in sorted(self.ngd_counts.items())})
+            rec["ngd_damping"] = damping_at(
+                self.cfg.ngd.damping, self.cfg.ngd.damping_end, self.step - 1, self.total_steps
+            )
+            self.ngd_counts.clear()
         self.log.record(**rec)
-        phases = " ".join(f"{k} {v:.0f}ms" for k, v in ms.items())
+        phases = " ".join(
+            f"{k} {v:.0f}ms" for k, v in ms.items() if v or k in ("data", "fwd_bwd", "comm", "update")
+        )
+        if self.ngd is not None:
+            phases += f" | factors refreshed {rec['ngd_refreshed']} inverted {rec['ngd_inverted']}"
         self.log.say(
             f"epoch {epoch:6.2f}/{self.cfg.run.epochs} step {self.step}/{self.total_steps} "
             f"loss {rec['loss']:.4f} lr {rec['lr']:.4g} img/s {rec['images_per_s']:.0f} | {phases}"

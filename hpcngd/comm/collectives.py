@@ -12,18 +12,25 @@ from hpcngd.comm import packing
 
 
 class FusedAllreduce:
-    """Average a fixed list of tensors over ``comm`` in fused fp32 buckets of ``bucket_mb`` MiB.
+    """Average a fixed list of tensors over ``comm`` in fused buckets of ``bucket_mb`` MiB.
 
-    The buckets and their flat buffers are planned once for the tensor shapes; each call packs, runs
-    one in-place ``Allreduce`` per bucket, divides by the rank count and unpacks.
-    ``bytes_sent`` counts the payload handed to MPI (4 bytes per element per bucket call).
+    The buckets and their flat buffers (of ``dtype``, fp32 by default) are planned once for the tensor
+    shapes; each call packs, runs one in-place ``Allreduce`` per bucket, divides by the rank count and
+    unpacks. ``bytes_sent`` counts the payload handed to MPI.
     """
 
-    def __init__(self, comm: MPI.Comm, shapes: Sequence[torch.Size], bucket_mb: float) -> None:
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        shapes: Sequence[torch.Size],
+        bucket_mb: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.comm = comm
         numels = [s.numel() for s in shapes]
-        self.buckets = packing.plan_buckets(numels, max(1, int(bucket_mb * 2**20) // 4))
-        self.buffers = [torch.empty(sum(numels[i] for i in b), dtype=torch.float32) for b in self.buckets]
+        item = torch.empty(0, dtype=dtype).element_size()
+        self.buckets = packing.plan_buckets(numels, max(1, int(bucket_mb * 2**20) // item))
+        self.buffers = [torch.empty(sum(numels[i] for i in b), dtype=dtype) for b in self.buckets]
         self.num_tensors = len(shapes)
         self.bytes_sent = 0
 
@@ -39,6 +46,15 @@ class FusedAllreduce:
                 buf.div_(self.comm.size)
                 self.bytes_sent += buf.numel() * buf.element_size()
             packing.unpack(buf, group)
+
+
+def average_(tensors: Sequence[Tensor], comm: MPI.Comm, bucket_mb: float) -> int:
+    """Average tensors of any shapes over ranks (buckets planned for this call); returns bytes sent."""
+    if comm.size == 1 or not tensors:
+        return 0
+    reducer = FusedAllreduce(comm, [t.shape for t in tensors], bucket_mb, tensors[0].dtype)
+    reducer.average_(tensors)
+    return reducer.bytes_sent
 
 
 def broadcast_(tensors: Sequence[Tensor], comm: MPI.Comm, root: int = 0) -> None:

@@ -1,0 +1,182 @@
+"""One SP-NGD preconditioning step over a model's Conv2d, Linear and BatchNorm2d layers.
+
+Phases of :meth:`Preconditioner.step` (after the gradients are averaged over ranks):
+  a. the factor sums that :class:`~hpcngd.ngd.capture.Capture` collected for the due statistics become
+     means (A, G per Conv2d/Linear; unit-wise 2x2 blocks F per BatchNorm2d);
+  b. ``average`` (injected; an allreduce over ranks, or nothing on one rank) averages them, fused;
+  c. optional running average (``ema_decay``: weight on the new value), stale-interval bookkeeping,
+     damping and inversion of the refreshed statistics (a failed inversion keeps the previous inverse);
+  d. every preconditioned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` and every
+     BatchNorm channel's ``(dgamma, dbeta)`` becomes ``(F_c + lambda_bn I)^-1 (dgamma, dbeta)``, with the
+     cached inverses (computed at the statistic's last refresh).
+Damping enters at inversion time: a statistic is re-damped only when it is refreshed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hpcngd.config import NgdConfig
+from hpcngd.ngd import factors, inverse
+from hpcngd.ngd.capture import Capture, Key
+from hpcngd.ngd.stale import StaleInterval, relative_change
+
+log = logging.getLogger(__name__)
+PRECONDITIONED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+@dataclass
+class Statistic:
+    """One factor (A, G or F) of one layer: its current value, its interval and its inverse."""
+
+    schedule: StaleInterval
+    value: Tensor | None = None
+    inverse: Tensor | None = None
+
+
+@dataclass
+class StepReport:
+    """What one step did, for the metrics."""
+
+    refreshed: int = 0
+    inverted: int = 0
+    retried_fp64: int = 0
+    failed: int = 0
+    comm_seconds: float = 0.0
+    inverse_seconds: float = 0.0
+    precondition_seconds: float = 0.0
+
+
+def select_layers(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Module]:
+    """Conv2d, Linear and BatchNorm2d modules by name, minus those matching an ``exclude`` pattern."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, PRECONDITIONED) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+
+
+def statistic_keys(layers: dict[str, nn.Module]) -> list[Key]:
+    """(name, "A"), (name, "G") of each Conv2d/Linear and (name, "F") of each BatchNorm2d."""
+    return [
+        (name, kind)
+        for name, m in layers.items()
+        for kind in (("F",) if isinstance(m, nn.BatchNorm2d) else ("A", "G"))
+    ]
+
+
+class Preconditioner:
+    """SP-NGD state and step for one model replica.
+
+    Args:
+        model: the network (hooks are attached to it).
+        cfg: the [ngd] section.
+    """
+
+    def __init__(self, model: nn.Module, cfg: NgdConfig) -> None:
+        self.cfg = cfg
+        self.dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
+        self.layers = select_layers(model, cfg.exclude)
+        self.capture = Capture(self.layers, self.dtype)
+        self.stats = {
+            key: Statistic(StaleInterval(cfg.stale_threshold, cfg.stale_max_interval))
+            for key in statistic_keys(self.layers)
+        }
+        self.failures: Counter[str] = Counter()
+        self._warned: set[str] = set()
+
+    def due(self, step: int) -> set[Key]:
+        """The statistics recomputed at ``step``."""
+        return {k for k, s in self.stats.items() if s.schedule.due(step)}
+
+    def begin(self, step: int, grad_scale: float) -> bool:
+        """Arm the hooks for the statistics due at ``step``; returns whether any is due."""
+        want = self.due(step)
+        if want:
+            self.capture.arm(want, grad_scale)
+        else:
+            self.capture.disarm()
+        return bool(want)
+
+    def step(
+        self, step: int, damping: float, average: Callable[[list[Tensor]], None] | None = None
+    ) -> StepReport:
+        """Phases a-d above; ``average`` averages a list of tensors over ranks in place."""
+        report = StepReport()
+        fresh = {k: s.mean() for k, s in sorted(self.capture.sums.items())}  # a
+        self.capture.disarm()
+        t0 = time.perf_counter()
+        if fresh and average is not None:
+            average(list(fresh.values()))  # b
+        t1 = time.perf_counter()
+        for key, value in fresh.items():  # c
+            stat = self.stats[key]
+            if stat.value is not None and self.cfg.ema_decay < 1.0:
+                value = (1 - self.cfg.ema_decay) * stat.value + self.cfg.ema_decay * value
+            change = relative_change(value, stat.value) if stat.value is not None else float("inf")
+            stat.schedule.refreshed(step, change)
+            stat.value = value
+            report.refreshed += 1
+        for key in fresh:
+            self._invert(key, damping, report)
+        t2 = time.perf_counter()
+        for name, module in self.layers.items():  # d
+            self._precondition(name, module)
+        report.comm_seconds, report.inverse_seconds = t1 - t0, t2 - t1
+        report.precondition_seconds = time.perf_counter() - t2
+        return report
+
+    def _invert(self, key: Key, damping: float, report: StepReport) -> None:
+        """Damp and invert one refreshed statistic; a stale partner keeps its inverse untouched."""
+        name, kind = key
+        stat = self.stats[key]
+        assert stat.value is not None
+        if kind == "F":
+            stat.inverse = inverse.bn_block_inverse(stat.value, self.cfg.bn_damping or damping)
+            report.inverted += 1
+            return
+        a, g = self.stats[(name, "A")].value, self.stats[(name, "G")].value
+        if a is None or g is None:
+            return  # step 0 refreshes both, so this happens only if a pass did not reach the layer
+        add_a, add_g = inverse.damping_terms(a, g, damping)
+        inv, how = inverse.robust_inverse(inverse.add_diagonal(stat.value, add_a if kind == "A" else add_g))
+        report.inverted += 1
+        report.retried_fp64 += how == "fp64"
+        if inv is None:
+            report.failed += 1
+            self.failures[f"{name}.{kind}"] += 1
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "SP-NGD: inverting %s.%s failed in fp32 and fp64; keeping the previous one", name, kind
+                )
+            return
+        stat.inverse = inv
+
+    def _precondition(self, name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.BatchNorm2d):
+            inv = self.stats[(name, "F")].inverse
+            if inv is None or module.weight.grad is None or module.bias.grad is None:
+                return
+            grads = torch.stack([module.weight.grad, module.bias.grad], dim=1).to(inv.dtype)  # (C, 2)
+            out = torch.einsum("cij,cj->ci", inv, grads)
+            module.weight.grad.copy_(out[:, 0])
+            module.bias.grad.copy_(out[:, 1])
+            return
+        assert isinstance(module, (nn.Conv2d, nn.Linear))
+        a_inv, g_inv = self.stats[(name, "A")].inverse, self.stats[(name, "G")].inverse
+        if a_inv is None or g_inv is None or module.weight.grad is None:
+            return  # no curvature yet: the plain gradient is used
+        grad = factors.grad_matrix(module).to(a_inv.dtype)
+        factors.set_grad_matrix(module, g_inv @ grad @ a_inv)
+
+    def close(self) -> None:
+        self.capture.remove()
