@@ -56,7 +56,7 @@ def curvature(
             targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         loss = F.cross_entropy(logits, targets)
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-        sums = capture.sums
+        sums = capture.take()
     finally:
         capture.remove()
     out: dict[str, LayerCurvature] = {}

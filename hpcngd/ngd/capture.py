@@ -55,6 +55,12 @@ class Capture:
         self.want = set()
         self._bn_inputs = {}
 
+    def take(self) -> dict[Key, FactorSum]:
+        """The collected sums; the capture is then disarmed and empty."""
+        sums, self.sums = self.sums, {}
+        self.disarm()
+        return sums
+
     def _add(self, key: Key, value: FactorSum) -> None:
         if key in self.sums:
             self.sums[key].add(value)

@@ -111,8 +111,7 @@ class Preconditioner:
     ) -> StepReport:
         """Phases a-d above; ``average`` averages a list of tensors over ranks in place."""
         report = StepReport()
-        fresh = {k: s.mean() for k, s in sorted(self.capture.sums.items())}  # a
-        self.capture.disarm()
+        fresh = {k: s.mean() for k, s in sorted(self.capture.take().items())}  # a
         t0 = time.perf_counter()
         if fresh and average is not None:
             average(list(fresh.values()))  # b

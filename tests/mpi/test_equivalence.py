@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 
+import pytest
 import torch
 from mpi4py import MPI
 
@@ -40,8 +41,18 @@ warmup_epochs = 1.0
 NUM_STEPS = 10
 
 
-def train_losses(comm: MPI.Comm) -> tuple[list[float], torch.Tensor, dict[str, float]]:
-    cfg = config.loads(RUN)
+SPNGD = [
+    "optim.name=spngd",
+    "optim.lr=0.05",
+    "optim.weight_rescaling=true",
+    "ngd.damping=1e-2",
+    "ngd.stale_threshold=0.3",  # some statistics go stale (refreshed per step: 29, 29, 17, 29, 21, ...)
+    "ngd.stale_max_interval=4",
+]
+
+
+def train_losses(comm: MPI.Comm, overrides: list[str]) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+    cfg = config.loads(RUN, overrides=overrides)
     with Topology(comm) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
@@ -52,9 +63,10 @@ def train_losses(comm: MPI.Comm) -> tuple[list[float], torch.Tensor, dict[str, f
         return losses, params, trainer.evaluate()
 
 
-def test_losses_match_single_rank(comm: MPI.Comm) -> None:
-    losses, params, evaluation = train_losses(comm)
-    ref_losses, ref_params, ref_eval = train_losses(MPI.COMM_SELF)  # 1 rank, 4 micro-batches a step
+@pytest.mark.parametrize("overrides", [[], SPNGD], ids=["sgd", "spngd"])
+def test_losses_match_single_rank(comm: MPI.Comm, overrides: list[str]) -> None:
+    losses, params, evaluation = train_losses(comm, overrides)
+    ref_losses, ref_params, ref_eval = train_losses(MPI.COMM_SELF, overrides)  # 1 rank, 4 micro-batches
     assert len(losses) == NUM_STEPS and losses[-1] < losses[0]
     rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
     assert max(rel) <= 1e-5, (losses, ref_losses)
@@ -62,6 +74,6 @@ def test_losses_match_single_rank(comm: MPI.Comm) -> None:
     assert evaluation["val_images"] == ref_eval["val_images"] == 20
 
     # The same run twice gives the same bits; every rank holds bit-identical replicas.
-    assert train_losses(MPI.COMM_SELF)[0] == ref_losses
+    assert train_losses(MPI.COMM_SELF, overrides)[0] == ref_losses
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1

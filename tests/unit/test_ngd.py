@@ -1,0 +1,295 @@
+"""SP-NGD math against independent references: per-example Fisher blocks, brute-force loops over
+patches, explicit Kronecker systems, hand-computed updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcngd.config import NgdConfig, OptimConfig
+from hpcngd.ngd import Preconditioner, curvature, inverse
+from hpcngd.ngd.stale import StaleInterval, relative_change
+from hpcngd.optim import SPNGD, damping_at, param_groups, rescale_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fp64() -> object:
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def per_example_grads(
+    model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor
+) -> list[list[torch.Tensor]]:
+    """Gradient of each example's own loss term, from the batched forward, by a loop of backward passes."""
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return [list(torch.autograd.grad(losses[i], params, retain_graph=True)) for i in range(len(x))]
+
+
+def test_linear_one_example_kron_is_exact_fisher_block() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(1, 5), torch.tensor([2])
+    layer = model[0]
+    ((dw, db),) = per_example_grads(model, [layer.weight, layer.bias], x, y)
+    vec = torch.cat([dw, db[:, None]], dim=1).reshape(-1)  # row-major [dW | db]
+    c = curvature(model, x, y, dtype=torch.float64)["0"]
+    assert c.A is not None and c.G is not None
+    torch.testing.assert_close(torch.kron(c.G, c.A), torch.outer(vec, vec), rtol=1e-10, atol=1e-14)
+
+
+def test_linear_batch_factors_are_per_example_averages() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(7, 4), torch.randint(3, (7,))
+    c = curvature(model, x, y, dtype=torch.float64)["2"]
+    hidden = torch.relu(model[0](x))
+    a = torch.cat([hidden, torch.ones(7, 1)], dim=1)
+    gh = torch.softmax(model(x), 1) - F.one_hot(y, 3)  # per-example dloss/dlogits
+    torch.testing.assert_close(c.A, a.T @ a / 7, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(c.G, gh.T @ gh / 7, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "bias"),
+    [(3, 2, 1, True), ((2, 3), 1, 0, False), (1, 1, 0, True)],
+)
+def test_conv_factors_equal_loops_over_patches(kernel: object, stride: int, padding: int, bias: bool) -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, bias=bias)  # type: ignore[arg-type]
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
+    n = 3
+    x, y = torch.randn(n, 2, 5, 6), torch.randint(4, (n,))
+    model(x)  # materialize the lazy layer
+    out = conv(x)
+    grad_out = torch.autograd.grad(F.cross_entropy(model[1:](out), y), out)[0] * n  # gh
+    c = curvature(model, x, y, dtype=torch.float64)["0"]
+    kh, kw = conv.kernel_size
+    xp = F.pad(x, (padding, padding, padding, padding))
+    _, _, ho, wo = out.shape
+    d = 2 * kh * kw + (1 if bias else 0)
+    a_ref, g_ref = torch.zeros(d, d), torch.zeros(3, 3)
+    for i in range(n):
+        for oh in range(ho):
+            for ow in range(wo):
+                patch = xp[i, :, oh * stride : oh * stride + kh, ow * stride : ow * stride + kw].reshape(-1)
+                if bias:
+                    patch = torch.cat([patch, torch.ones(1)])
+                a_ref += torch.outer(patch, patch)
+                g = grad_out[i, :, oh, ow]
+                g_ref += torch.outer(g, g)
+    torch.testing.assert_close(c.A, a_ref / n, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c.G, g_ref / (n * ho * wo), rtol=1e-10, atol=1e-12)
+
+
+def test_unit_wise_bn_blocks_equal_per_example_gradients() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 9, 3)
+    )
+    nn.init.normal_(model[1].weight)
+    nn.init.normal_(model[1].bias)
+    x, y = torch.randn(5, 2, 5, 5), torch.randint(3, (5,))
+    per_ex = per_example_grads(model, [model[1].weight, model[1].bias], x, y)
+    u = torch.stack([torch.stack([gg, gb], dim=1) for gg, gb in per_ex])  # (n, C, 2)
+    ref = torch.einsum("nci,ncj->cij", u, u) / 5
+    blocks = curvature(model, x, y, dtype=torch.float64)["1"].blocks
+    assert blocks is not None and blocks.shape == (4, 2, 2)
+    torch.testing.assert_close(blocks, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_mc_fisher_keeps_a_and_samples_g() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(64, 4), torch.randint(3, (64,))
+    emp = curvature(model, x, y)["2"]
+    mc = curvature(model, x, y, fisher="mc", generator=torch.Generator().manual_seed(0))["2"]
+    torch.testing.assert_close(mc.A, emp.A)
+    assert not torch.allclose(mc.G, emp.G)
+    # Expected MC Fisher of the logits: E_y~p[(p - e_y)(p - e_y)^T] = diag(p) - p p^T, averaged.
+    p = torch.softmax(model(x), 1).detach()
+    exact = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    draws = [
+        curvature(model, x, y, "mc", torch.float64, torch.Generator().manual_seed(s))["2"].G
+        for s in range(40)
+    ]
+    torch.testing.assert_close(torch.stack(draws).mean(0)[:3, :3], exact, atol=0.02, rtol=0.1)
+
+
+def test_pi_corrected_damping() -> None:
+    a, g = torch.diag(torch.tensor([4.0, 2.0])), torch.diag(torch.tensor([0.5, 0.5, 0.5]))
+    pi = math.sqrt(3.0 / 0.5)
+    assert inverse.pi_correction(a, g) == pytest.approx(pi)
+    add_a, add_g = inverse.damping_terms(a, g, 1e-2)
+    assert (add_a, add_g) == (pytest.approx(pi * 0.1), pytest.approx(0.1 / pi))
+    assert inverse.damping_terms(a, torch.zeros(3, 3), 1e-2) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert inverse.damping_terms(a, g, 1e-30) == (1e-7, 1e-7)  # floors
+
+
+def test_preconditioned_gradient_solves_damped_kronecker_system() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4))
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(4, (6,))
+    pre = Preconditioner(model, NgdConfig(dtype="fp64"))
+    assert pre.begin(0, grad_scale=6)
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: (m.weight.grad.clone(), m.bias.grad.clone()) for n, m in (("0", model[0]), ("3", model[3]))}
+    report = pre.step(0, damping=0.03)
+    assert report.refreshed == 4 and report.inverted == 4 and report.failed == 0
+    for name, module in (("0", model[0]), ("3", model[3])):
+        a, g = pre.stats[(name, "A")].value, pre.stats[(name, "G")].value
+        add_a, add_g = inverse.damping_terms(a, g, 0.03)
+        a_d = a + add_a * torch.eye(a.shape[0])
+        g_d = g + add_g * torch.eye(g.shape[0])
+        dw, db = grads[name]
+        m = torch.cat([dw.reshape(dw.shape[0], -1), db[:, None]], dim=1)
+        solved = torch.linalg.solve(torch.kron(g_d, a_d), m.reshape(-1)).reshape(m.shape)
+        got = torch.cat([module.weight.grad.reshape(dw.shape[0], -1), module.bias.grad[:, None]], dim=1)
+        torch.testing.assert_close(got, solved, rtol=1e-8, atol=1e-12)
+
+
+def test_bn_preconditioning_uses_damped_block_inverse() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4, 3))
+    x, y = torch.randn(5, 1, 4, 4), torch.randint(3, (5,))
+    pre = Preconditioner(model, NgdConfig(dtype="fp64", bn_damping=0.2, exclude=("0", "3")))
+    assert set(pre.layers) == {"1"}
+    pre.begin(0, grad_scale=5)
+    F.cross_entropy(model(x), y).backward()
+    bn = model[1]
+    before = torch.stack([bn.weight.grad.clone(), bn.bias.grad.clone()], 1)
+    pre.step(0, damping=1e-3)
+    blocks = pre.stats[("1", "F")].value
+    expected = torch.stack([torch.linalg.solve(blocks[c] + 0.2 * torch.eye(2), before[c]) for c in range(2)])
+    torch.testing.assert_close(
+        torch.stack([bn.weight.grad, bn.bias.grad], 1), expected, rtol=1e-10, atol=1e-14
+    )
+
+
+def test_bn_block_inverse_closed_form() -> None:
+    blocks = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[float("nan"), 0.0], [0.0, 1.0]]])
+    inv = inverse.bn_block_inverse(blocks, 0.1)
+    torch.testing.assert_close(inv[0], torch.linalg.inv(blocks[0] + 0.1 * torch.eye(2)))
+    torch.testing.assert_close(inv[1], torch.eye(2) / 0.1)  # a non-finite channel never gives NaN
+
+
+def test_ill_conditioned_factor_is_retried_in_fp64() -> None:
+    n = 9  # the 9x9 Hilbert matrix (condition ~5e11) is SPD in fp64, not numerically in fp32
+    m = torch.tensor([[1.0 / (i + j + 1) for j in range(n)] for i in range(n)], dtype=torch.float32)
+    assert inverse.cholesky_inverse(m) is None
+    inv, how = inverse.robust_inverse(m)
+    assert (
+        how == "fp64" and inv is not None and inv.dtype == torch.float32 and bool(torch.isfinite(inv).all())
+    )
+    torch.testing.assert_close(inv, torch.linalg.inv(m.double()).float(), rtol=1e-3, atol=0.0)
+    nan = torch.full((3, 3), float("nan"))
+    assert inverse.robust_inverse(nan) == (None, "failed")
+    assert inverse.robust_inverse(-torch.eye(3)) == (None, "failed")
+
+
+def test_non_finite_factor_keeps_previous_inverse(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(2, (8,))
+    pre = Preconditioner(model, NgdConfig())
+    for step in range(2):
+        model.zero_grad()
+        pre.begin(step, grad_scale=8)
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            previous = pre.stats[("0", "A")].inverse.clone()
+            pre.capture.sums[("0", "A")].total[0, 0] = float("inf")
+        report = pre.step(step, damping=1e-3)
+    assert report.failed == 1 and pre.failures["0.A"] == 1
+    assert torch.equal(pre.stats[("0", "A")].inverse, previous)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert "inverting 0.A failed" in caplog.text
+
+
+def test_stale_interval_doubles_and_resets() -> None:
+    s = StaleInterval(threshold=0.1, max_interval=4)
+    seen = []
+    for step, change in [(0, math.inf), (1, 0.05), (3, 0.05), (7, 0.01), (11, 0.5), (12, 0.0)]:
+        assert s.due(step) and (step == 0 or not s.due(step - 1))
+        s.refreshed(step, change)
+        seen.append((s.interval, s.next_step))
+    assert seen == [(1, 1), (2, 3), (4, 7), (4, 11), (1, 12), (2, 14)]
+    assert relative_change(torch.ones(2), torch.zeros(2)) == math.inf
+    assert relative_change(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])) == pytest.approx(4 / 3)
+
+
+def test_skipped_statistics_cost_nothing_and_reuse_inverses() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(16, 3), torch.randint(2, (16,))
+    pre = Preconditioner(model, NgdConfig(stale_threshold=10.0, stale_max_interval=8))
+    refreshed = []
+    for step in range(6):
+        model.zero_grad()
+        armed = pre.begin(step, grad_scale=16)
+        F.cross_entropy(model(x), y).backward()
+        cached = {k: s.inverse for k, s in pre.stats.items()}
+        report = pre.step(step, damping=1e-3)
+        refreshed.append(report.refreshed)
+        if not armed:
+            assert not pre.capture.sums and report.inverted == 0
+            assert all(pre.stats[k].inverse is cached[k] for k in cached)  # the same tensors, untouched
+    # Same data every step: changes are tiny, so intervals go 1, 2, 4: refreshes at steps 0, 1, 3.
+    assert refreshed == [4, 4, 0, 4, 0, 0]
+
+
+def test_spngd_update_with_momentum_correction() -> None:
+    w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = SPNGD([{"params": [w], "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    g1, g2, g3 = torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 2.0]), torch.tensor([1.0, 1.0])
+    for lr, g in ((0.1, g1), (0.05, g2), (0.05, g3)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        w.grad = g.clone()
+        opt.step()
+    v1 = -0.1 * g1
+    v2 = 0.9 * (0.05 / 0.1) * v1 - 0.05 * g2  # lr dropped: momentum scaled by lr_t / lr_{t-1}
+    v3 = 0.9 * v2 - 0.05 * g3  # lr unchanged: plain momentum
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -1.0]) + v1 + v2 + v3)
+
+
+def test_spngd_decoupled_weight_decay_skips_bn_and_bias() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    opt = SPNGD(param_groups(model, 0.5), lr=0.1, momentum=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), before[0] * (1 - 0.1 * 0.5))
+    assert all(
+        torch.equal(p.detach(), b) for p, b in zip(list(model.parameters())[1:], before[1:], strict=True)
+    )
+
+
+def test_weight_rescaling() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Conv2d(1, 8, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # norm sqrt(6) > sqrt(2 * 2) = 2
+        model[0].bias.fill_(5.0)
+        model[1].weight.fill_(0.5)  # norm sqrt(8 * 0.25) = sqrt(2) < sqrt(16)
+    rescale_weights(model)
+    assert float(torch.linalg.vector_norm(model[0].weight.detach())) == pytest.approx(2.0)
+    torch.testing.assert_close(model[0].weight.detach(), torch.full((2, 3), 2 / math.sqrt(6)))
+    assert torch.equal(model[0].bias.detach(), torch.full((2,), 5.0))
+    assert torch.equal(model[1].weight.detach(), torch.full((8, 1, 1, 1), 0.5))
+
+
+def test_damping_schedule() -> None:
+    assert damping_at(1e-3, 0.0, 50, 100) == 1e-3
+    assert damping_at(1e-2, 1e-4, 0, 101) == pytest.approx(1e-2)
+    assert damping_at(1e-2, 1e-4, 50, 101) == pytest.approx(1e-3)
+    assert damping_at(1e-2, 1e-4, 100, 101) == pytest.approx(1e-4)
+
+
+def test_optim_config_accepts_spngd() -> None:
+    assert OptimConfig(name="spngd", weight_rescaling=True).name == "spngd"
