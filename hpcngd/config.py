@@ -165,13 +165,23 @@ class DataConfig(Section):
     flip: bool = _opt(True, "Random horizontal flip in training.")
     mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "Per-channel mean for normalization.")
     std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "Per-channel std for normalization.", gt=0.0)
+    mixup_alpha: float = _opt(
+        0.0,
+        "Running mixup with lambda ~ Beta(alpha, alpha) (0 = off); soft targets go into the loss.",
+        ge=0.0,
+    )
+    random_erasing: float = _opt(0.0, "Probability of random erasing per image (0 = off).", ge=0.0, le=1.0)
+    erasing_area: tuple[float, ...] = _opt(
+        (0.02, 0.25), "Random erasing: area fraction range.", gt=0.0, lt=1.0
+    )
+    erasing_aspect: tuple[float, ...] = _opt((0.3, 1.0), "Random erasing: aspect range.", gt=0.0)
     synthetic_train_samples: int = _opt(1024, "Training set size for source = synthetic.", ge=1)
     synthetic_val_samples: int = _opt(256, "Validation set size for source = synthetic.", ge=0)
 
     def check(self) -> None:
         if self.source == "folder" and not self.path:
             self.fail("path", 'is required when data.source = "folder"')
-        for key in ("crop_scale", "crop_ratio"):
+        for key in ("crop_scale", "crop_ratio", "erasing_area", "erasing_aspect"):
             pair = getattr(self, key)
             if len(pair) != 2 or pair[0] > pair[1]:
                 self.fail(key, "must be [low, high] with low <= high")

@@ -25,6 +25,7 @@ from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_, bro
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, TrainLoader, eval_batches
+from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
@@ -66,6 +67,8 @@ class Trainer:
         self.ngd = Preconditioner(self.model, cfg.ngd) if cfg.optim.name == "spngd" else None
         self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)
         self.ngd_counts: Counter[str] = Counter()
+        alpha = cfg.data.mixup_alpha
+        self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
@@ -81,9 +84,22 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return learning_rate(self.cfg.optim, step, self.loader.steps_per_epoch, self.cfg.run.epochs)
 
+    def augment(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Random erasing and running mixup (off unless the run file turns them on)."""
+        data, seed = self.cfg.data, self.cfg.run.seed
+        if data.random_erasing:
+            first = self.topo.rank * self.local_batch  # global position of this rank's first image
+            erase_(
+                images, seed, self.step, first, data.random_erasing, data.erasing_area, data.erasing_aspect
+            )
+        if self.mixup is not None:
+            return self.mixup(images, labels, self.step)
+        return images, labels
+
     def train_step(self, images: Tensor, labels: Tensor) -> float:
         """One step on this rank's part of the global batch; returns the global mean loss."""
         set_lr(self.optimizer, self.lr_at(self.step))
+        images, labels = self.augment(images, labels)
         capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images))
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)

@@ -63,7 +63,12 @@ def train_losses(comm: MPI.Comm, overrides: list[str]) -> tuple[list[float], tor
         return losses, params, trainer.evaluate()
 
 
-@pytest.mark.parametrize("overrides", [[], SPNGD], ids=["sgd", "spngd"])
+AUGMENT = ["data.mixup_alpha=0.6", "data.random_erasing=0.5"]
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], SPNGD, SPNGD + AUGMENT], ids=["sgd", "spngd", "spngd-mixup-erasing"]
+)
 def test_losses_match_single_rank(comm: MPI.Comm, overrides: list[str]) -> None:
     losses, params, evaluation = train_losses(comm, overrides)
     ref_losses, ref_params, ref_eval = train_losses(MPI.COMM_SELF, overrides)  # 1 rank, 4 micro-batches
