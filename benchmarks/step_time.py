@@ -77,9 +77,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sgd-steps", type=int, default=4, help="SGD steps, the first not timed")
     args = p.parse_args()
-    print(
-        f"{args.arch} {args.image_size}px batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    threads = torch.get_num_threads()
+    print(f"{args.arch} {args.image_size}px batch {args.batch}, {threads} threads, torch {torch.__version__}")
     sgd = run(args, ["optim.name=sgd"], args.sgd_steps)
     ngd_rows = run(
         args,
@@ -94,9 +93,8 @@ def main() -> None:
     )
     for d in (10, 20, 100):
         amortized = t_pre + (t_full - t_pre) / d
-        print(
-            f"amortized, each factor refreshed every {d:3d} steps: {amortized:6.2f} s = {amortized / t_sgd:.2f}x SGD"
-        )
+        ratio = amortized / t_sgd
+        print(f"amortized, each factor refreshed every {d:3d} steps: {amortized:6.2f} s = {ratio:.2f}x SGD")
 
 
 if __name__ == "__main__":
