@@ -10,6 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 MPI_EXTRA ?= ,localmpi
 NP ?= 2
+RUN ?= runs/quickstart.toml
 BIN := $(VENV)/bin
 
 # Open MPI as root and with more ranks than cores (CI runs as root on 2 cores); harmless otherwise.
@@ -30,7 +31,7 @@ data/demo/val:
 	$(BIN)/hpcngd data demo data/demo
 
 quickstart: $(BIN)/.installed data/demo/val
-	$(BIN)/mpiexec -n $(NP) $(BIN)/hpcngd runs/quickstart.toml
+	$(BIN)/mpiexec -n $(NP) $(BIN)/hpcngd $(RUN)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check hpcngd tests benchmarks
