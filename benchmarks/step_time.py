@@ -3,12 +3,14 @@
     python benchmarks/step_time.py --batch 32
     python benchmarks/step_time.py --batch 8 --arch resnet50
 
-SGD: median of the timed steps. SP-NGD runs with stale statistics forced to grow (threshold 1e9), so
-all factors are refreshed at steps 0, 1, 3, 7, ... and none at steps 2, 4, 5, 6: the refresh steps give
-the cost of a step that recomputes, averages and inverts every factor ("refresh every step"), the
-others the cost of a step that only preconditions with cached inverses. Step 0 (first touch of
-memory) is never timed. The amortized figure is what a step costs on average when every statistic is
-refreshed once every D steps: ``precondition_only + (refresh - precondition_only) / D``.
+SGD: median of the timed steps of two runs, one before and one after SP-NGD (a shared machine drifts;
+the first run of a process also pays for allocating memory). SP-NGD runs with stale statistics forced
+to grow (threshold 1e9), so all factors are refreshed at steps 0, 1, 3, 7, ... and none at steps 2, 4,
+5, 6: the refresh steps give the cost of a step that recomputes, averages and inverts every factor
+("refresh every step"), the others the cost of a step that only preconditions with cached inverses.
+Step 0 (first touch of memory) is never timed. The amortized figure is what a step costs on average
+when every statistic is refreshed once every D steps: ``precondition_only + (refresh -
+precondition_only) / D``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def main() -> None:
         ["optim.name=spngd", "ngd.stale_threshold=1e9", "ngd.stale_max_interval=1000"],
         7,
     )
+    sgd += run(args, ["optim.name=sgd"], args.sgd_steps)
     t_sgd = describe("SGD", sgd)
     t_full = describe("SP-NGD, every factor refreshed", [r for r in ngd_rows if r[2]])
     t_pre = describe("SP-NGD, preconditioning only", [r for r in ngd_rows if not r[2]])
