@@ -141,6 +141,19 @@ def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo:
     assert "1 ranks on 1 node(s)" in single.stdout and "done: 1 steps" in single.stdout
 
 
+def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo)
+    res = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", 'ngd.exclude=["fc"]')
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    # resnet8: 10 conv/fc layers less the excluded fc = 9 (A and G) + 9 BatchNorm (F) = 27 statistics.
+    assert [r["ngd_refreshed"] for r in train] == [54, 54]
+    assert all(r["ngd_inverted"] == r["ngd_refreshed"] and r["ngd_failed"] == 0 for r in train)
+    assert all(r["factors_ms"] > 0 and r["inverse_ms"] > 0 and r["precondition_ms"] > 0 for r in train)
+    assert "factors refreshed 54 inverted 54" in res.stdout
+
+
 def test_unreadable_image_during_training_ends_the_job(tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate(data, train_per_class=4, val_per_class=1, size=24)

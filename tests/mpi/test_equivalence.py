@@ -82,3 +82,20 @@ def test_losses_match_single_rank(comm: MPI.Comm, overrides: list[str]) -> None:
     assert train_losses(MPI.COMM_SELF, overrides)[0] == ref_losses
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1
+
+
+def test_mc_fisher_trains_with_identical_replicas(comm: MPI.Comm) -> None:
+    cfg = config.loads(RUN, overrides=[*SPNGD, "ngd.fisher=mc", "ngd.stale_threshold=0"])
+    with Topology(comm) as topo:
+        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
+        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
+        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, 4)]
+        batches.close()
+        assert trainer.ngd is not None
+        assert trainer.ngd_counts["refreshed"] == 4 * len(trainer.ngd.stats)
+        assert trainer.ngd_counts["failed"] == 0
+        params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
+    assert len(set(comm.allgather(digest))) == 1

@@ -293,3 +293,19 @@ def test_damping_schedule() -> None:
 
 def test_optim_config_accepts_spngd() -> None:
     assert OptimConfig(name="spngd", weight_rescaling=True).name == "spngd"
+
+
+def test_running_average_weights_the_new_value() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 2))
+    pre = Preconditioner(model, NgdConfig(ema_decay=0.25, dtype="fp64"))
+    values = []
+    for step in range(2):
+        x, y = torch.randn(8, 3), torch.randint(2, (8,))
+        model.zero_grad()
+        pre.begin(step, grad_scale=8)
+        F.cross_entropy(model(x), y).backward()
+        a = torch.cat([x, torch.ones(8, 1)], dim=1)
+        values.append(a.T @ a / 8)
+        pre.step(step, damping=1e-3)
+    torch.testing.assert_close(pre.stats[("0", "A")].value, 0.75 * values[0] + 0.25 * values[1])
