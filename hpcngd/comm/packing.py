@@ -52,3 +52,38 @@ def unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
 def flat_buffer(tensors: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
     """A new 1-D buffer big enough for ``tensors``."""
     return torch.empty(sum(t.numel() for t in tensors), dtype=dtype)
+
+
+def triangle_size(n: int) -> int:
+    """Values in the packed lower triangle of an n x n matrix."""
+    return n * (n + 1) // 2
+
+
+def pack_triangle(m: Tensor) -> Tensor:
+    """The lower triangle of a symmetric n x n matrix as n(n+1)/2 values, with no index tensors.
+
+    A rectangular packing (after LAPACK's RFP format): with k1 = ceil(n/2) and k2 = floor(n/2) the
+    lower triangle splits into a k1 x k1 triangle L11, a k2 x k1 block L21 and a k2 x k2 triangle L22.
+    L11 (on and below the diagonal) and L22 transposed and shifted one column right (strictly above the
+    diagonal) tile one k1 x (k2 + 1) rectangle; the packed vector is that rectangle then L21. Every
+    step is a dense slice, tril or triu, so packing costs a few passes over memory.
+    """
+    n = m.shape[0]
+    k1, k2 = (n + 1) // 2, n // 2
+    rect = m.new_zeros(k1, k2 + 1)
+    rect[:, :k1] += torch.tril(m[:k1, :k1])
+    rect[:k2, 1:] += torch.triu(m[k1:, k1:].T)
+    return torch.cat([rect.reshape(-1), m[k1:, :k1].reshape(-1)])
+
+
+def unpack_triangle(flat: Tensor, n: int) -> Tensor:
+    """The full symmetric n x n matrix from :func:`pack_triangle`'s output."""
+    k1, k2 = (n + 1) // 2, n // 2
+    if flat.numel() != triangle_size(n):
+        raise RuntimeError(f"unpack_triangle: {flat.numel()} values for n = {n}")
+    rect = flat[: k1 * (k2 + 1)].reshape(k1, k2 + 1)
+    lower = flat.new_zeros(n, n)
+    lower[:k1, :k1] = torch.tril(rect[:, :k1])
+    lower[k1:, :k1] = flat[k1 * (k2 + 1) :].reshape(k2, k1)
+    lower[k1:, k1:] = torch.triu(rect[:k2, 1:]).T
+    return lower + torch.tril(lower, -1).T

@@ -25,3 +25,15 @@ def test_pack_unpack_round_trip() -> None:
     assert all(torch.equal(a, b) for a, b in zip(tensors, out, strict=True))
     with pytest.raises(RuntimeError):
         packing.pack(tensors, torch.empty(3))
+
+
+@pytest.mark.parametrize("n", range(1, 71))
+def test_triangle_round_trip(n: int) -> None:
+    a = torch.randn(n, n, dtype=torch.float64)
+    m = a + a.T  # exactly symmetric (a @ a.T need not be, bit for bit)
+    flat = packing.pack_triangle(m)
+    assert flat.numel() == packing.triangle_size(n) == n * (n + 1) // 2
+    assert torch.equal(packing.unpack_triangle(flat, n), m)
+    # Only the lower triangle travels: the values are exactly its entries.
+    rows, cols = torch.tril_indices(n, n)
+    assert sorted(flat.tolist()) == sorted(m[rows, cols].tolist())
