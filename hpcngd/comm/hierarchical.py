@@ -32,8 +32,8 @@ def _sum16_op(dtype: torch.dtype) -> MPI.Op:
     if dtype not in _OPS:
 
         def add(inbuf: MPI.buffer, outbuf: MPI.buffer, _datatype: MPI.Datatype) -> None:
-            a = torch.from_numpy(np.frombuffer(inbuf, dtype=np.int16).copy()).view(dtype)
-            b = torch.from_numpy(np.frombuffer(outbuf, dtype=np.int16)).view(dtype)
+            a = torch.from_numpy(np.frombuffer(memoryview(inbuf), dtype=np.int16).copy()).view(dtype)
+            b = torch.from_numpy(np.frombuffer(memoryview(outbuf), dtype=np.int16)).view(dtype)
             b.copy_((a.float() + b.float()).to(dtype))
 
         _OPS[dtype] = MPI.Op.Create(add, commute=True)
