@@ -15,6 +15,7 @@ ranks hold identical values. ``bytes_sent`` counts the payload handed to MPI per
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +32,9 @@ def _sum16_op(dtype: torch.dtype) -> MPI.Op:
     """A commutative MPI sum of 16-bit words holding ``dtype`` values (created once per dtype)."""
     if dtype not in _OPS:
 
-        def add(inbuf: MPI.buffer, outbuf: MPI.buffer, _datatype: MPI.Datatype) -> None:
-            a = torch.from_numpy(np.frombuffer(memoryview(inbuf), dtype=np.int16).copy()).view(dtype)
-            b = torch.from_numpy(np.frombuffer(memoryview(outbuf), dtype=np.int16)).view(dtype)
+        def add(inbuf: Any, outbuf: Any, _datatype: MPI.Datatype) -> None:  # MPI buffers
+            a = torch.from_numpy(np.frombuffer(inbuf, dtype=np.int16).copy()).view(dtype)
+            b = torch.from_numpy(np.frombuffer(outbuf, dtype=np.int16)).view(dtype)
             b.copy_((a.float() + b.float()).to(dtype))
 
         _OPS[dtype] = MPI.Op.Create(add, commute=True)
