@@ -280,7 +280,15 @@ class CommConfig(Section):
     ranks_per_node: int = _opt(
         0, "Ranks per node (0 = ranks that share memory); set it to simulate nodes on one host.", ge=0
     )
-    bucket_mb: float = _opt(8.0, "Size of one fused gradient buffer in MiB.", gt=0.0)
+    bucket_mb: float = _opt(8.0, "Size of one fused buffer (gradients, factors) in MiB.", gt=0.0)
+    hierarchical: bool = _opt(
+        True, "Average in two levels (inside each node, then among node leaders) instead of one allreduce."
+    )
+    dtype: str = _opt(
+        "fp32",
+        "Wire format of gradients and factors: fp32, or fp16/bf16 (pre-divided, summed in fp32).",
+        choices=("fp32", "fp16", "bf16"),
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_, broadcast_
+from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_symmetric_, broadcast_
+from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, TrainLoader, eval_batches
@@ -72,13 +73,16 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
-        self.grad_reducer = FusedAllreduce(topo.world, shapes, cfg.comm.bucket_mb)
+        # Gradients (with the loss riding along) and factors share one wire; BN statistics go in fp32.
+        self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical)
+        self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
         self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         self.buffer_reducer = FusedAllreduce(
-            topo.world, [b.shape for b in self.float_buffers], cfg.comm.bucket_mb
+            WireReducer(topo, "fp32", cfg.comm.hierarchical),
+            [b.shape for b in self.float_buffers],
+            cfg.comm.bucket_mb,
         )
         self.timer = PhaseTimer()
-        self.factor_bytes = 0
         self.step = 0
 
     def lr_at(self, step: int) -> float:
@@ -159,7 +163,7 @@ class Trainer:
         )
 
     def _average_factors(self, tensors: list[Tensor]) -> None:
-        self.factor_bytes += average_(tensors, self.topo.world, self.cfg.comm.bucket_mb)
+        average_symmetric_(tensors, self.wire, self.cfg.comm.bucket_mb)
 
     @staticmethod
     def _grad(p: nn.Parameter) -> Tensor:
@@ -225,7 +229,8 @@ class Trainer:
             "images_per_s": steps * self.cfg.data.batch_size / max(wall, 1e-9),
             "step_ms": 1e3 * wall / max(steps, 1),
             **{f"{k}_ms": v for k, v in ms.items()},
-            "comm_bytes": self.grad_reducer.bytes_sent + self.factor_bytes,
+            "comm_bytes": sum(self.wire.bytes_sent.values()),
+            "comm_calls": sum(self.wire.calls.values()),
         }
         if self.ngd is not None:
             rec.update({f"ngd_{k}": v for k, v in sorted(self.ngd_counts.items())})

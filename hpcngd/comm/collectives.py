@@ -9,52 +9,57 @@ from mpi4py import MPI
 from torch import Tensor
 
 from hpcngd.comm import packing
+from hpcngd.comm.hierarchical import WireReducer
 
 
 class FusedAllreduce:
-    """Average a fixed list of tensors over ``comm`` in fused buckets of ``bucket_mb`` MiB.
+    """Average a fixed list of tensors over all ranks in fused buckets of ``bucket_mb`` MiB.
 
-    The buckets and their flat buffers (of ``dtype``, fp32 by default) are planned once for the tensor
-    shapes; each call packs, runs one in-place ``Allreduce`` per bucket, divides by the rank count and
-    unpacks. ``bytes_sent`` counts the payload handed to MPI.
+    The buckets and their flat buffers (of ``dtype``) are planned once for the tensor shapes; each
+    call packs every bucket, has ``reducer`` average it (flat or hierarchical, in its wire format: one
+    collective per bucket and level, never one per tensor) and unpacks.
     """
 
     def __init__(
         self,
-        comm: MPI.Comm,
+        reducer: WireReducer,
         shapes: Sequence[torch.Size],
         bucket_mb: float,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.comm = comm
+        self.reducer = reducer
         numels = [s.numel() for s in shapes]
         item = torch.empty(0, dtype=dtype).element_size()
         self.buckets = packing.plan_buckets(numels, max(1, int(bucket_mb * 2**20) // item))
         self.buffers = [torch.empty(sum(numels[i] for i in b), dtype=dtype) for b in self.buckets]
         self.num_tensors = len(shapes)
-        self.bytes_sent = 0
 
     def average_(self, tensors: Sequence[Tensor]) -> None:
         """Replace every tensor by its mean over the ranks (in place)."""
         if len(tensors) != self.num_tensors:
             raise RuntimeError(f"FusedAllreduce planned for {self.num_tensors} tensors, got {len(tensors)}")
-        for bucket, buf in zip(self.buckets, self.buffers, strict=False):
-            group = [tensors[i] for i in bucket]
-            packing.pack(group, buf)
-            if self.comm.size > 1:
-                self.comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
-                buf.div_(self.comm.size)
-                self.bytes_sent += buf.numel() * buf.element_size()
-            packing.unpack(buf, group)
+        for bucket, buf in zip(self.buckets, self.buffers, strict=True):
+            packing.pack([tensors[i] for i in bucket], buf)
+        for buf, scale in zip(self.buffers, self.reducer.scales(self.buffers), strict=True):
+            self.reducer.average_(buf, scale)
+        for bucket, buf in zip(self.buckets, self.buffers, strict=True):
+            packing.unpack(buf, [tensors[i] for i in bucket])
 
 
-def average_(tensors: Sequence[Tensor], comm: MPI.Comm, bucket_mb: float) -> int:
-    """Average tensors of any shapes over ranks (buckets planned for this call); returns bytes sent."""
-    if comm.size == 1 or not tensors:
-        return 0
-    reducer = FusedAllreduce(comm, [t.shape for t in tensors], bucket_mb, tensors[0].dtype)
-    reducer.average_(tensors)
-    return reducer.bytes_sent
+def average_symmetric_(matrices: Sequence[Tensor], reducer: WireReducer, bucket_mb: float) -> None:
+    """Average tensors over ranks, square matrices (assumed symmetric) as packed lower triangles."""
+    if reducer.topo.size == 1 or not matrices:
+        return
+    packed = [
+        packing.pack_triangle(m) if m.ndim == 2 and m.shape[0] == m.shape[1] else m.reshape(-1)
+        for m in matrices
+    ]
+    FusedAllreduce(reducer, [p.shape for p in packed], bucket_mb, matrices[0].dtype).average_(packed)
+    for m, p in zip(matrices, packed, strict=True):
+        if m.ndim == 2 and m.shape[0] == m.shape[1]:
+            m.copy_(packing.unpack_triangle(p, m.shape[0]))
+        else:
+            m.copy_(p.view_as(m))
 
 
 def broadcast_(tensors: Sequence[Tensor], comm: MPI.Comm, root: int = 0) -> None:

@@ -6,6 +6,8 @@ leaders, broadcast inside each node. Flat: one allreduce over the world (the bas
 Wire formats (``comm.dtype``): ``fp32``; ``fp16`` and ``bf16`` travel as 16-bit words. Before each cast
 the values are divided by the number of contributions summed at that level (the node size, then the
 node count; the world size when flat), so a sum never exceeds the largest input and cannot overflow.
+fp16 values are also multiplied by a power of two agreed over all ranks (:meth:`WireReducer.scales`)
+that puts the largest near 2^14, far from fp16's subnormals (bf16 has fp32's range and needs none).
 MPI has no portable half-precision sum (Open MPI's fp16 SUM is scalar and slow; bf16 was silently
 wrong), so 16-bit words are summed by a user-defined operation that adds in fp32 and rounds once per
 pairwise combination. Results are cast back to fp32 by every rank from the same broadcast bits, so all
@@ -14,6 +16,7 @@ ranks hold identical values. ``bytes_sent`` counts the payload handed to MPI per
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -42,12 +45,13 @@ def _sum16_op(dtype: torch.dtype) -> MPI.Op:
 
 
 class WireReducer:
-    """In-place mean of flat fp32 buffers over all ranks of a Topology.
+    """In-place mean of flat fp32 (or fp64) buffers over all ranks of a Topology.
 
     Args:
         topo: world, node and leaders communicators.
         wire: "fp32", "fp16" or "bf16".
-        hierarchical: two levels (node, leaders) instead of one flat allreduce.
+        hierarchical: two levels (node, leaders) instead of one flat allreduce; with one node, or one
+            rank a node, there is only one level and the flat allreduce is used.
     """
 
     def __init__(self, topo: Topology, wire: str = "fp32", hierarchical: bool = True) -> None:
@@ -55,15 +59,39 @@ class WireReducer:
             raise RuntimeError(f"unknown wire dtype {wire!r}")
         self.topo = topo
         self.dtype = WIRE_DTYPES[wire]
+        self.native = wire == "fp32"  # send the buffer's own dtype (fp32, or fp64 factors)
         self.hierarchical = hierarchical and topo.num_nodes > 1 and topo.local_size > 1
+        self.scale = 1.0
         self.bytes_sent: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
 
-    def average_(self, flat: Tensor) -> None:
-        """Replace the 1-D fp32 tensor ``flat`` by its mean over all ranks."""
+    def scales(self, buffers: list[Tensor]) -> list[float]:
+        """Per-buffer power-of-two factors that put the largest value over all ranks near 2^14.
+
+        Needed for fp16 only (its smallest normal is 6e-5, and gradients and G factors are often far
+        smaller); one MAX allreduce over the world for all buffers of a fused pass. 1.0 otherwise.
+        """
+        if self.dtype != torch.float16 or self.topo.size == 1 or not buffers:
+            return [1.0] * len(buffers)
+        local = torch.tensor(
+            [float(b.abs().max()) if b.numel() else 0.0 for b in buffers], dtype=torch.float64
+        )
+        self.topo.world.Allreduce(MPI.IN_PLACE, [local.numpy(), MPI.DOUBLE], op=MPI.MAX)
+        self.calls["scale"] += 1
+        return [
+            2.0 ** math.floor(math.log2(2.0**14 / m)) if 0 < m < math.inf else 1.0 for m in local.tolist()
+        ]
+
+    def average_(self, flat: Tensor, scale: float = 1.0) -> None:
+        """Replace the 1-D fp32 (or fp64) tensor ``flat`` by its mean over all ranks.
+
+        ``scale`` (a power of two from :meth:`scales`, the same on every rank) multiplies the values on
+        the wire and is divided out again. Under ``wire = "fp32"`` an fp64 buffer travels as fp64.
+        """
         topo = self.topo
         if topo.size == 1:
             return
+        self.scale = scale
         if not self.hierarchical:
             self._allreduce(flat, topo.world, "world")
             return
@@ -75,34 +103,38 @@ class WireReducer:
             node.Reduce(self._msg(wire), None, op=self._op(), root=0)
         self._count("node", wire)
         if leaders is not None:
-            flat.copy_(wire.to(torch.float32))
+            self._from_wire(wire, flat)
             self._allreduce(flat, leaders, "leaders")
-            wire = flat.to(self.dtype) if self.dtype != torch.float32 else flat
+            wire = flat if self.native else (flat * self.scale).to(self.dtype)  # exact: the same bits
         node.Bcast(self._msg(wire), root=0)
         self._count("node_bcast", wire)
-        if wire is not flat:
-            flat.copy_(wire.to(torch.float32))
+        self._from_wire(wire, flat)
 
     def _allreduce(self, flat: Tensor, comm: MPI.Comm, level: str) -> None:
         wire = self._to_wire(flat, comm.size)
         comm.Allreduce(MPI.IN_PLACE, self._msg(wire), op=self._op())
         self._count(level, wire)
-        if wire is not flat:
-            flat.copy_(wire.to(torch.float32))
+        self._from_wire(wire, flat)
 
     def _to_wire(self, flat: Tensor, contributions: int) -> Tensor:
-        """Pre-divided by the number of values summed next, in the wire dtype (a new tensor if cast)."""
-        if self.dtype == torch.float32:
+        """Scaled, pre-divided by the number of values summed next, in the wire dtype."""
+        if self.native:
             return flat.div_(contributions)
-        return (flat / contributions).to(self.dtype)
+        return (flat * (self.scale / contributions)).to(self.dtype)
+
+    def _from_wire(self, wire: Tensor, flat: Tensor) -> None:
+        if wire is not flat:
+            flat.copy_(wire).div_(self.scale)
 
     def _msg(self, t: Tensor) -> list[object]:
-        if self.dtype == torch.float32:
+        if t.dtype == torch.float32:
             return [t.numpy(), MPI.FLOAT]
+        if t.dtype == torch.float64:
+            return [t.numpy(), MPI.DOUBLE]
         return [t.view(torch.int16).numpy(), MPI.INT16_T]
 
     def _op(self) -> MPI.Op:
-        return MPI.SUM if self.dtype == torch.float32 else _sum16_op(self.dtype)
+        return MPI.SUM if self.native else _sum16_op(self.dtype)
 
     def _count(self, level: str, wire: Tensor) -> None:
         self.bytes_sent[level] += wire.numel() * wire.element_size()

@@ -51,13 +51,15 @@ SPNGD = [
 ]
 
 
-def train_losses(comm: MPI.Comm, overrides: list[str]) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+def train_losses(
+    comm: MPI.Comm, overrides: list[str], num_steps: int = NUM_STEPS
+) -> tuple[list[float], torch.Tensor, dict[str, float]]:
     cfg = config.loads(RUN, overrides=overrides)
-    with Topology(comm) as topo:
+    with Topology(comm, cfg.comm.ranks_per_node if comm.size > 1 else 0) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
         batches = trainer.loader.batches(0, 0, cfg.run.epochs)
-        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, NUM_STEPS)]
+        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, num_steps)]
         batches.close()
         params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         return losses, params, trainer.evaluate()
@@ -97,5 +99,39 @@ def test_mc_fisher_trains_with_identical_replicas(comm: MPI.Comm) -> None:
         assert trainer.ngd_counts["failed"] == 0
         params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
     assert all(torch.isfinite(torch.tensor(losses)))
+    digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
+    assert len(set(comm.allgather(digest))) == 1
+
+
+@pytest.mark.parametrize(
+    ("optim", "wire", "tolerance"),
+    [
+        (SPNGD, "fp32", 1e-5),
+        ([], "fp16", 1e-2),  # SGD: measured 8.9e-3 at 2 and 4 ranks by step 20 (5e-4 after one step)
+        ([], "bf16", 2e-2),
+    ],
+    ids=["spngd-fp32", "sgd-fp16", "sgd-bf16"],
+)
+def test_simulated_nodes_match_single_rank(
+    comm: MPI.Comm, optim: list[str], wire: str, tolerance: float
+) -> None:
+    """Two levels (2 ranks a node when the count is even) and a given wire, against one rank in fp32.
+
+    SP-NGD with a 16-bit wire is not tested here: on this chaotic setup (random labels on random
+    images) SP-NGD amplifies any perturbation about 50x in 12 steps (fp32: 1e-7 -> 1e-5), so fp16's
+    5e-4 per step grows to 2-5% by step 20. That misses the Distributed issue's 1e-2 goal.
+    """
+    nodes = [
+        f"comm.ranks_per_node={2 if comm.size % 2 == 0 else 1}",
+        "comm.hierarchical=true",
+        "run.epochs=7",
+    ]
+    losses, params, _ = train_losses(comm, [*optim, *nodes, f"comm.dtype={wire}"], num_steps=20)
+    ref_losses, _, _ = train_losses(MPI.COMM_SELF, [*optim, "run.epochs=7"], num_steps=20)
+    assert len(losses) == 20
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+    if comm.size == 1:  # nothing travels: exact
+        assert max(rel) == 0.0
+    assert max(rel) <= tolerance, (wire, max(rel))
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1

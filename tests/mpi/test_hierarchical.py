@@ -8,6 +8,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from hpcngd.comm.collectives import FusedAllreduce
 from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.topology import Topology
 
@@ -52,3 +53,17 @@ def test_fp16_pre_division_prevents_overflow(comm: MPI.Comm) -> None:
         WireReducer(topo, "fp16", hierarchical=True).average_(flat)
         assert bool(torch.isfinite(flat).all())
         torch.testing.assert_close(flat, torch.full((5,), 60000.0), rtol=1e-3, atol=0)
+
+
+def test_fp16_scaling_keeps_tiny_values(comm: MPI.Comm) -> None:
+    """Gradients of 1e-7 are fp16 subnormals (or zero once pre-divided); the agreed scale keeps them."""
+    with Topology(comm, 2 if comm.size % 2 == 0 else 1) as topo:
+        wire = WireReducer(topo, "fp16", hierarchical=True)
+        tiny = [torch.from_numpy(rank_data(r, 300) * 1e-9) for r in range(comm.size)]
+        reducer = FusedAllreduce(wire, [torch.Size([300])], bucket_mb=8.0)
+        mine = tiny[comm.rank].clone()
+        reducer.average_([mine])
+        expected = torch.stack(tiny).double().mean(0)
+        err = (mine.double() - expected).abs().max() / expected.abs().max()
+        assert float(err) <= 2e-3
+        assert wire.calls["scale"] == (1 if comm.size > 1 else 0)  # one MAX allreduce for the pass
