@@ -4,6 +4,8 @@
     hpcngd validate RUN.toml [--set ...] [--world-size N]
                                              print the resolved run file; exit 0, or 2 if invalid
     hpcngd data demo OUT_DIR                 write the small procedural demo data set
+    hpcngd plan RUN.toml --world-size N [--ranks-per-node M]
+                                             print the layer-to-rank plan and bytes per step (no MPI)
 
 This is the only module that names ``MPI.COMM_WORLD``. Error policy:
 - bad input found while setting up (run file, data folder, run directory) is agreed on by all ranks,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 T = TypeVar("T")
+COMMANDS = ("train", "validate", "plan", "data")
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[overrides], help="train (the default command)")
     val = sub.add_parser("validate", parents=[overrides], help="check a run file and print it resolved")
     val.add_argument("--world-size", type=int, default=0, help="also check against this rank count")
+    plan = sub.add_parser("plan", parents=[overrides], help="print the layer-to-rank plan (no MPI needed)")
+    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--ranks-per-node", type=int, default=0, help="default: comm.ranks_per_node or 1")
     data = sub.add_parser("data", help="data set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the procedural demo data set")
@@ -64,11 +70,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hpcngd`` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and not args_list[0].startswith("-") and args_list[0] not in ("train", "validate", "data"):
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
         args_list.insert(0, "train")  # `hpcngd RUN.toml` means `hpcngd train RUN.toml`
     args = _parser().parse_args(args_list)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "plan":
+        from hpcngd.report import print_plan
+
+        try:
+            cfg = config.load(args.run_file, args.overrides)
+            config.check_world_size(cfg, args.world_size)
+            print_plan(cfg, args.world_size, args.ranks_per_node or cfg.comm.ranks_per_node or 1)
+        except UserError as exc:
+            print(f"hpcngd: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
     if args.command == "data":
         from hpcngd.data.demo import generate
 

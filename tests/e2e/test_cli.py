@@ -88,6 +88,29 @@ def test_validate_prints_resolved_run_file() -> None:
     ]
 
 
+def test_plan_runs_without_mpi() -> None:
+    res = hpcngd(
+        "plan",
+        "runs/quickstart.toml",
+        "--world-size",
+        "16",
+        "--ranks-per-node",
+        "4",
+        "--set",
+        "model.arch=resnet50",
+        "--set",
+        "model.num_classes=1000",
+        "--set",
+        "comm.dtype=fp16",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "107 preconditioned layers (54 conv/fc, 53 BatchNorm) on 16 ranks (4 nodes of 4)" in res.stdout
+    assert "imbalance max/mean 3.46; idle ranks 0" in res.stdout
+    assert "packed fp16 triangles are 0.250 of that" in res.stdout
+    bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "3")
+    assert bad.returncode == 2 and "data.batch_size = 128: must be divisible by the 3 ranks" in bad.stderr
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_bad_run_file_is_one_line_exit_2_on_every_rank_count(tmp_path: Path, ranks: int) -> None:
     bad = tmp_path / "bad.toml"

@@ -1,0 +1,87 @@
+"""``hpcngd plan``: what a run would do at a given scale, computed on a laptop without MPI.
+
+Prints the layer-to-rank inversion plan (:mod:`hpcngd.ngd.plan`) and the bytes per step each rank hands
+to MPI at each level for gradients and for SP-NGD factors in the run's wire format. Payload is what a
+rank passes to a collective; how many bytes cross the network depends on the MPI algorithm (a ring
+allreduce moves about twice the payload).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hpcngd.comm.packing import triangle_size
+from hpcngd.config import Config
+from hpcngd.models.resnet import build
+from hpcngd.ngd.plan import layer_costs, make_plan
+from hpcngd.ngd.preconditioner import select_layers
+
+WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def factor_values(layers: dict[str, nn.Module], packed: bool) -> int:
+    """Values of all factors of ``layers``: packed triangles (or full matrices) plus 2x2 BN blocks."""
+    total = 0
+    for m in layers.values():
+        if isinstance(m, nn.BatchNorm2d):
+            total += 4 * m.num_features
+            continue
+        assert isinstance(m, (nn.Conv2d, nn.Linear))
+        for d in (m.weight[0].numel() + (1 if m.bias is not None else 0), m.weight.shape[0]):
+            total += triangle_size(d) if packed else d * d
+    return total
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:9.1f} MiB"
+
+
+def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
+    """Print the plan and the wire volume of ``cfg`` at ``world_size`` ranks."""
+    model = build(cfg.model.arch, cfg.model.num_classes)
+    layers = select_layers(model, cfg.ngd.exclude)
+    costs = layer_costs(layers)
+    plan = make_plan(costs, world_size)
+    nodes = max(1, world_size // ranks_per_node)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in layers.values())
+    print(
+        f"{cfg.model.arch}: {len(layers)} preconditioned layers ({len(layers) - n_bn} conv/fc, {n_bn} "
+        f"BatchNorm) on {world_size} ranks ({nodes} nodes of {ranks_per_node})"
+    )
+    mean = sum(plan.loads) / world_size
+    print(
+        f"inversion cost per rank (d^3 units): max {max(plan.loads):.3g}, mean {mean:.3g}, "
+        f"min {min(plan.loads):.3g}; imbalance max/mean {plan.imbalance:.2f}; idle ranks {plan.idle_ranks}"
+    )
+    busiest = sorted(range(world_size), key=lambda r: -plan.loads[r])
+    shown = busiest if world_size <= 16 else busiest[:8]
+    for rank in sorted(shown):
+        owned = plan.owned_by(rank)
+        print(
+            f"  rank {rank:5d}: {plan.loads[rank]:10.3g}  {len(owned):3d} layers  {', '.join(owned[:4])}"
+            + (" ..." if len(owned) > 4 else "")
+        )
+    if len(shown) < world_size:
+        print(f"  ... {world_size - len(shown)} more ranks (the 8 busiest are shown)")
+
+    item = WIRE_BYTES[cfg.comm.dtype]
+    grads = (sum(p.numel() for p in model.parameters()) + 1) * item  # + the loss riding along
+    factors = factor_values(layers, packed=True) * item
+    full = factor_values(layers, packed=False) * 4
+    two_level = cfg.comm.hierarchical and nodes > 1 and ranks_per_node > 1
+    print(
+        f"payload per step handed to MPI by each rank, comm.dtype = {cfg.comm.dtype}, "
+        f"{'hierarchical' if two_level else 'flat'}:"
+    )
+    for what, size in (("gradients", grads), ("factors, all refreshed", factors)):
+        if two_level:
+            print(
+                f"  {what:24s} node reduce {_mb(size)} | leaders allreduce {_mb(size)} (leaders only)"
+                f" | node broadcast {_mb(size)}"
+            )
+        else:
+            print(f"  {what:24s} world allreduce {_mb(size)}")
+    print(
+        f"  factors as full fp32 matrices would be {_mb(full)}: packed {cfg.comm.dtype} triangles are "
+        f"{factors / full:.3f} of that"
+    )
