@@ -14,6 +14,7 @@ A non-finite global loss stops every rank at the same step (all ranks see the sa
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_symmetric_, broadcast_
 from hpcngd.comm.hierarchical import WireReducer
+from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, TrainLoader, eval_batches
@@ -31,6 +33,8 @@ from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner
+from hpcngd.ngd.plan import layer_costs, make_plan
+from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 
 
@@ -65,7 +69,15 @@ class Trainer:
         broadcast_(list(self.model.state_dict().values()), topo.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.ngd = Preconditioner(self.model, cfg.ngd) if cfg.optim.name == "spngd" else None
+        self.ngd: Preconditioner | None = None
+        if cfg.optim.name == "spngd":
+            # Model-parallel inversion: the plan gives each layer one owner rank (ngd/plan.py).
+            self.plan = make_plan(layer_costs(select_layers(self.model, cfg.ngd.exclude)), topo.size)
+            self.ngd = Preconditioner(self.model, cfg.ngd, owned=set(self.plan.owned_by(topo.rank)))
+            self.owner_grads = [
+                [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
+                for r in range(topo.size)
+            ]
         self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)
         self.ngd_counts: Counter[str] = Counter()
         alpha = cfg.data.mixup_alpha
@@ -154,13 +166,26 @@ class Trainer:
         self.timer.add("fwd_bwd", -factor_seconds)  # hooks ran inside forward/backward
         self.timer.add("comm", report.comm_seconds)
         self.timer.add("inverse", report.inverse_seconds)
+        t0 = time.perf_counter()
+        self._share_preconditioned()
         self.timer.add("precondition", report.precondition_seconds)
+        self.timer.add("comm", time.perf_counter() - t0)
         self.ngd_counts.update(
             refreshed=report.refreshed,
             inverted=report.inverted,
             fp64_retries=report.retried_fp64,
             failed=report.failed,
         )
+
+    def _share_preconditioned(self) -> None:
+        """Phase 3d: every owner's preconditioned gradients reach every rank (one allgatherv)."""
+        if self.topo.size == 1:
+            return
+        grads = [[self._grad(p) for p in params] for params in self.owner_grads]
+        counts = [sum(g.numel() for g in gs) for gs in grads]
+        mine = grads[self.topo.rank]
+        everything = self.wire.allgatherv(pack(mine, torch.empty(counts[self.topo.rank])), counts)
+        unpack(everything, [g for gs in grads for g in gs])
 
     def _average_factors(self, tensors: list[Tensor]) -> None:
         average_symmetric_(tensors, self.wire, self.cfg.comm.bucket_mb)

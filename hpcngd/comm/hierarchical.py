@@ -110,6 +110,26 @@ class WireReducer:
         self._count("node_bcast", wire)
         self._from_wire(wire, flat)
 
+    def allgatherv(self, mine: Tensor, counts: list[int]) -> Tensor:
+        """Every rank's 1-D fp32 ``mine`` (``counts[r]`` values from rank r), concatenated, on all ranks.
+
+        Used for the preconditioned gradients that each owner computed. 16-bit wires cast once (fp16
+        with the agreed scale); every rank, the sender included, keeps the values as they travelled.
+        """
+        world = self.topo.world
+        if world.size == 1:
+            return mine
+        scale = self.scales([mine])[0]
+        wire = mine if self.native else (mine * scale).to(self.dtype)
+        out = torch.empty(sum(counts), dtype=wire.dtype)
+        displs = [sum(counts[:r]) for r in range(len(counts))]
+        if self.native:
+            world.Allgatherv(self._msg(wire), [out.numpy(), (counts, displs), self._msg(wire)[1]])
+        else:
+            world.Allgatherv(self._msg(wire), [out.view(torch.int16).numpy(), (counts, displs), MPI.INT16_T])
+        self._count("allgatherv", wire)
+        return out if self.native else out.to(mine.dtype).div_(scale)
+
     def _allreduce(self, flat: Tensor, comm: MPI.Comm, level: str) -> None:
         wire = self._to_wire(flat, comm.size)
         comm.Allreduce(MPI.IN_PLACE, self._msg(wire), op=self._op())

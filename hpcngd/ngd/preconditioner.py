@@ -5,11 +5,13 @@ Phases of :meth:`Preconditioner.step` (after the gradients are averaged over ran
      means (A, G per Conv2d/Linear; unit-wise 2x2 blocks F per BatchNorm2d);
   b. ``average`` (injected; an allreduce over ranks, or nothing on one rank) averages them, fused;
   c. optional running average (``ema_decay``: weight on the new value), stale-interval bookkeeping,
-     damping and inversion of the refreshed statistics (a failed inversion keeps the previous inverse);
-  d. every preconditioned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` and every
+     damping and inversion of the refreshed statistics of the layers this rank owns (a failed
+     inversion keeps the previous inverse);
+  d. every owned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` and every
      BatchNorm channel's ``(dgamma, dbeta)`` becomes ``(F_c + lambda_bn I)^-1 (dgamma, dbeta)``, with the
      cached inverses (computed at the statistic's last refresh).
-Damping enters at inversion time: a statistic is re-damped only when it is refreshed.
+Damping enters at inversion time: a statistic is re-damped only when it is refreshed. Sharing the
+owners' preconditioned gradients with the other ranks is the caller's (one allgatherv, see train.py).
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ class Preconditioner:
     Args:
         model: the network (hooks are attached to it).
         cfg: the [ngd] section.
+        owned: the layers this rank inverts and preconditions (model-parallel inversion, see
+            :mod:`hpcngd.ngd.plan`); None = all. Factors and refresh intervals are kept for every layer,
+            identical on all ranks, so that all ranks agree on which statistics are due.
     """
 
-    def __init__(self, model: nn.Module, cfg: NgdConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: NgdConfig, owned: set[str] | None = None) -> None:
         self.cfg = cfg
         self.dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
         self.layers = select_layers(model, cfg.exclude)
+        self.owned = set(self.layers) if owned is None else owned
         self.capture = Capture(self.layers, self.dtype)
         self.stats = {
             key: Statistic(StaleInterval(cfg.stale_threshold, cfg.stale_max_interval))
@@ -125,10 +131,12 @@ class Preconditioner:
             stat.value = value
             report.refreshed += 1
         for key in fresh:
-            self._invert(key, damping, report)
+            if key[0] in self.owned:
+                self._invert(key, damping, report)
         t2 = time.perf_counter()
         for name, module in self.layers.items():  # d
-            self._precondition(name, module)
+            if name in self.owned:
+                self._precondition(name, module)
         report.comm_seconds, report.inverse_seconds = t1 - t0, t2 - t1
         report.precondition_seconds = time.perf_counter() - t2
         return report

@@ -135,3 +135,27 @@ def test_simulated_nodes_match_single_rank(
     assert max(rel) <= tolerance, (wire, max(rel))
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1
+
+
+def test_inversion_is_split_by_the_plan(comm: MPI.Comm) -> None:
+    cfg = config.loads(RUN, overrides=[*SPNGD, "ngd.stale_threshold=0"])
+    with Topology(comm) as topo:
+        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
+        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
+        for _, _, x, y in itertools.islice(batches, 2):
+            trainer.train_step(x, y)
+        batches.close()
+        ngd = trainer.ngd
+        assert ngd is not None
+        owned = trainer.plan.owned_by(comm.rank)
+        assert ngd.owned == set(owned)
+        for (name, _), stat in ngd.stats.items():
+            assert (stat.inverse is not None) == (name in owned)  # only owners invert
+            assert stat.value is not None  # every rank keeps every factor (for the refresh decisions)
+        everyone = comm.allgather(owned)
+        assert sorted(n for names in everyone for n in names) == sorted(ngd.layers)
+        inverted = comm.allreduce(trainer.ngd_counts["inverted"])
+        assert inverted == trainer.ngd_counts["refreshed"] == 2 * len(ngd.stats)
+        if comm.size > 1:
+            assert trainer.wire.calls["allgatherv"] == 2  # one per step
