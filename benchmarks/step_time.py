@@ -1,7 +1,7 @@
-"""Step time of SGD and SP-NGD on one rank, by phase: ResNet-50 at 224x224 by default.
+"""Step time of SGD and SP-NGD by phase: ResNet-50 at 224x224 by default, --batch is the global batch.
 
     python benchmarks/step_time.py --batch 32
-    python benchmarks/step_time.py --batch 8 --arch resnet50
+    OMP_NUM_THREADS=1 mpiexec -n 2 python benchmarks/step_time.py --batch 32   # 16 a rank, split inversion
 
 SGD: median of the timed steps of two runs, one before and one after SP-NGD (a shared machine drifts;
 the first run of a process also pays for allocating memory). SP-NGD runs with stale statistics forced
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, optim: list[str], steps: int) -> list[tuple[fl
         ],
     )
     out = []
-    with Topology(MPI.COMM_SELF) as topo:
+    with Topology(MPI.COMM_WORLD) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
         for i, (_, _, x, y) in enumerate(trainer.loader.batches(0, 0, 1)):
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, optim: list[str], steps: int) -> list[tuple[fl
             refreshed = trainer.ngd_counts.pop("refreshed", 0)
             if i > 0:
                 out.append((elapsed, ms, refreshed))
-            print(f"  step {i}: {elapsed:.2f} s, refreshed {refreshed}", flush=True)
+            if topo.rank == 0:
+                print(f"  step {i}: {elapsed:.2f} s, refreshed {refreshed}", flush=True)
     return out
 
 
@@ -79,8 +80,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sgd-steps", type=int, default=4, help="SGD steps, the first not timed")
     args = p.parse_args()
-    threads = torch.get_num_threads()
-    print(f"{args.arch} {args.image_size}px batch {args.batch}, {threads} threads, torch {torch.__version__}")
+    threads, ranks = torch.get_num_threads(), MPI.COMM_WORLD.size
+    say = print if MPI.COMM_WORLD.rank == 0 else (lambda *a, **k: None)
+    say(f"{args.arch} {args.image_size}px global batch {args.batch} on {ranks} rank(s) x {threads} threads")
     sgd = run(args, ["optim.name=sgd"], args.sgd_steps)
     ngd_rows = run(
         args,
@@ -88,6 +90,8 @@ def main() -> None:
         7,
     )
     sgd += run(args, ["optim.name=sgd"], args.sgd_steps)
+    if MPI.COMM_WORLD.rank != 0:
+        return
     t_sgd = describe("SGD", sgd)
     t_full = describe("SP-NGD, every factor refreshed", [r for r in ngd_rows if r[2]])
     t_pre = describe("SP-NGD, preconditioning only", [r for r in ngd_rows if not r[2]])
