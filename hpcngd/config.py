@@ -284,6 +284,9 @@ class CommConfig(Section):
     hierarchical: bool = _opt(
         True, "Average in two levels (inside each node, then among node leaders) instead of one allreduce."
     )
+    check_replicas: int = _opt(
+        0, "Debug: compare a hash of parameters and optimizer state over ranks every N steps (0 = off).", ge=0
+    )
     dtype: str = _opt(
         "fp32",
         "Wire format of gradients and factors: fp32, or fp16/bf16 (pre-divided, summed in fp32).",

@@ -13,6 +13,7 @@ A non-finite global loss stops every rank at the same step (all ranks see the sa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import Counter
@@ -143,7 +144,22 @@ class Trainer:
                 rescale_weights(self.model)
         self.step += 1
         self.timer.count_step()
+        if self.cfg.comm.check_replicas and self.step % self.cfg.comm.check_replicas == 0:
+            self.check_replicas()
         return loss_value
+
+    def check_replicas(self) -> None:
+        """Raise on every rank if any rank's parameters or optimizer state differ from rank 0's."""
+        digest = hashlib.sha256()
+        for t in [*self.model.state_dict().values(), *self._optimizer_tensors()]:
+            digest.update(t.detach().contiguous().numpy().tobytes())
+        digests = self.topo.world.allgather(digest.hexdigest())
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RuntimeError(f"replicas diverged at step {self.step}: ranks {differ} differ from rank 0")
+
+    def _optimizer_tensors(self) -> list[Tensor]:
+        return [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
 
     def _mc_backward(self, logits: Tensor, scale: float) -> None:
         """Monte Carlo Fisher: G from gradients at labels sampled from the model (one extra backward)."""

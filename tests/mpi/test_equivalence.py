@@ -159,3 +159,21 @@ def test_inversion_is_split_by_the_plan(comm: MPI.Comm) -> None:
         assert inverted == trainer.ngd_counts["refreshed"] == 2 * len(ngd.stats)
         if comm.size > 1:
             assert trainer.wire.calls["allgatherv"] == 2  # one per step
+
+
+def test_check_replicas_fails_loudly_on_divergence(comm: MPI.Comm) -> None:
+    cfg = config.loads(RUN, overrides=[*SPNGD, "comm.check_replicas=1"])
+    with Topology(comm) as topo:
+        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
+        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
+        for _, _, x, y in itertools.islice(batches, 2):
+            trainer.train_step(x, y)  # checked every step: identical
+        if comm.size > 1:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] += 1e-3 * (comm.rank == comm.size - 1)
+            with pytest.raises(
+                RuntimeError, match=rf"replicas diverged at step 2: ranks \[{comm.size - 1}\]"
+            ):
+                trainer.check_replicas()
+        batches.close()
