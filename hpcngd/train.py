@@ -149,9 +149,13 @@ class Trainer:
         return loss_value
 
     def check_replicas(self) -> None:
-        """Raise on every rank if any rank's parameters or optimizer state differ from rank 0's."""
+        """Raise on every rank if any rank's parameters or optimizer state differ from rank 0's.
+
+        BatchNorm running statistics are left out: they follow each rank's own micro-batches and are
+        averaged only before evaluation.
+        """
         digest = hashlib.sha256()
-        for t in [*self.model.state_dict().values(), *self._optimizer_tensors()]:
+        for t in [*self.model.parameters(), *self._optimizer_tensors()]:
             digest.update(t.detach().contiguous().numpy().tobytes())
         digests = self.topo.world.allgather(digest.hexdigest())
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
