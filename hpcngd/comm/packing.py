@@ -82,8 +82,13 @@ def unpack_triangle(flat: Tensor, n: int) -> Tensor:
     if flat.numel() != triangle_size(n):
         raise RuntimeError(f"unpack_triangle: {flat.numel()} values for n = {n}")
     rect = flat[: k1 * (k2 + 1)].reshape(k1, k2 + 1)
-    lower = flat.new_zeros(n, n)
-    lower[:k1, :k1] = torch.tril(rect[:, :k1])
-    lower[k1:, :k1] = flat[k1 * (k2 + 1) :].reshape(k2, k1)
-    lower[k1:, k1:] = torch.triu(rect[:k2, 1:]).T
-    return lower + torch.tril(lower, -1).T
+    l21 = flat[k1 * (k2 + 1) :].reshape(k2, k1)
+    out = flat.new_empty(n, n)
+    # Block by block (quarter-size transposes instead of one full-size one).
+    l11 = torch.tril(rect[:, :k1])
+    out[:k1, :k1] = l11 + torch.tril(l11, -1).T
+    u22 = torch.triu(rect[:k2, 1:])  # L22 transposed: its upper triangle
+    out[k1:, k1:] = u22 + torch.triu(u22, 1).T
+    out[k1:, :k1] = l21
+    out[:k1, k1:] = l21.T
+    return out
