@@ -38,12 +38,20 @@ class FusedAllreduce:
         """Replace every tensor by its mean over the ranks (in place)."""
         if len(tensors) != self.num_tensors:
             raise RuntimeError(f"FusedAllreduce planned for {self.num_tensors} tensors, got {len(tensors)}")
+        # fp16 only: each tensor gets its own power-of-two scale (one MAX allreduce for all of them);
+        # a bucket mixes tensors whose magnitudes differ by orders (A and G factors, layers' gradients).
+        scales = self.reducer.scales(list(tensors))
+        scaled = [i for i, s in enumerate(scales) if s != 1.0]
+        for i in scaled:
+            tensors[i].mul_(scales[i])  # exact: a power of two
         for bucket, buf in zip(self.buckets, self.buffers, strict=True):
             packing.pack([tensors[i] for i in bucket], buf)
-        for buf, scale in zip(self.buffers, self.reducer.scales(self.buffers), strict=True):
-            self.reducer.average_(buf, scale)
+        for buf in self.buffers:
+            self.reducer.average_(buf)
         for bucket, buf in zip(self.buckets, self.buffers, strict=True):
             packing.unpack(buf, [tensors[i] for i in bucket])
+        for i in scaled:
+            tensors[i].div_(scales[i])
 
 
 def average_symmetric_(matrices: Sequence[Tensor], reducer: WireReducer, bucket_mb: float) -> None:

@@ -6,8 +6,9 @@ leaders, broadcast inside each node. Flat: one allreduce over the world (the bas
 Wire formats (``comm.dtype``): ``fp32``; ``fp16`` and ``bf16`` travel as 16-bit words. Before each cast
 the values are divided by the number of contributions summed at that level (the node size, then the
 node count; the world size when flat), so a sum never exceeds the largest input and cannot overflow.
-fp16 values are also multiplied by a power of two agreed over all ranks (:meth:`WireReducer.scales`)
-that puts the largest near 2^14, far from fp16's subnormals (bf16 has fp32's range and needs none).
+fp16 tensors are also multiplied by powers of two agreed over all ranks (:meth:`WireReducer.scales`,
+one per tensor) that put each tensor's largest value near 2^14, far from fp16's subnormals (bf16 has
+fp32's range and needs none).
 MPI has no portable half-precision sum (Open MPI's fp16 SUM is scalar and slow; bf16 was silently
 wrong), so 16-bit words are summed by a user-defined operation that adds in fp32 and rounds once per
 pairwise combination. Results are cast back to fp32 by every rank from the same broadcast bits, so all
@@ -66,10 +67,10 @@ class WireReducer:
         self.calls: Counter[str] = Counter()
 
     def scales(self, buffers: list[Tensor]) -> list[float]:
-        """Per-buffer power-of-two factors that put the largest value over all ranks near 2^14.
+        """Per-tensor power-of-two factors that put each tensor's largest value over all ranks near 2^14.
 
         Needed for fp16 only (its smallest normal is 6e-5, and gradients and G factors are often far
-        smaller); one MAX allreduce over the world for all buffers of a fused pass. 1.0 otherwise.
+        smaller); one MAX allreduce over the world for all tensors of a fused pass. 1.0 otherwise.
         """
         if self.dtype != torch.float16 or self.topo.size == 1 or not buffers:
             return [1.0] * len(buffers)

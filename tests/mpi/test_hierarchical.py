@@ -67,3 +67,17 @@ def test_fp16_scaling_keeps_tiny_values(comm: MPI.Comm) -> None:
         err = (mine.double() - expected).abs().max() / expected.abs().max()
         assert float(err) <= 2e-3
         assert wire.calls["scale"] == (1 if comm.size > 1 else 0)  # one MAX allreduce for the pass
+
+
+def test_fp16_scales_each_tensor_of_a_bucket(comm: MPI.Comm) -> None:
+    """A bucket holding an A-like (~100) and a G-like (~1e-8) tensor keeps both to fp16 precision."""
+    with Topology(comm, 2 if comm.size % 2 == 0 else 1) as topo:
+        big = [torch.from_numpy(rank_data(r, 50)) for r in range(comm.size)]
+        tiny = [torch.from_numpy(rank_data(r, 60) * 1e-10) for r in range(comm.size)]
+        mine = [big[comm.rank].clone(), tiny[comm.rank].clone()]
+        reducer = FusedAllreduce(WireReducer(topo, "fp16", hierarchical=True), [t.shape for t in mine], 8.0)
+        assert len(reducer.buckets) == 1
+        reducer.average_(mine)
+        for got, every in zip(mine, (big, tiny), strict=True):
+            expected = torch.stack(every).double().mean(0)
+            assert float((got.double() - expected).abs().max() / expected.abs().max()) <= 2e-3
