@@ -276,6 +276,7 @@ class Trainer:
             **{f"{k}_ms": v for k, v in ms.items()},
             "comm_bytes": sum(self.wire.bytes_sent.values()),
             "comm_calls": sum(self.wire.calls.values()),
+            **{f"comm_bytes_{level}": n for level, n in sorted(self.wire.bytes_sent.items())},
         }
         if self.ngd is not None:
             rec.update({f"ngd_{k}": v for k, v in sorted(self.ngd_counts.items())})

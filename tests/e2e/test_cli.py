@@ -175,6 +175,11 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert all(r["ngd_inverted"] == r["ngd_refreshed"] and r["ngd_failed"] == 0 for r in train)
     assert all(r["factors_ms"] > 0 and r["inverse_ms"] > 0 and r["precondition_ms"] > 0 for r in train)
     assert "factors refreshed 54 inverted 54" in res.stdout
+    two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", ranks=2)
+    assert two.returncode == 0, two.stderr
+    last = json.loads((tmp_path / "out/two/metrics.jsonl").read_text().splitlines()[-2])
+    assert last["kind"] == "train" and last["comm_bytes_world"] > 0 and last["comm_bytes_allgatherv"] > 0
+    assert last["comm_bytes"] == last["comm_bytes_world"] + last["comm_bytes_allgatherv"]
 
 
 def test_unreadable_image_during_training_ends_the_job(tmp_path: Path) -> None:
