@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpcngd.comm.collectives import FusedAllreduce, allreduce_sum, average_symmetric_, broadcast_
+from hpcngd.comm.collectives import (
+    FusedAllreduce,
+    allreduce_sum,
+    average_symmetric_,
+    broadcast_,
+    pack_factors,
+    unpack_factors,
+)
 from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
@@ -130,14 +137,15 @@ class Trainer:
                 local_loss += loss.item()
         with self.timer.phase("comm"):
             self.loss_buf.fill_(local_loss)
-            self.grad_reducer.average_([self._grad(p) for p in self.params] + [self.loss_buf])
+            fresh = self.ngd.take_factors() if self.ngd is not None else {}
+            self._average([self._grad(p) for p in self.params] + [self.loss_buf], list(fresh.values()))
         loss_value = float(self.loss_buf.item())
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
             )
         if self.ngd is not None:
-            self._precondition()
+            self._precondition(fresh)
         with self.timer.phase("update"):
             self.optimizer.step()
             if self.cfg.optim.weight_rescaling:
@@ -174,17 +182,27 @@ class Trainer:
         torch.autograd.grad(mc_loss, self.params, retain_graph=True, allow_unused=True)
         self.ngd.capture.collect_grads = False  # the training backward that follows adds no G
 
-    def _precondition(self) -> None:
-        """Phase 3: average the refreshed factors over ranks, invert them, precondition every gradient."""
+    def _average(self, grads: list[Tensor], factors: list[Tensor]) -> None:
+        """Phase 2: gradients, the loss and refreshed factors (packed triangles) in one fused pass."""
+        if not factors or self.topo.size == 1 or factors[0].dtype != torch.float32:
+            self.grad_reducer.average_(grads)  # planned once for the gradients' shapes
+            average_symmetric_(factors, self.wire, self.cfg.comm.bucket_mb)  # fp64 factors travel apart
+            return
+        packed = pack_factors(factors)
+        both = grads + packed
+        FusedAllreduce(self.wire, [t.shape for t in both], self.cfg.comm.bucket_mb).average_(both)
+        unpack_factors(packed, factors)
+
+    def _precondition(self, fresh: dict[tuple[str, str], Tensor]) -> None:
+        """Phase 3: invert the refreshed factors this rank owns, precondition, share the results."""
         assert self.ngd is not None
         total_steps = self.total_steps
         damping = damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, self.step, total_steps)
         factor_seconds = self.ngd.capture.seconds
         self.ngd.capture.seconds = 0.0
-        report = self.ngd.step(self.step, damping, self._average_factors)
+        report = self.ngd.step(self.step, damping, fresh)
         self.timer.add("factors", factor_seconds)
         self.timer.add("fwd_bwd", -factor_seconds)  # hooks ran inside forward/backward
-        self.timer.add("comm", report.comm_seconds)
         self.timer.add("inverse", report.inverse_seconds)
         t0 = time.perf_counter()
         self._share_preconditioned()
@@ -206,9 +224,6 @@ class Trainer:
         mine = grads[self.topo.rank]
         everything = self.wire.allgatherv(pack(mine, torch.empty(counts[self.topo.rank])), counts)
         unpack(everything, [g for gs in grads for g in gs])
-
-    def _average_factors(self, tensors: list[Tensor]) -> None:
-        average_symmetric_(tensors, self.wire, self.cfg.comm.bucket_mb)
 
     @staticmethod
     def _grad(p: nn.Parameter) -> Tensor:

@@ -36,6 +36,8 @@ class FusedAllreduce:
 
     def average_(self, tensors: Sequence[Tensor]) -> None:
         """Replace every tensor by its mean over the ranks (in place)."""
+        if self.reducer.topo.size == 1:
+            return
         if len(tensors) != self.num_tensors:
             raise RuntimeError(f"FusedAllreduce planned for {self.num_tensors} tensors, got {len(tensors)}")
         # fp16 only: each tensor gets its own power-of-two scale (one MAX allreduce for all of them);
@@ -54,20 +56,28 @@ class FusedAllreduce:
             tensors[i].div_(scales[i])
 
 
+def _square(m: Tensor) -> bool:
+    return m.ndim == 2 and m.shape[0] == m.shape[1]
+
+
+def pack_factors(matrices: Sequence[Tensor]) -> list[Tensor]:
+    """Wire form of factors: square matrices (assumed symmetric) as packed lower triangles."""
+    return [packing.pack_triangle(m) if _square(m) else m.reshape(-1) for m in matrices]
+
+
+def unpack_factors(packed: Sequence[Tensor], matrices: Sequence[Tensor]) -> None:
+    """Write :func:`pack_factors` output back into ``matrices`` (in place)."""
+    for m, p in zip(matrices, packed, strict=True):
+        m.copy_(packing.unpack_triangle(p, m.shape[0]) if _square(m) else p.view_as(m))
+
+
 def average_symmetric_(matrices: Sequence[Tensor], reducer: WireReducer, bucket_mb: float) -> None:
-    """Average tensors over ranks, square matrices (assumed symmetric) as packed lower triangles."""
+    """Average factors over ranks in one fused pass, square ones as packed lower triangles."""
     if reducer.topo.size == 1 or not matrices:
         return
-    packed = [
-        packing.pack_triangle(m) if m.ndim == 2 and m.shape[0] == m.shape[1] else m.reshape(-1)
-        for m in matrices
-    ]
+    packed = pack_factors(matrices)
     FusedAllreduce(reducer, [p.shape for p in packed], bucket_mb, matrices[0].dtype).average_(packed)
-    for m, p in zip(matrices, packed, strict=True):
-        if m.ndim == 2 and m.shape[0] == m.shape[1]:
-            m.copy_(packing.unpack_triangle(p, m.shape[0]))
-        else:
-            m.copy_(p.view_as(m))
+    unpack_factors(packed, matrices)
 
 
 def broadcast_(tensors: Sequence[Tensor], comm: MPI.Comm, root: int = 0) -> None:

@@ -1,9 +1,11 @@
 """One SP-NGD preconditioning step over a model's Conv2d, Linear and BatchNorm2d layers.
 
-Phases of :meth:`Preconditioner.step` (after the gradients are averaged over ranks):
-  a. the factor sums that :class:`~hpcngd.ngd.capture.Capture` collected for the due statistics become
-     means (A, G per Conv2d/Linear; unit-wise 2x2 blocks F per BatchNorm2d);
-  b. ``average`` (injected; an allreduce over ranks, or nothing on one rank) averages them, fused;
+Phases:
+  a. :meth:`Preconditioner.take_factors`: the factor sums that :class:`~hpcngd.ngd.capture.Capture`
+     collected for the due statistics become means (A, G per Conv2d/Linear; unit-wise 2x2 blocks F per
+     BatchNorm2d);
+  b. the caller averages them over ranks (the trainer fuses them with the gradients in one pass);
+then :meth:`Preconditioner.step`:
   c. optional running average (``ema_decay``: weight on the new value), stale-interval bookkeeping,
      damping and inversion of the refreshed statistics of the layers this rank owns (a failed
      inversion keeps the previous inverse);
@@ -20,7 +22,7 @@ import fnmatch
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,6 @@ class StepReport:
     inverted: int = 0
     retried_fp64: int = 0
     failed: int = 0
-    comm_seconds: float = 0.0
     inverse_seconds: float = 0.0
     precondition_seconds: float = 0.0
 
@@ -112,15 +113,15 @@ class Preconditioner:
             self.capture.disarm()
         return bool(want)
 
-    def step(
-        self, step: int, damping: float, average: Callable[[list[Tensor]], None] | None = None
-    ) -> StepReport:
-        """Phases a-d above; ``average`` averages a list of tensors over ranks in place."""
+    def take_factors(self) -> dict[Key, Tensor]:
+        """Phase a: this step's factors (means over the rank's examples), in a fixed order."""
+        return {k: s.mean() for k, s in sorted(self.capture.take().items())}
+
+    def step(self, step: int, damping: float, fresh: dict[Key, Tensor] | None = None) -> StepReport:
+        """Phases c and d above for the factors ``fresh`` (default: :meth:`take_factors`, one rank)."""
         report = StepReport()
-        fresh = {k: s.mean() for k, s in sorted(self.capture.take().items())}  # a
-        t0 = time.perf_counter()
-        if fresh and average is not None:
-            average(list(fresh.values()))  # b
+        if fresh is None:
+            fresh = self.take_factors()
         t1 = time.perf_counter()
         for key, value in fresh.items():  # c
             stat = self.stats[key]
@@ -137,7 +138,7 @@ class Preconditioner:
         for name, module in self.layers.items():  # d
             if name in self.owned:
                 self._precondition(name, module)
-        report.comm_seconds, report.inverse_seconds = t1 - t0, t2 - t1
+        report.inverse_seconds = t2 - t1
         report.precondition_seconds = time.perf_counter() - t2
         return report
 

@@ -159,6 +159,8 @@ def test_inversion_is_split_by_the_plan(comm: MPI.Comm) -> None:
         assert inverted == trainer.ngd_counts["refreshed"] == 2 * len(ngd.stats)
         if comm.size > 1:
             assert trainer.wire.calls["allgatherv"] == 2  # one per step
+            # Gradients, loss and refreshed factors (< 8 MiB here) travel in one fused call a step.
+            assert trainer.wire.calls["world"] == 2
 
 
 def test_check_replicas_fails_loudly_on_divergence(comm: MPI.Comm) -> None:
