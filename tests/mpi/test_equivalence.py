@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -51,9 +53,9 @@ SPNGD = [
 ]
 
 
-def train_losses(
-    comm: MPI.Comm, overrides: list[str], num_steps: int = NUM_STEPS
-) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+@contextmanager
+def trained(comm: MPI.Comm, overrides: list[str], num_steps: int) -> Iterator[tuple[Trainer, list[float]]]:
+    """A Trainer on ``comm`` after ``num_steps`` steps of RUN with ``overrides``, and its losses."""
     cfg = config.loads(RUN, overrides=overrides)
     with Topology(comm, cfg.comm.ranks_per_node if comm.size > 1 else 0) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
@@ -61,6 +63,13 @@ def train_losses(
         batches = trainer.loader.batches(0, 0, cfg.run.epochs)
         losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, num_steps)]
         batches.close()
+        yield trainer, losses
+
+
+def train_losses(
+    comm: MPI.Comm, overrides: list[str], num_steps: int = NUM_STEPS
+) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+    with trained(comm, overrides, num_steps) as (trainer, losses):
         params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         return losses, params, trainer.evaluate()
 
@@ -87,13 +96,7 @@ def test_losses_match_single_rank(comm: MPI.Comm, overrides: list[str]) -> None:
 
 
 def test_mc_fisher_trains_with_identical_replicas(comm: MPI.Comm) -> None:
-    cfg = config.loads(RUN, overrides=[*SPNGD, "ngd.fisher=mc", "ngd.stale_threshold=0"])
-    with Topology(comm) as topo:
-        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
-        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
-        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
-        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, 4)]
-        batches.close()
+    with trained(comm, [*SPNGD, "ngd.fisher=mc", "ngd.stale_threshold=0"], 4) as (trainer, losses):
         assert trainer.ngd is not None
         assert trainer.ngd_counts["refreshed"] == 4 * len(trainer.ngd.stats)
         assert trainer.ngd_counts["failed"] == 0
@@ -138,14 +141,7 @@ def test_simulated_nodes_match_single_rank(
 
 
 def test_inversion_is_split_by_the_plan(comm: MPI.Comm) -> None:
-    cfg = config.loads(RUN, overrides=[*SPNGD, "ngd.stale_threshold=0"])
-    with Topology(comm) as topo:
-        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
-        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
-        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
-        for _, _, x, y in itertools.islice(batches, 2):
-            trainer.train_step(x, y)
-        batches.close()
+    with trained(comm, [*SPNGD, "ngd.stale_threshold=0"], 2) as (trainer, _):
         ngd = trainer.ngd
         assert ngd is not None
         owned = trainer.plan.owned_by(comm.rank)
@@ -164,13 +160,7 @@ def test_inversion_is_split_by_the_plan(comm: MPI.Comm) -> None:
 
 
 def test_check_replicas_fails_loudly_on_divergence(comm: MPI.Comm) -> None:
-    cfg = config.loads(RUN, overrides=[*SPNGD, "comm.check_replicas=1"])
-    with Topology(comm) as topo:
-        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
-        trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
-        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
-        for _, _, x, y in itertools.islice(batches, 2):
-            trainer.train_step(x, y)  # checked every step: identical
+    with trained(comm, [*SPNGD, "comm.check_replicas=1"], 2) as (trainer, _):  # checked each step
         if comm.size > 1:
             with torch.no_grad():
                 next(trainer.model.parameters()).view(-1)[0] += 1e-3 * (comm.rank == comm.size - 1)
@@ -178,4 +168,3 @@ def test_check_replicas_fails_loudly_on_divergence(comm: MPI.Comm) -> None:
                 RuntimeError, match=rf"replicas diverged at step 2: ranks \[{comm.size - 1}\]"
             ):
                 trainer.check_replicas()
-        batches.close()
