@@ -157,12 +157,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
         # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
         text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
         cfg = _agree(world, lambda: _parse(text, run_file, overrides, world.size))
-        topo = (
-            Topology(world, cfg.comm.ranks_per_node)
-            if _agree(world, lambda: _check_rpn(cfg, world.size))
-            else None
-        )
-        assert topo is not None
+        topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
         torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
         train_set, val_set = _agree(
             world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
@@ -207,13 +202,6 @@ def _parse(text: str | UserError, source: str, overrides: Sequence[str], world_s
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     return cfg
-
-
-def _check_rpn(cfg: config.Config, world_size: int) -> bool:
-    rpn = cfg.comm.ranks_per_node
-    if rpn and world_size % rpn:
-        raise config.ConfigError(f"comm.ranks_per_node = {rpn}: must divide the {world_size} ranks")
-    return True
 
 
 def _abort(world: MPI.Comm, exc: BaseException) -> int:

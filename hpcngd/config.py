@@ -427,6 +427,9 @@ def check_world_size(cfg: Config, world_size: int) -> None:
     data = cfg.data
     if data.batch_size % world_size:
         raise ConfigError(f"data.batch_size = {data.batch_size}: must be divisible by the {world_size} ranks")
+    rpn = cfg.comm.ranks_per_node
+    if rpn and world_size % rpn:
+        raise ConfigError(f"comm.ranks_per_node = {rpn}: must divide the {world_size} ranks")
     local = data.batch_size // world_size
     if data.micro_batch_size and local % data.micro_batch_size:
         raise ConfigError(

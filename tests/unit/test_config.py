@@ -101,6 +101,10 @@ def test_world_size_checks() -> None:
         config.check_world_size(cfg, 5)
     with pytest.raises(ConfigError, match=r"data.micro_batch_size = 3: must divide the per-rank batch"):
         config.check_world_size(cfg, 6)
+    nodes = config.loads("[data]\nbatch_size = 12\n[comm]\nranks_per_node = 4")
+    config.check_world_size(nodes, 4)
+    with pytest.raises(ConfigError, match=r"comm.ranks_per_node = 4: must divide the 6 ranks"):
+        config.check_world_size(nodes, 6)
 
 
 def test_overrides_are_typed_by_the_schema() -> None:
