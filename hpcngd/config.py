@@ -1,8 +1,8 @@
 """Run files: a frozen dataclass tree read from TOML.
 
 Every section is a frozen dataclass; every key is a field whose metadata says what is allowed
-(``choices``, ``ge``/``gt``/``le``/``lt``) and documents it (``help``). Construction validates, so a
-``Config`` that exists is a valid one. Any problem raises :class:`ConfigError` with one line that names
+(``choices``, ``ge``/``gt``/``le``/``lt``) and documents it (``help``); the machinery is in
+:mod:`hpcngd.schema`. Construction validates, so a ``Config`` that exists is a valid one. Any problem raises :class:`ConfigError` with one line that names
 ``section.key``, the bad value and what is allowed.
 
 Checks that need the world size (the batch must split evenly over ranks) live in
@@ -12,7 +12,6 @@ Checks that need the world size (the batch must split evenly over ranks) live in
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import typing
@@ -21,92 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from hpcngd.errors import ConfigError
+from hpcngd.schema import Section, opt, show, toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
-
-
-def _key(help: str, **rules: Any) -> dict[str, Any]:
-    return {"help": help, **rules}
-
-
-def _opt(default: Any, help: str, **rules: Any) -> Any:
-    return field(default=default, metadata=_key(help, **rules))
-
-
-class Section:
-    """Base of every run-file section: type and range checks from field metadata."""
-
-    SECTION: typing.ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _coerce(self.SECTION, f.name, getattr(self, f.name), hints[f.name])
-            object.__setattr__(self, f.name, value)
-            _check_rules(self.SECTION, f.name, value, f.metadata)
-        self.check()
-
-    def check(self) -> None:
-        """Cross-field checks of one section; override to add them."""
-
-    def fail(self, key: str, why: str) -> typing.NoReturn:
-        """Raise the one-line error for ``SECTION.key``."""
-        raise ConfigError(f"{self.SECTION}.{key} = {_show(getattr(self, key))}: {why}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
-    return _toml_value(value) if isinstance(value, (str, int, float, bool, list)) else repr(value)
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-_PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-
-
-def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the annotation and return it in canonical form (tuples, floats)."""
-    where = f"{section}.{key} = {_show(value)}"
-    if typing.get_origin(hint) is tuple:
-        (item_type, _) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: must be a list of {_PLURALS[item_type]}")
-        return tuple(_coerce(section, key, v, item_type) for v in value)
-    ok = (
-        isinstance(value, bool)
-        if hint is bool
-        else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
-            if hint is float
-            else isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-        )
-    )
-    if not ok:
-        raise ConfigError(f"{where}: must be {_TYPE_NAMES[hint]}")
-    if hint is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: must be a finite number")
-    return value
-
-
-def _check_rules(section: str, key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    items = value if isinstance(value, tuple) else (value,)
-    where = f"{section}.{key} = {_show(value)}"
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(_show(c) for c in meta["choices"])
-        raise ConfigError(f"{where}: must be one of {allowed}")
-    for op, test, words in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-        ("lt", lambda v, b: v < b, "<"),
-    ):
-        if op in meta and not all(test(v, meta[op]) for v in items):
-            raise ConfigError(f"{where}: must be {words} {meta[op]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,12 +40,12 @@ class RunConfig(Section):
     """[run]: what the run is called, where it writes, how long it lasts."""
 
     SECTION = "run"
-    name: str = _opt("run", "Run name; the run directory is output_dir/name.")
-    output_dir: str = _opt("out", "Folder that holds run directories (relative to the working dir).")
-    seed: int = _opt(0, "Seed of model init, data order and augmentation.", ge=0)
-    epochs: int = _opt(1, "Number of training epochs.", ge=1)
-    max_steps: int = _opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
-    threads: int = _opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
+    name: str = opt("run", "Run name; the run directory is output_dir/name.")
+    output_dir: str = opt("out", "Folder that holds run directories (relative to the working dir).")
+    seed: int = opt(0, "Seed of model init, data order and augmentation.", ge=0)
+    epochs: int = opt(1, "Number of training epochs.", ge=1)
+    max_steps: int = opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
+    threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -138,9 +57,9 @@ class ModelConfig(Section):
     """[model]: the network."""
 
     SECTION = "model"
-    arch: str = _opt("resnet20", "Architecture.", choices=MODEL_ARCHS)
-    num_classes: int = _opt(10, "Number of classes (must match the data set).", ge=2)
-    zero_init_residual: bool = _opt(False, "Zero-init the last BN gamma of each residual block.")
+    arch: str = opt("resnet20", "Architecture.", choices=MODEL_ARCHS)
+    num_classes: int = opt(10, "Number of classes (must match the data set).", ge=2)
+    zero_init_residual: bool = opt(False, "Zero-init the last BN gamma of each residual block.")
 
 
 @dataclass(frozen=True)
@@ -148,35 +67,35 @@ class DataConfig(Section):
     """[data]: where images come from and how batches are formed."""
 
     SECTION = "data"
-    source: str = _opt("synthetic", "Data source.", choices=("synthetic", "folder"))
-    path: str = _opt("", "Root holding train/<class>/*.jpg and val/<class>/*.jpg (source = folder).")
-    image_size: int = _opt(32, "Training crop and validation crop size in pixels.", ge=8)
-    val_resize: int = _opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
-    batch_size: int = _opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
-    micro_batch_size: int = _opt(
+    source: str = opt("synthetic", "Data source.", choices=("synthetic", "folder"))
+    path: str = opt("", "Root holding train/<class>/*.jpg and val/<class>/*.jpg (source = folder).")
+    image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8)
+    val_resize: int = opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
+    batch_size: int = opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
+    micro_batch_size: int = opt(
         0,
         "Images per forward pass on a rank (also the BatchNorm batch); the rest is accumulated. "
         "0 = batch_size / world size. Fix it to get the same losses at any rank count.",
         ge=0,
     )
-    workers: int = _opt(2, "Decoding worker processes per rank (folder source; 0 = in-process).", ge=0)
-    crop_scale: tuple[float, ...] = _opt((0.08, 1.0), "Random resized crop area range.", gt=0.0, le=1.0)
-    crop_ratio: tuple[float, ...] = _opt((3 / 4, 4 / 3), "Random resized crop aspect range.", gt=0.0)
-    flip: bool = _opt(True, "Random horizontal flip in training.")
-    mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "Per-channel mean for normalization.")
-    std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "Per-channel std for normalization.", gt=0.0)
-    mixup_alpha: float = _opt(
+    workers: int = opt(2, "Decoding worker processes per rank (folder source; 0 = in-process).", ge=0)
+    crop_scale: tuple[float, ...] = opt((0.08, 1.0), "Random resized crop area range.", gt=0.0, le=1.0)
+    crop_ratio: tuple[float, ...] = opt((3 / 4, 4 / 3), "Random resized crop aspect range.", gt=0.0)
+    flip: bool = opt(True, "Random horizontal flip in training.")
+    mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), "Per-channel mean for normalization.")
+    std: tuple[float, ...] = opt((0.229, 0.224, 0.225), "Per-channel std for normalization.", gt=0.0)
+    mixup_alpha: float = opt(
         0.0,
         "Running mixup with lambda ~ Beta(alpha, alpha) (0 = off); soft targets go into the loss.",
         ge=0.0,
     )
-    random_erasing: float = _opt(0.0, "Probability of random erasing per image (0 = off).", ge=0.0, le=1.0)
-    erasing_area: tuple[float, ...] = _opt(
+    random_erasing: float = opt(0.0, "Probability of random erasing per image (0 = off).", ge=0.0, le=1.0)
+    erasing_area: tuple[float, ...] = opt(
         (0.02, 0.25), "Random erasing: area fraction range.", gt=0.0, lt=1.0
     )
-    erasing_aspect: tuple[float, ...] = _opt((0.3, 1.0), "Random erasing: aspect range.", gt=0.0)
-    synthetic_train_samples: int = _opt(1024, "Training set size for source = synthetic.", ge=1)
-    synthetic_val_samples: int = _opt(256, "Validation set size for source = synthetic.", ge=0)
+    erasing_aspect: tuple[float, ...] = opt((0.3, 1.0), "Random erasing: aspect range.", gt=0.0)
+    synthetic_train_samples: int = opt(1024, "Training set size for source = synthetic.", ge=1)
+    synthetic_val_samples: int = opt(256, "Validation set size for source = synthetic.", ge=0)
 
     def check(self) -> None:
         if self.source == "folder" and not self.path:
@@ -197,34 +116,34 @@ class OptimConfig(Section):
     """[optim]: update rule and learning-rate schedule (epochs may be fractional)."""
 
     SECTION = "optim"
-    name: str = _opt(
+    name: str = opt(
         "sgd",
         "Optimizer: sgd (momentum SGD) or spngd (SP-NGD: preconditioned by [ngd], v <- m v - lr g, "
         "w <- w + v, momentum corrected when lr drops).",
         choices=("sgd", "spngd"),
     )
-    lr: float = _opt(0.1, "Peak learning rate (for the global batch; no automatic scaling).", gt=0.0)
-    momentum: float = _opt(0.9, "Momentum.", ge=0.0, lt=1.0)
-    nesterov: bool = _opt(False, "Nesterov momentum.")
-    weight_decay: float = _opt(
+    lr: float = opt(0.1, "Peak learning rate (for the global batch; no automatic scaling).", gt=0.0)
+    momentum: float = opt(0.9, "Momentum.", ge=0.0, lt=1.0)
+    nesterov: bool = opt(False, "Nesterov momentum.")
+    weight_decay: float = opt(
         5e-5,
         "Weight decay of conv/fc weights (never BN or bias): L2 in the gradient for sgd, decoupled "
         "(w <- w - lr wd w) for spngd.",
         ge=0,
     )
-    weight_rescaling: bool = _opt(
+    weight_rescaling: bool = opt(
         False, "After each update, scale every conv/fc weight with norm > sqrt(2 c_out) down to it."
     )
-    label_smoothing: float = _opt(0.0, "Label smoothing of the cross-entropy.", ge=0.0, lt=1.0)
-    schedule: str = _opt("poly", "LR shape.", choices=("constant", "poly", "cosine", "step"))
-    warmup_epochs: float = _opt(0.0, "Linear warmup from warmup_init_lr to lr.", ge=0.0)
-    warmup_init_lr: float = _opt(0.0, "LR at step 0 when warmup_epochs > 0.", ge=0.0)
-    e_start: float = _opt(0.0, "poly: constant lr until this epoch.", ge=0.0)
-    e_end: float = _opt(0.0, "poly: lr reaches 0 at this epoch (0 = end of the run).", ge=0.0)
-    power: float = _opt(2.0, "poly: exponent.", gt=0.0)
-    min_lr: float = _opt(0.0, "cosine: final lr.", ge=0.0)
-    milestones: tuple[float, ...] = _opt((), "step: epochs at which lr is multiplied by gamma.", ge=0)
-    gamma: float = _opt(0.1, "step: factor at each milestone.", gt=0.0, le=1.0)
+    label_smoothing: float = opt(0.0, "Label smoothing of the cross-entropy.", ge=0.0, lt=1.0)
+    schedule: str = opt("poly", "LR shape.", choices=("constant", "poly", "cosine", "step"))
+    warmup_epochs: float = opt(0.0, "Linear warmup from warmup_init_lr to lr.", ge=0.0)
+    warmup_init_lr: float = opt(0.0, "LR at step 0 when warmup_epochs > 0.", ge=0.0)
+    e_start: float = opt(0.0, "poly: constant lr until this epoch.", ge=0.0)
+    e_end: float = opt(0.0, "poly: lr reaches 0 at this epoch (0 = end of the run).", ge=0.0)
+    power: float = opt(2.0, "poly: exponent.", gt=0.0)
+    min_lr: float = opt(0.0, "cosine: final lr.", ge=0.0)
+    milestones: tuple[float, ...] = opt((), "step: epochs at which lr is multiplied by gamma.", ge=0)
+    gamma: float = opt(0.1, "step: factor at each milestone.", gt=0.0, le=1.0)
 
     def check(self) -> None:
         if self.nesterov and self.momentum == 0.0:
@@ -244,28 +163,28 @@ class NgdConfig(Section):
     """[ngd]: SP-NGD curvature, damping and stale statistics (used when optim.name = "spngd")."""
 
     SECTION = "ngd"
-    fisher: str = _opt(
+    fisher: str = opt(
         "empirical",
         "Fisher: empirical (loss gradients; no extra pass) or mc (labels sampled from the model; "
         "one extra backward on refresh steps).",
         choices=("empirical", "mc"),
     )
-    damping: float = _opt(1e-3, "Tikhonov damping lambda of the Kronecker factors (pi-corrected).", gt=0.0)
-    damping_end: float = _opt(
+    damping: float = opt(1e-3, "Tikhonov damping lambda of the Kronecker factors (pi-corrected).", gt=0.0)
+    damping_end: float = opt(
         0.0, "Damping at the end of the run, reached geometrically from ngd.damping (0 = constant).", ge=0.0
     )
-    bn_damping: float = _opt(0.0, "Damping of the unit-wise BatchNorm blocks (0 = ngd.damping).", ge=0.0)
-    ema_decay: float = _opt(
+    bn_damping: float = opt(0.0, "Damping of the unit-wise BatchNorm blocks (0 = ngd.damping).", ge=0.0)
+    ema_decay: float = opt(
         1.0, "Running average of factors: weight on the new value (1 = no average).", gt=0.0, le=1.0
     )
-    stale_threshold: float = _opt(
+    stale_threshold: float = opt(
         0.0,
         "Stale statistics: a relative change below this doubles the refresh interval (0 = every step).",
         ge=0.0,
     )
-    stale_max_interval: int = _opt(20, "Stale statistics: longest refresh interval in steps.", ge=1)
-    exclude: tuple[str, ...] = _opt((), "Layer name patterns (fnmatch) left unpreconditioned, e.g. fc.")
-    dtype: str = _opt("fp32", "Precision of factors and inverses.", choices=("fp32", "fp64"))
+    stale_max_interval: int = opt(20, "Stale statistics: longest refresh interval in steps.", ge=1)
+    exclude: tuple[str, ...] = opt((), "Layer name patterns (fnmatch) left unpreconditioned, e.g. fc.")
+    dtype: str = opt("fp32", "Precision of factors and inverses.", choices=("fp32", "fp64"))
 
     def check(self) -> None:
         if self.damping_end > self.damping:
@@ -277,17 +196,17 @@ class CommConfig(Section):
     """[comm]: how ranks talk."""
 
     SECTION = "comm"
-    ranks_per_node: int = _opt(
+    ranks_per_node: int = opt(
         0, "Ranks per node (0 = ranks that share memory); set it to simulate nodes on one host.", ge=0
     )
-    bucket_mb: float = _opt(8.0, "Size of one fused buffer (gradients, factors) in MiB.", gt=0.0)
-    hierarchical: bool = _opt(
+    bucket_mb: float = opt(8.0, "Size of one fused buffer (gradients, factors) in MiB.", gt=0.0)
+    hierarchical: bool = opt(
         True, "Average in two levels (inside each node, then among node leaders) instead of one allreduce."
     )
-    check_replicas: int = _opt(
+    check_replicas: int = opt(
         0, "Debug: compare a hash of parameters and optimizer state over ranks every N steps (0 = off).", ge=0
     )
-    dtype: str = _opt(
+    dtype: str = opt(
         "fp32",
         "Wire format of gradients and factors: fp32, or fp16/bf16 (pre-divided, summed in fp32).",
         choices=("fp32", "fp16", "bf16"),
@@ -306,8 +225,8 @@ class LogConfig(Section):
     """[log]: progress lines, metrics.jsonl and evaluation."""
 
     SECTION = "log"
-    every_steps: int = _opt(10, "Progress line and metrics.jsonl record every this many steps.", ge=1)
-    eval_every_epochs: int = _opt(1, "Evaluate every this many epochs (0 = only at the end).", ge=0)
+    every_steps: int = opt(10, "Progress line and metrics.jsonl record every this many steps.", ge=1)
+    eval_every_epochs: int = opt(1, "Evaluate every this many epochs (0 = only at the end).", ge=0)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -385,7 +304,7 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
     merged: dict[str, dict[str, Any]] = {}
     for section, body in raw.items():
         if not isinstance(body, dict):
-            raise ConfigError(f"{section} = {_show(body)}: top-level keys must be [sections]")
+            raise ConfigError(f"{section} = {show(body)}: top-level keys must be [sections]")
         _section(section)
         for key in body:
             _field_of(section, key)
@@ -438,18 +357,6 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return str(value)
-
-
 def to_toml(cfg: Config) -> str:
     """The fully resolved run file, every key written, readable back by :func:`loads`."""
     lines: list[str] = []
@@ -457,6 +364,6 @@ def to_toml(cfg: Config) -> str:
         section = getattr(cfg, name)
         lines.append(f"[{name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
+            lines.append(f"{f.name} = {toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
         lines.append("")
     return "\n".join(lines)
