@@ -2,8 +2,9 @@
 
 Every section is a frozen dataclass; every key is a field whose metadata says what is allowed
 (``choices``, ``ge``/``gt``/``le``/``lt``) and documents it (``help``); the machinery is in
-:mod:`hpcngd.schema`. Construction validates, so a ``Config`` that exists is a valid one. Any problem raises :class:`ConfigError` with one line that names
-``section.key``, the bad value and what is allowed.
+:mod:`hpcngd.schema`. Construction validates, so a ``Config`` that exists is a valid one. Any
+problem raises :class:`ConfigError` with one line that names ``section.key``, the bad value and what
+is allowed.
 
 Checks that need the world size (the batch must split evenly over ranks) live in
 :func:`check_world_size`, called by the driver before any rank computes.
