@@ -309,3 +309,14 @@ def test_running_average_weights_the_new_value() -> None:
         values.append(a.T @ a / 8)
         pre.step(step, damping=1e-3)
     torch.testing.assert_close(pre.stats[("0", "A")].value, 0.75 * values[0] + 0.25 * values[1])
+
+
+def test_factors_stay_fp32_with_half_precision_activations() -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
+    x, y = torch.randn(8, 6, dtype=torch.bfloat16), torch.randint(3, (8,))
+    c = curvature(model, x, y, dtype=torch.float32)["0"]
+    assert c.A is not None and c.G is not None
+    assert c.A.dtype == torch.float32 and c.G.dtype == torch.float32
+    a = torch.cat([x.float(), torch.ones(8, 1, dtype=torch.float32)], dim=1)
+    torch.testing.assert_close(c.A, a.T @ a / 8, rtol=1e-6, atol=1e-6)  # inputs exact in bf16 -> fp32
