@@ -108,6 +108,9 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return learning_rate(self.cfg.optim, step, self.loader.steps_per_epoch, self.cfg.run.epochs)
 
+    def damping_at_step(self, step: int) -> float:
+        return damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, step, self.total_steps)
+
     def augment(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Random erasing and running mixup (off unless the run file turns them on)."""
         data, seed = self.cfg.data, self.cfg.run.seed
@@ -196,8 +199,7 @@ class Trainer:
     def _precondition(self, fresh: dict[tuple[str, str], Tensor]) -> None:
         """Phase 3: invert the refreshed factors this rank owns, precondition, share the results."""
         assert self.ngd is not None
-        total_steps = self.total_steps
-        damping = damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, self.step, total_steps)
+        damping = self.damping_at_step(self.step)
         factor_seconds = self.ngd.capture.seconds
         self.ngd.capture.seconds = 0.0
         report = self.ngd.step(self.step, damping, fresh)
@@ -295,9 +297,7 @@ class Trainer:
         }
         if self.ngd is not None:
             rec.update({f"ngd_{k}": v for k, v in sorted(self.ngd_counts.items())})
-            rec["ngd_damping"] = damping_at(
-                self.cfg.ngd.damping, self.cfg.ngd.damping_end, self.step - 1, self.total_steps
-            )
+            rec["ngd_damping"] = self.damping_at_step(self.step - 1)
             self.ngd_counts.clear()
         self.log.record(**rec)
         phases = " ".join(

@@ -62,7 +62,6 @@ class WireReducer:
         self.dtype = WIRE_DTYPES[wire]
         self.native = wire == "fp32"  # send the buffer's own dtype (fp32, or fp64 factors)
         self.hierarchical = hierarchical and topo.num_nodes > 1 and topo.local_size > 1
-        self.scale = 1.0
         self.bytes_sent: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
 
@@ -83,16 +82,15 @@ class WireReducer:
             2.0 ** math.floor(math.log2(2.0**14 / m)) if 0 < m < math.inf else 1.0 for m in local.tolist()
         ]
 
-    def average_(self, flat: Tensor, scale: float = 1.0) -> None:
+    def average_(self, flat: Tensor) -> None:
         """Replace the 1-D fp32 (or fp64) tensor ``flat`` by its mean over all ranks.
 
-        ``scale`` (a power of two from :meth:`scales`, the same on every rank) multiplies the values on
-        the wire and is divided out again. Under ``wire = "fp32"`` an fp64 buffer travels as fp64.
+        Under ``wire = "fp32"`` an fp64 buffer travels as fp64. fp16 callers scale the values first
+        (:meth:`scales`; :class:`~hpcngd.comm.collectives.FusedAllreduce` does it per tensor).
         """
         topo = self.topo
         if topo.size == 1:
             return
-        self.scale = scale
         if not self.hierarchical:
             self._allreduce(flat, topo.world, "world")
             return
@@ -106,7 +104,7 @@ class WireReducer:
         if leaders is not None:
             self._from_wire(wire, flat)
             self._allreduce(flat, leaders, "leaders")
-            wire = flat if self.native else (flat * self.scale).to(self.dtype)  # exact: the same bits
+            wire = flat if self.native else flat.to(self.dtype)  # exact: the same bits
         node.Bcast(self._msg(wire), root=0)
         self._count("node_bcast", wire)
         self._from_wire(wire, flat)
@@ -141,11 +139,11 @@ class WireReducer:
         """Scaled, pre-divided by the number of values summed next, in the wire dtype."""
         if self.native:
             return flat.div_(contributions)
-        return (flat * (self.scale / contributions)).to(self.dtype)
+        return (flat / contributions).to(self.dtype)
 
     def _from_wire(self, wire: Tensor, flat: Tensor) -> None:
         if wire is not flat:
-            flat.copy_(wire).div_(self.scale)
+            flat.copy_(wire)
 
     def _msg(self, t: Tensor) -> list[object]:
         if t.dtype == torch.float32:
