@@ -6,10 +6,12 @@
     hpcngd data demo OUT_DIR                 write the small procedural demo data set
     hpcngd plan RUN.toml --world-size N [--ranks-per-node M]
                                              print the layer-to-rank plan and bytes per step (no MPI)
+    hpcngd inspect CKPT.h5                   print what a checkpoint holds (no MPI, no torch)
 
 This is the only module that names ``MPI.COMM_WORLD``. Error policy:
-- bad input found while setting up (run file, data folder, run directory) is agreed on by all ranks,
-  printed once by rank 0 as one line, and every rank exits with code 2;
+- bad input found while setting up (run file, data folder, run directory, checkpoint) is agreed on by
+  all ranks, printed once by rank 0 as one line, and every rank exits with code 2; so is an error that
+  every rank meets together later (a checkpoint that cannot be written, state that holds NaN);
 - bad input met later (an unreadable image) is printed as one line by the rank that met it, and any
   other uncaught exception with its traceback; either way the whole job is aborted (``MPI_Abort``)
   with a non-zero code naming the rank, so no rank is left waiting in a collective.
@@ -25,15 +27,16 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from hpcngd import __version__, config
-from hpcngd.errors import UserError
+from hpcngd.errors import AgreedError, UserError
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 T = TypeVar("T")
-COMMANDS = ("train", "validate", "plan", "data")
+COMMANDS = ("train", "validate", "plan", "inspect", "data")
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_STOPPED = 3  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue to continue
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[overrides], help="print the layer-to-rank plan (no MPI needed)")
     plan.add_argument("--world-size", type=int, required=True)
     plan.add_argument("--ranks-per-node", type=int, default=0, help="default: comm.ranks_per_node or 1")
+    inspect = sub.add_parser("inspect", help="print what a checkpoint file holds")
+    inspect.add_argument("checkpoint")
     data = sub.add_parser("data", help="data set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the procedural demo data set")
@@ -86,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hpcngd: error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0
+    if args.command == "inspect":
+        from pathlib import Path
+
+        from hpcngd.checkpoint import describe
+
+        try:
+            print(describe(Path(args.checkpoint)))
+        except UserError as exc:
+            print(f"hpcngd: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
     if args.command == "data":
         from hpcngd.data.demo import generate
 
@@ -102,6 +118,8 @@ def run_guarded(world: MPI.Comm, fn: Callable[[], int]) -> int:
     """Run ``fn`` on every rank; anything escaping it on any rank ends the whole job."""
     try:
         return fn()
+    except AgreedError as exc:  # every rank raised it at the same point: no one is left waiting
+        return _agreed_exit(world, exc)
     except BaseException as exc:  # noqa: BLE001 - every escape must end the whole job
         return _abort(world, exc)
 
@@ -127,12 +145,8 @@ def _agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
     errors = comm.allgather(error)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
-        raise _AgreedError(first)
+        raise AgreedError(first)
     return result  # type: ignore[return-value]
-
-
-class _AgreedError(UserError):
-    """A UserError every rank knows about: printed once, exit 2 everywhere, no abort."""
 
 
 def _threads(run_threads: int, local_size: int) -> int:
@@ -148,9 +162,11 @@ def _threads(run_threads: int, local_size: int) -> int:
 def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
     import torch
 
+    from hpcngd import state
     from hpcngd.comm.topology import Topology
     from hpcngd.data import build_datasets
     from hpcngd.metrics import MetricsLog
+    from hpcngd.stopping import StopSignals
     from hpcngd.train import Trainer, prepare_run_dir
 
     try:
@@ -165,13 +181,26 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
         run_dir = _agree(
             world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None
         )
-    except _AgreedError as exc:
-        if world.rank == 0:
-            print(f"hpcngd: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    except AgreedError as exc:
+        return _agreed_exit(world, exc)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
-    with topo:
-        trainer = Trainer(cfg, topo, train_set, val_set, log)
+    with topo, StopSignals() as stop:
+        trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop)
+        try:
+            reader, notes = _agree(
+                world, lambda: state.open_for_resume(trainer) if world.rank == 0 else (None, [])
+            )
+        except AgreedError as exc:
+            return _agreed_exit(world, exc)
+        if reader is not None:
+            log.say(f"resuming from {reader.path} (step {reader.step})")
+        resumed = world.bcast(reader is not None)
+        notes += state.restore(trainer, reader) if resumed else []
+        if reader is not None:
+            reader.close()
+        log.open(resume_step=trainer.step if resumed else None)
+        for note in notes:
+            log.say(f"note: {note}")
         log.say(
             f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "
             f"{torch.get_num_threads()} thread(s) each | {cfg.model.arch} "
@@ -179,11 +208,25 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
             f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
             f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
             f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
+            + (f", from step {trainer.step}" if resumed else "")
         )
         result = trainer.train()
+        if trainer.stopped:
+            log.say(
+                f"stopped by {trainer.stopped} at step {trainer.step} after a checkpoint; exit {EXIT_STOPPED}"
+            )
+            log.close()
+            return EXIT_STOPPED
         log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
         log.close()
     return 0
+
+
+def _agreed_exit(world: MPI.Comm, exc: AgreedError) -> int:
+    """An error every rank raised together: rank 0 prints it once; every rank exits 2."""
+    if world.rank == 0:
+        print(f"hpcngd: error: {exc}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
 
 
 def _capture(fn: Callable[[], T]) -> T | UserError:

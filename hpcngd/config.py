@@ -214,11 +214,43 @@ class CommConfig(Section):
     )
 
 
+# Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
+TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig(Section):
-    """[checkpoint]: filled by the Checkpoint issue (no keys yet)."""
+    """[checkpoint]: when state is saved (HDF5) and how a run resumes."""
 
     SECTION = "checkpoint"
+    every_steps: int = opt(0, "Save every this many steps (0 = off).", ge=0)
+    every_minutes: float = opt(
+        0.0, "Save when this many minutes passed since the last save (0 = off).", ge=0.0
+    )
+    at_end: bool = opt(True, "Save after the last step.")
+    keep_last: int = opt(
+        2, "Complete checkpoints kept; older ones are removed after a new one is written.", ge=1
+    )
+    dir: str = opt("", 'Folder of the checkpoints ("" = <run dir>/checkpoints).')
+    resume: str = opt(
+        "auto",
+        '"auto" = newest complete checkpoint in dir (none: start fresh), "never", or a checkpoint path.',
+    )
+    allow_changes: tuple[str, ...] = opt(
+        (),
+        "Run-file keys (section.key) that may differ from the checkpoint's although they change the "
+        "trajectory: model.*, data.batch_size, optim.name.",
+    )
+
+    def check(self) -> None:
+        if not self.resume:
+            self.fail("resume", 'must be "auto", "never" or the path of a checkpoint file')
+        for item in self.allow_changes:
+            section, _, key = item.partition(".")
+            known = SECTIONS.get(section)
+            keys = {"*", *(f.name for f in dataclasses.fields(known))} if known else set()  # type: ignore[arg-type]
+            if key not in keys:
+                self.fail("allow_changes", f"{item!r} is not a section.key (or section.*) of the run file")
 
 
 @dataclass(frozen=True)
@@ -262,6 +294,11 @@ class Config:
     def run_dir(self) -> Path:
         """The folder this run writes into."""
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The folder of this run's checkpoints."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,3 +405,13 @@ def to_toml(cfg: Config) -> str:
             lines.append(f"{f.name} = {toml_value(getattr(section, f.name))}  # {f.metadata['help']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def differences(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """``(section.key, old value, new value)`` for every key that differs, in schema order."""
+    return [
+        (f"{name}.{f.name}", getattr(getattr(old, name), f.name), getattr(getattr(new, name), f.name))
+        for name in SECTIONS
+        for f in dataclasses.fields(getattr(old, name))
+        if getattr(getattr(old, name), f.name) != getattr(getattr(new, name), f.name)
+    ]

@@ -14,3 +14,11 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A run-file value that is unknown, of the wrong type, out of range or inconsistent."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: unreadable, corrupted, of another schema or another model."""
+
+
+class AgreedError(UserError):
+    """A UserError raised on every rank at once: printed once by rank 0, exit 2 everywhere, no abort."""

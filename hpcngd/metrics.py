@@ -65,9 +65,26 @@ class MetricsLog:
     def __init__(self, path: Path | None, active: bool, stream: IO[str] | None = None) -> None:
         self.active = active
         self.stream = stream or sys.stdout
+        self.path = path if active else None
         self.file: IO[str] | None = None
-        if active and path is not None:
-            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def open(self, resume_step: int | None = None) -> None:
+        """Start the file: a fresh one, or (resuming at ``resume_step``) the old one without its records
+        of later steps (written after that checkpoint by the run that stopped), appended to."""
+        if self.path is None:
+            return
+        if resume_step is None or not self.path.exists():
+            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n") and _step(line) <= resume_step  # a torn last line is dropped
+        ]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def say(self, line: str) -> None:
         """Print one console line (rank 0 only)."""
@@ -76,11 +93,21 @@ class MetricsLog:
 
     def record(self, **fields: Any) -> None:
         """Append one JSON object to metrics.jsonl (rank 0 only)."""
+        if self.file is None and self.path is not None:
+            self.open()
         if self.file is not None:
             self.file.write(json.dumps(fields, sort_keys=False) + "\n")
             self.file.flush()
 
     def close(self) -> None:
+        self.path = None  # a record after close() must not start the file again
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return float("inf")  # not a record of ours: dropped

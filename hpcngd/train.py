@@ -9,6 +9,10 @@ One step (``train_step``):
      gradient is preconditioned (:mod:`hpcngd.ngd.preconditioner`);
   4. the optimizer applies the same update on every rank, so replicas stay identical.
 A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
+Two control values ride along with the loss in phase 2, so every rank takes the same decision at the same
+step boundary without an extra collective: "some rank received a stop signal" and "rank 0's clock says
+a timed checkpoint is due". Checkpoints: :mod:`hpcngd.state` (what is saved) and
+:mod:`hpcngd.checkpoint` (the file).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hpcngd import state
 from hpcngd.comm.collectives import (
     FusedAllreduce,
     allreduce_sum,
@@ -44,6 +49,7 @@ from hpcngd.ngd import Preconditioner
 from hpcngd.ngd.plan import layer_costs, make_plan
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
+from hpcngd.stopping import StopSignals
 
 
 class Trainer:
@@ -54,12 +60,22 @@ class Trainer:
         topo: communicators of this job.
         train_set, val_set: data sets (see :func:`hpcngd.data.build_datasets`).
         log: rank 0's console and metrics writer.
+        checkpoints: save checkpoints as the [checkpoint] section says (off: never save).
+        stop: the stop-signal note of this process (None: signals are not watched).
     """
 
     def __init__(
-        self, cfg: Config, topo: Topology, train_set: Dataset, val_set: Dataset, log: MetricsLog
+        self,
+        cfg: Config,
+        topo: Topology,
+        train_set: Dataset,
+        val_set: Dataset,
+        log: MetricsLog,
+        checkpoints: bool = False,
+        stop: StopSignals | None = None,
     ) -> None:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
+        self.checkpoints, self.stop = checkpoints, stop
         data = cfg.data
         self.loader = TrainLoader(
             train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers
@@ -91,7 +107,7 @@ class Trainer:
         alpha = cfg.data.mixup_alpha
         self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        self.loss_buf = torch.zeros(1)
+        self.loss_buf = torch.zeros(3)  # [loss, stop signal seen, timed checkpoint due]
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
         # Gradients (with the loss riding along) and factors share one wire; BN statistics go in fp32.
         self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical)
@@ -104,6 +120,10 @@ class Trainer:
         )
         self.timer = PhaseTimer()
         self.step = 0
+        self.pending_losses: list[float] = []  # since the last metrics record
+        self.stop_requested = self.save_due = False
+        self.stopped: str | None = None  # the stop signal's name once the run stopped for it
+        self.last_save = time.monotonic()
 
     def lr_at(self, step: int) -> float:
         return learning_rate(self.cfg.optim, step, self.loader.steps_per_epoch, self.cfg.run.epochs)
@@ -139,10 +159,11 @@ class Trainer:
                 loss.backward()
                 local_loss += loss.item()
         with self.timer.phase("comm"):
-            self.loss_buf.fill_(local_loss)
+            self.loss_buf.copy_(torch.tensor([local_loss, self._stop_seen(), self._timed_save_due()]))
             fresh = self.ngd.take_factors() if self.ngd is not None else {}
             self._average([self._grad(p) for p in self.params] + [self.loss_buf], list(fresh.values()))
-        loss_value = float(self.loss_buf.item())
+        loss_value, stop, timed = self.loss_buf.tolist()
+        self.stop_requested, self.save_due = stop > 0, timed > 0
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
@@ -158,6 +179,14 @@ class Trainer:
         if self.cfg.comm.check_replicas and self.step % self.cfg.comm.check_replicas == 0:
             self.check_replicas()
         return loss_value
+
+    def _stop_seen(self) -> float:
+        return float(self.stop is not None and self.stop.received is not None)
+
+    def _timed_save_due(self) -> float:
+        minutes = self.cfg.checkpoint.every_minutes
+        due = minutes and self.topo.rank == 0 and time.monotonic() - self.last_save >= 60 * minutes
+        return float(bool(due))
 
     def check_replicas(self) -> None:
         """Raise on every rank if any rank's parameters or optimizer state differ from rank 0's.
@@ -262,23 +291,60 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run every step of the run; returns the last train and eval figures."""
         cfg, spe = self.cfg, self.loader.steps_per_epoch
-        losses: list[float] = []
         last: dict[str, Any] = {}
-        batches = self.loader.batches(0, 0, cfg.run.epochs)
+        batches = self.loader.batches(self.step // spe, self.step % spe, cfg.run.epochs)
         while self.step < self.total_steps:
             with self.timer.phase("data"):
                 epoch, step_in_epoch, images, labels = next(batches)
-            losses.append(self.train_step(images, labels))
+            self.pending_losses.append(self.train_step(images, labels))
             epoch_done = step_in_epoch + 1 == spe
             if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps or epoch_done:
-                last = self._log_train(epoch + (step_in_epoch + 1) / spe, losses)
-                losses = []
+                last = self._log_train(epoch + (step_in_epoch + 1) / spe, self.pending_losses)
+                self.pending_losses = []
             every = cfg.log.eval_every_epochs
             if self.step == self.total_steps or (epoch_done and every and (epoch + 1) % every == 0):
                 last.update(self._log_eval(epoch + (step_in_epoch + 1) / spe))
                 self.timer.take()  # evaluation time is not training throughput
+            reason = self._save_reason()
+            if reason:
+                self.save_checkpoint(reason)
+            if self.stop_requested and self.stop is not None:
+                self.stopped = self.stop.name() if self.stop.received else "a signal to another rank"
+                break
         batches.close()
         return last
+
+    def _save_reason(self) -> str | None:
+        """Why a checkpoint is written after this step, if one is (the same answer on every rank)."""
+        ckpt = self.cfg.checkpoint
+        if not self.checkpoints:
+            return None
+        if self.stop_requested:
+            return "stop signal"
+        if ckpt.every_steps and self.step % ckpt.every_steps == 0:
+            return "every_steps"
+        if self.save_due:
+            return "every_minutes"
+        if ckpt.at_end and self.step == self.total_steps:
+            return "end of run"
+        return None
+
+    def save_checkpoint(self, reason: str) -> Path:
+        """Write a checkpoint of the current state (collective) and log it."""
+        t0 = time.perf_counter()
+        path = state.save(self, self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        seconds = time.perf_counter() - t0
+        self.last_save = time.monotonic()
+        if self.topo.rank == 0:
+            mib = path.stat().st_size / 2**20
+            self.log.record(
+                kind="checkpoint", step=self.step, path=str(path), reason=reason, seconds=seconds, mib=mib
+            )
+            self.log.say(
+                f"checkpoint step {self.step} -> {path} ({reason}; {mib:.1f} MiB in {seconds:.2f} s)"
+            )
+        self.timer.take()  # checkpoint time is not training throughput
+        return path
 
     def _log_train(self, epoch: float, losses: list[float]) -> dict[str, Any]:
         steps, wall, ms = self.timer.take()

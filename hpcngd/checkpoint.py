@@ -1,0 +1,358 @@
+"""Checkpoint files: one HDF5 file per checkpoint, written atomically, read without executing anything.
+
+No MPI and no torch here (``hpcngd inspect`` needs neither); what goes into a checkpoint and how ranks
+gather it is :mod:`hpcngd.state`'s business.
+
+Layout of a checkpoint folder::
+
+    ckpt-000001200.h5    complete checkpoints, named by the step they hold (steps done)
+    latest               the name of the newest complete one (one line)
+    .ckpt-*.h5.tmp       a checkpoint being written (or left by a writer that died: ignored, removed)
+    *.corrupt            a checkpoint found unreadable at resume, set aside
+
+Atomicity: the writer fills a temporary file in the same folder, flushes and fsyncs it, renames it to
+its final name and fsyncs the folder; ``latest`` is replaced the same way; only then are checkpoints
+beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoint complete.
+
+Contents: numeric datasets (bool, integer, float; each non-empty one carries a Fletcher-32 checksum)
+and attributes (numbers, strings). A file holding anything else (object, opaque or compound types,
+soft or external links) is refused before any of it is read, so a pickled payload is never deserialised.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpcngd.errors import CheckpointError
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose bytes are damaged (truncated, checksum mismatch): resume = auto skips it."""
+
+
+FORMAT = "hpcngd-checkpoint"
+SCHEMA_VERSION = 1
+NAME = re.compile(r"ckpt-(\d{9})\.h5")
+LATEST = "latest"
+# Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets.
+CRASH_HOOK = "HPCNGD_TEST_CRASH_IN_SAVE"
+_NUMERIC = "biuf"
+
+
+def file_name(step: int) -> str:
+    return f"ckpt-{step:09d}.h5"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def candidates(directory: Path) -> list[Path]:
+    """The checkpoint files in ``directory``, newest step first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def step_of(path: Path) -> int:
+    m = NAME.fullmatch(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unusable checkpoint to ``NAME.corrupt`` so that resume never picks it again."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    return target
+
+
+class Writer:
+    """Writes one checkpoint into ``directory`` atomically (one process: the writing rank).
+
+    Errors (a full disk, a vanished folder) do not escape ``put``/``fill``: the first one is kept and
+    later calls do nothing, so a caller that is feeding data received from other ranks can drain them
+    and report the failure collectively; :meth:`commit` raises it.
+    """
+
+    def __init__(self, directory: Path, step: int, attrs: dict[str, Any]) -> None:
+        self.directory = directory
+        self.step = step
+        self.final = directory / file_name(step)
+        self.tmp = directory / f".{file_name(step)}.tmp"
+        self.error: str | None = None
+        self.datasets = 0
+        self.bytes = 0
+        self.file: h5py.File | None = None
+        crash = os.environ.get(CRASH_HOOK, "")
+        self._crash_after = int(crash.split(":")[1]) if crash.split(":")[0] == str(step) else -1
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for old in directory.glob(".ckpt-*.h5.tmp"):  # left by a writer that died
+                old.unlink()
+            self.file = h5py.File(self.tmp, "w", locking=False)
+            self.file.attrs.update(
+                {"format": FORMAT, "schema_version": SCHEMA_VERSION, "step": step, "created": time.time()}
+            )
+            self.file.attrs.update(attrs)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = f"cannot write checkpoint {self.final}: {type(exc).__name__}: {exc}"
+
+    def put(self, name: str, array: np.ndarray, **attrs: Any) -> None:
+        """Store ``array`` (numeric) as dataset ``name``, with optional attributes."""
+        self.create(name, array.shape, array.dtype, **attrs)
+        self.fill(name, 0, array)
+
+    def create(self, name: str, shape: tuple[int, ...], dtype: Any, **attrs: Any) -> None:
+        """An empty dataset to be filled by rows with :meth:`fill` (data gathered piece by piece)."""
+        if self.file is None or self.error:
+            return
+        if np.dtype(dtype).kind not in _NUMERIC:
+            raise TypeError(f"checkpoint entry {name}: {dtype} is not numeric")
+        try:
+            filtered = {"fletcher32": True} if len(shape) and int(np.prod(shape)) else {}
+            ds = self.file.create_dataset(name, shape=shape, dtype=dtype, **filtered)
+            ds.attrs.update(attrs)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+
+    def fill(self, name: str, first_row: int, rows: np.ndarray) -> None:
+        if self.file is None or self.error:
+            return
+        try:
+            if rows.ndim == 0:
+                self.file[name][()] = rows
+            elif rows.size:
+                self.file[name][first_row : first_row + len(rows)] = rows
+            self.bytes += rows.nbytes
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self.datasets += 1
+        if self.datasets == self._crash_after:
+            self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def set_attrs(self, group: str, **attrs: Any) -> None:
+        """Attributes of a group, created if needed."""
+        if self.file is None or self.error:
+            return
+        try:
+            self.file.require_group(group).attrs.update(attrs)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+
+    def commit(self, keep_last: int) -> Path:
+        """Make the checkpoint durable and visible, point ``latest`` at it, then prune old ones."""
+        try:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+            if self.error:
+                raise CheckpointError(self.error)
+            _replace_durably(self.tmp, self.final)
+            pointer = self.directory / f".{LATEST}.tmp"
+            pointer.write_text(self.final.name + "\n", encoding="utf-8")
+            _replace_durably(pointer, self.directory / LATEST)
+            older = [p for p in candidates(self.directory) if step_of(p) < self.step]
+            for p in older[keep_last - 1 :]:
+                p.unlink()
+        except OSError as exc:
+            self._fail(exc)
+            self.abort()
+            raise CheckpointError(self.error or str(exc)) from None
+        except CheckpointError:
+            self.abort()
+            raise
+        return self.final
+
+    def abort(self) -> None:
+        """Drop the temporary file (the previous checkpoints are untouched)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Reader:
+    """An opened, structurally checked checkpoint (read-only).
+
+    Raises :class:`CheckpointError` naming the file if it is not a readable HDF5 file, is not an
+    hpcngd checkpoint, has another schema version, or holds anything but numbers and strings.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path}: no such file")
+        try:
+            self.file = h5py.File(path, "r", locking=False)
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpoint(
+                f"checkpoint {path}: not readable (truncated or not HDF5): {exc}"
+            ) from None
+        try:
+            self._check()
+        except CheckpointError:
+            self.file.close()
+            raise
+        self.attrs = self.group_attrs("/")
+        self.step = int(self.attrs["step"])
+
+    def fail(self, why: str, corrupt: bool = False) -> CheckpointError:
+        return (CorruptCheckpoint if corrupt else CheckpointError)(f"checkpoint {self.path}: {why}")
+
+    def _check(self) -> None:
+        try:
+            fmt = _plain(self.file.attrs.get("format"))
+            version = _plain(self.file.attrs.get("schema_version"))
+        except (OSError, ValueError, TypeError) as exc:
+            raise self.fail(f"unreadable header: {exc}", corrupt=True) from None
+        if fmt != FORMAT:
+            raise self.fail(f"not an hpcngd checkpoint (format attribute {fmt!r})")
+        if version != SCHEMA_VERSION:
+            raise self.fail(f"schema version {version}; this hpcngd reads version {SCHEMA_VERSION}")
+        problems: list[str] = []
+
+        def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> None:
+            if not isinstance(link, h5py.HardLink):
+                problems.append(f"{name} is a {type(link).__name__}")
+                return
+            obj = self.file[name]
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in _NUMERIC:
+                problems.append(f"{name} has type {obj.dtype}")
+            problems.extend(f"{name}@{a}" for a in _bad_attrs(obj))
+
+        try:
+            problems.extend(f"/@{a}" for a in _bad_attrs(self.file))
+            self.file.visititems_links(visit)
+        except (OSError, ValueError, KeyError) as exc:
+            raise self.fail(f"corrupted structure: {exc}", corrupt=True) from None
+        if problems:
+            raise self.fail(
+                f"holds entries that are not numbers or strings ({', '.join(problems[:3])}); "
+                "refusing to load it (checkpoints hold only numeric arrays)"
+            )
+
+    def verify(self) -> None:
+        """Read every dataset once, so that a checksum or truncation error shows before any use."""
+        for name in self.names(""):
+            self.array(name)
+
+    def names(self, group: str) -> list[str]:
+        """Dataset names under ``group`` (recursive, full paths)."""
+        found: list[str] = []
+        root = self.file[group] if group else self.file
+        root.visititems(
+            lambda n, o: found.append(f"{root.name}/{n}".lstrip("/")) if isinstance(o, h5py.Dataset) else None
+        )
+        return found
+
+    def has(self, name: str) -> bool:
+        return name in self.file
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            return np.asarray(self.file[name][()])
+        except KeyError:
+            raise self.fail(f"has no entry {name}") from None
+        except (OSError, ValueError) as exc:
+            raise self.fail(f"corrupted data in {name}: {exc}", corrupt=True) from None
+
+    def rows(self, name: str, first: int, stop: int) -> np.ndarray:
+        """Rows ``first:stop`` of dataset ``name``."""
+        try:
+            return np.asarray(self.file[name][first:stop])
+        except KeyError:
+            raise self.fail(f"has no entry {name}") from None
+        except (OSError, ValueError) as exc:
+            raise self.fail(f"corrupted data in {name}: {exc}", corrupt=True) from None
+
+    def group_attrs(self, name: str) -> dict[str, Any]:
+        try:
+            return {k: _plain(v) for k, v in self.file[name].attrs.items()}
+        except KeyError:
+            raise self.fail(f"has no entry {name}") from None
+        except (OSError, ValueError) as exc:
+            raise self.fail(f"corrupted attributes of {name}: {exc}", corrupt=True) from None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _bad_attrs(obj: h5py.HLObject) -> Iterator[str]:
+    for key in obj.attrs:
+        dtype = obj.attrs.get_id(key).dtype
+        if dtype.kind not in _NUMERIC + "S" and h5py.check_string_dtype(dtype) is None:
+            yield key
+
+
+def describe(path: Path) -> str:
+    """What ``hpcngd inspect`` prints: header, sizes per group, the run file."""
+    with Reader(path) as r:
+        a = r.attrs
+        sizes: dict[str, list[int]] = {}
+        for name in r.names(""):
+            top = name.split("/")[0]
+            entry = sizes.setdefault(top, [0, 0])
+            entry[0] += 1
+            entry[1] += r.file[name].nbytes
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["created"]))
+        lines = [
+            f"{path}: hpcngd checkpoint, schema {a['schema_version']}, written by hpcngd "
+            f"{a.get('hpcngd_version')} at {created}",
+            f"step {a['step']} (epoch {a.get('epoch')}, step {a.get('step_in_epoch')} of "
+            f"{a.get('steps_per_epoch')} in it) | {a.get('world_size')} ranks on {a.get('num_nodes')} node(s)"
+            f" | model {a.get('arch')}, global batch {a.get('batch_size')}",
+            f"{'group':<10} {'arrays':>7} {'MiB':>10}",
+            *(f"{g:<10} {n:>7} {b / 2**20:>10.2f}" for g, (n, b) in sorted(sizes.items())),
+            f"{'total':<10} {sum(n for n, _ in sizes.values()):>7} "
+            f"{sum(b for _, b in sizes.values()) / 2**20:>10.2f}"
+            f"   (file {path.stat().st_size / 2**20:.2f} MiB)",
+            "run file:",
+            str(a.get("run_file", "")).rstrip(),
+        ]
+    return "\n".join(lines)

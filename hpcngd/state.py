@@ -1,0 +1,357 @@
+"""A run's state <-> a checkpoint file, across ranks (collective: every rank calls save and restore).
+
+What is saved (all world-size independent except ``ranks/``):
+  model/NAME              parameters and buffers (BatchNorm running statistics averaged over ranks
+                          first, as before an evaluation)
+  optim/PARAM/KEY         optimizer state per parameter (SGD momentum, SP-NGD velocity); the groups'
+                          previous learning rates in the attributes of ``optim``
+  ngd/LAYER/KIND/value    SP-NGD statistics (A, G or F), identical on every rank, with their refresh
+                          interval and next refresh step as attributes; ``inverse``: the cached inverse,
+                          sent to the writer by the rank that owns the layer (inverses are kept, not
+                          recomputed, because each was damped at its own refresh step)
+  mixup/images, targets   the previous mixed global batch of running mixup, gathered slice by slice
+  log/pending_losses      losses since the last metrics record (the record after a resume is exact)
+  ranks/R/...             rank R's random generators (torch, MC Fisher, numpy, Python): restored only
+                          when the world size is the same
+The position is the step count (the data order is a function of seed, epoch and step). The writer is
+rank 0 with serial h5py; other ranks send it what only they hold, one piece at a time, so its memory
+stays bounded by the largest piece. Reading: rank 0 reads, checks, and broadcasts piece by piece.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hpcngd import __version__, config
+from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, set_aside
+from hpcngd.errors import AgreedError, CheckpointError
+
+if TYPE_CHECKING:
+    from hpcngd.train import Trainer
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _rank_state(trainer: Trainer) -> dict[str, np.ndarray]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": _np(torch.get_rng_state()),
+        "mc": _np(trainer.mc_rng.get_state()),
+        "numpy": np.asarray(keys, dtype=np.uint32),
+        "numpy_extra": np.array([pos, has_gauss, gauss], dtype=np.float64),
+        "python": np.asarray(internal, dtype=np.uint64),
+        "python_extra": np.array([version, math.nan if gauss_next is None else gauss_next]),
+    }
+
+
+def _set_rank_state(trainer: Trainer, s: dict[str, np.ndarray]) -> None:
+    torch.set_rng_state(torch.from_numpy(s["torch"].copy()))
+    trainer.mc_rng.set_state(torch.from_numpy(s["mc"].copy()))
+    pos, has_gauss, gauss = s["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", s["numpy"], int(pos), int(has_gauss), gauss))
+    version, gauss_next = s["python_extra"].tolist()
+    random.setstate(
+        (int(version), tuple(int(v) for v in s["python"]), None if math.isnan(gauss_next) else gauss_next)
+    )
+
+
+def _header(trainer: Trainer) -> dict[str, Any]:
+    cfg, topo, spe = trainer.cfg, trainer.topo, trainer.loader.steps_per_epoch
+    return {
+        "hpcngd_version": __version__,
+        "epoch": trainer.step // spe,
+        "step_in_epoch": trainer.step % spe,
+        "steps_per_epoch": spe,
+        "batch_size": cfg.data.batch_size,
+        "world_size": topo.size,
+        "num_nodes": topo.num_nodes,
+        "arch": cfg.model.arch,
+        "num_classes": cfg.model.num_classes,
+        "optimizer": cfg.optim.name,
+        "run_file": config.to_toml(cfg),
+    }
+
+
+def nonfinite(trainer: Trainer) -> str | None:
+    """The first piece of this rank's state that holds NaN or Inf, or None."""
+    for name, t in trainer.model.state_dict().items():
+        if not _finite(t):
+            return f"model {name}"
+    names: dict[Any, str] = {p: n for n, p in trainer.model.named_parameters()}
+    for p, st in trainer.optimizer.state.items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and not _finite(v):
+                return f"optimizer {key} of {names[p]}"
+    if trainer.ngd is not None:
+        for (layer, kind), stat in trainer.ngd.stats.items():
+            for what, t in (("statistic", stat.value), ("inverse", stat.inverse)):
+                if t is not None and not _finite(t):
+                    return f"SP-NGD {what} {layer}.{kind}"
+    return None
+
+
+def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
+    """Write the state of ``trainer`` as one checkpoint (collective); returns its path on every rank.
+
+    Raises AgreedError on every rank when the state holds NaN/Inf (nothing is written) or the file
+    cannot be written (the temporary file is removed); earlier checkpoints are untouched either way.
+    """
+    comm, rank = trainer.topo.world, trainer.topo.rank
+    trainer.buffer_reducer.average_(trainer.float_buffers)
+    bad = [b for b in comm.allgather(nonfinite(trainer)) if b]
+    if bad:
+        raise AgreedError(
+            f"checkpoint at step {trainer.step} refused: {bad[0]} holds NaN or Inf (earlier checkpoints kept)"
+        )
+    w = Writer(directory, trainer.step, _header(trainer)) if rank == 0 else None
+    if w is not None:
+        for name, t in trainer.model.state_dict().items():
+            w.put(f"model/{name}", _np(t))
+        for name, p in trainer.model.named_parameters():
+            for key, v in trainer.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    w.put(f"optim/{name}/{key}", _np(v))
+        prev = [g.get("prev_lr") for g in trainer.optimizer.param_groups]
+        w.set_attrs("optim", prev_lr=np.array([math.nan if v is None else v for v in prev]))
+        w.put("log/pending_losses", np.asarray(trainer.pending_losses, dtype=np.float64))
+        w.set_attrs("log", **{f"ngd_{k}": v for k, v in trainer.ngd_counts.items()})
+    if trainer.ngd is not None:
+        for (layer, kind), stat in trainer.ngd.stats.items():
+            base = f"ngd/{layer}/{kind}"
+            owner = trainer.plan.owner(layer)
+            inv = stat.inverse if rank == owner else None
+            if owner != 0:
+                if rank == owner:
+                    comm.send(None if inv is None else _np(inv), dest=0, tag=1)
+                inv = comm.recv(source=owner, tag=1) if rank == 0 else None
+            if w is not None:
+                sched = stat.schedule
+                if stat.value is not None:
+                    w.put(f"{base}/value", _np(stat.value))
+                w.set_attrs(base, interval=sched.interval, next_step=sched.next_step)
+                if inv is not None:
+                    w.put(f"{base}/inverse", inv if isinstance(inv, np.ndarray) else _np(inv))
+    if trainer.mixup is not None and trainer.mixup.prev is not None:
+        _gather_rows(trainer, w, trainer.mixup.prev)
+    ranks = comm.gather(_rank_state(trainer), root=0)
+    if w is not None:
+        for r, states in enumerate(ranks or []):
+            for key, arr in states.items():
+                w.put(f"ranks/{r}/{key}", arr)
+    error, path = None, None
+    if w is not None:
+        try:
+            path = w.commit(keep_last)
+        except CheckpointError as exc:
+            error = str(exc)
+    error, path = comm.bcast((error, path), root=0)
+    if error:
+        raise AgreedError(error)
+    return Path(path)
+
+
+def _gather_rows(trainer: Trainer, w: Writer | None, prev: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Each rank's slice of the previous mixed batch, written in global order."""
+    comm, size = trainer.topo.world, trainer.topo.size
+    for key, local in zip(("images", "targets"), prev, strict=True):
+        if w is None:
+            comm.send(_np(local), dest=0, tag=2)
+            continue
+        w.create(f"mixup/{key}", (len(local) * size, *local.shape[1:]), _np(local).dtype)
+        for r in range(size):
+            rows = _np(local) if r == 0 else comm.recv(source=r, tag=2)
+            w.fill(f"mixup/{key}", r * len(local), rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------------
+
+
+def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
+    """Rank 0: the checkpoint ``checkpoint.resume`` asks for, opened and checked, and notes to log.
+
+    ``auto``: the newest checkpoint in the checkpoint folder; a damaged one is set aside (renamed
+    ``*.corrupt``) and the next older one is tried; none at all means a fresh start. A checkpoint that
+    is intact but does not fit this run (another model, batch or schema) is an error, never skipped.
+    """
+    cfg = trainer.cfg.checkpoint
+    folder = trainer.cfg.checkpoint_dir
+    if cfg.resume == "never":
+        if candidates(folder):
+            raise CheckpointError(
+                f'checkpoint.resume = "never" but {folder} holds checkpoints of an earlier run; '
+                "remove them or use another run.name or checkpoint.dir"
+            )
+        return None, []
+    if cfg.resume != "auto":
+        reader = Reader(Path(cfg.resume))
+        try:
+            return reader, check(reader, trainer)
+        except CheckpointError:
+            reader.close()
+            raise
+    notes: list[str] = []
+    for path in candidates(folder):
+        try:
+            reader = Reader(path)
+        except CorruptCheckpoint as exc:
+            notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
+            continue
+        try:
+            return reader, notes + check(reader, trainer)
+        except CorruptCheckpoint as exc:
+            reader.close()
+            notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
+        except CheckpointError:
+            reader.close()
+            raise
+    if notes:
+        raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(notes))
+    return None, notes
+
+
+def check(reader: Reader, trainer: Trainer) -> list[str]:
+    """Whether ``reader``'s checkpoint can resume ``trainer``; raises CheckpointError, else notes to log.
+
+    Reads everything once (checksums), compares the run files and the model's names and shapes.
+    """
+    reader.verify()
+    a, cfg = reader.attrs, trainer.cfg
+    try:
+        saved = config.loads(str(a["run_file"]), f"run file stored in {reader.path}")
+    except config.ConfigError as exc:
+        raise reader.fail(f"its stored run file is not valid here: {exc}") from None
+    notes = []
+    changed = [(k, o, n) for k, o, n in config.differences(saved, cfg) if not k.startswith("checkpoint.")]
+    for key, old, new in changed:
+        trajectory = any(fnmatch.fnmatchcase(key, p) for p in config.TRAJECTORY_KEYS)
+        if trajectory and not any(fnmatch.fnmatchcase(key, p) for p in cfg.checkpoint.allow_changes):
+            raise reader.fail(
+                f"was written with {key} = {old!r}, the run file says {new!r}: that is not the same run "
+                f"(list {key} in checkpoint.allow_changes to resume anyway)"
+            )
+    if changed:
+        notes.append(
+            "run file differs from the checkpoint's: "
+            + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changed)
+        )
+    model = {k: tuple(v.shape) for k, v in trainer.model.state_dict().items()}
+    stored = {n.removeprefix("model/"): tuple(reader.file[n].shape) for n in reader.names("model")}
+    if stored != model:
+        diff = sorted(set(stored.items()) ^ set(model.items()))[:2]
+        raise reader.fail(f"holds another model than {cfg.model.arch} (first differences: {diff})")
+    return notes
+
+
+def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
+    """Load the checkpoint that rank 0 opened (and :func:`check`-ed) into every rank's trainer.
+
+    Returns the notes to log (the same on every rank). Collective; only rank 0 touches the file.
+    """
+    comm, size = trainer.topo.world, trainer.topo.size
+    manifest = None
+    if reader is not None:
+        manifest = {"attrs": reader.attrs, "names": reader.names(""), "groups": _group_attrs(reader)}
+    manifest = comm.bcast(manifest, root=0)
+    a, names, groups = manifest["attrs"], set(manifest["names"]), manifest["groups"]
+
+    def get(name: str) -> np.ndarray:
+        return comm.bcast(reader.array(name) if reader is not None else None, root=0)
+
+    notes: list[str] = []
+    with torch.no_grad():
+        for name, t in trainer.model.state_dict().items():
+            t.copy_(torch.from_numpy(get(f"model/{name}")))
+        if a["optimizer"] == trainer.cfg.optim.name:
+            for name, p in trainer.model.named_parameters():
+                for key in sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"optim/{name}/")):
+                    trainer.optimizer.state[p][key] = torch.from_numpy(get(f"optim/{name}/{key}"))
+            for group, prev in zip(trainer.optimizer.param_groups, groups["optim"]["prev_lr"], strict=True):
+                group["prev_lr"] = None if math.isnan(prev) else prev
+        else:
+            notes.append(
+                f"optimizer changed ({a['optimizer']} -> {trainer.cfg.optim.name}): its state starts fresh"
+            )
+
+    spe_old, spe = int(a["steps_per_epoch"]), trainer.loader.steps_per_epoch
+    step = int(a["epoch"]) * spe + int(a["step_in_epoch"]) * spe // spe_old
+    if trainer.ngd is not None:
+        if not any(n.startswith("ngd/") for n in names):
+            notes.append("the checkpoint has no SP-NGD statistics: curvature starts fresh")
+        for (layer, kind), stat in trainer.ngd.stats.items():
+            base = f"ngd/{layer}/{kind}"
+            if f"{base}/value" not in names:
+                continue
+            stat.value = torch.from_numpy(get(f"{base}/value")).to(trainer.ngd.dtype)
+            stat.schedule.interval = int(groups[base]["interval"])
+            stat.schedule.next_step = int(groups[base]["next_step"]) + step - int(a["step"])
+            if f"{base}/inverse" in names:
+                inv = torch.from_numpy(get(f"{base}/inverse"))
+                stat.inverse = inv.to(trainer.ngd.dtype) if layer in trainer.ngd.owned else None
+    same_batch = int(a["batch_size"]) == trainer.cfg.data.batch_size
+    if trainer.mixup is not None and "mixup/images" in names and same_batch:
+        trainer.mixup.prev = _scatter_rows(trainer, reader)
+    if same_batch:
+        trainer.pending_losses = get("log/pending_losses").tolist()
+        trainer.ngd_counts.update({k.removeprefix("ngd_"): v for k, v in groups.get("log", {}).items()})
+    if int(a["world_size"]) == size:
+        ranks = None
+        if reader is not None:
+            ranks = [{k: reader.array(f"ranks/{r}/{k}") for k in _RANK_KEYS} for r in range(size)]
+        _set_rank_state(trainer, comm.scatter(ranks, root=0))
+    else:
+        notes.append(
+            f"written by {a['world_size']} ranks, resuming on {size} with the same global batch: "
+            "per-rank random streams (MC Fisher sampling) restart from the seed"
+        )
+    if spe != spe_old:
+        notes.append(
+            f"steps per epoch changed ({spe_old} -> {spe}): resuming at epoch {a['epoch']} step {step % spe}"
+        )
+    trainer.step = step
+    return notes
+
+
+_RANK_KEYS = ("torch", "mc", "numpy", "numpy_extra", "python", "python_extra")
+
+
+def _group_attrs(reader: Reader) -> dict[str, dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    reader.file.visititems(
+        lambda n, o: groups.__setitem__(n, reader.group_attrs(n)) if not hasattr(o, "dtype") else None
+    )
+    return groups
+
+
+def _scatter_rows(trainer: Trainer, reader: Reader | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's slice of the stored global mixed batch (rank 0 reads one slice at a time)."""
+    comm, size, n = trainer.topo.world, trainer.topo.size, trainer.local_batch
+    out = []
+    for key in ("images", "targets"):
+        mine = None
+        for r in range(size):
+            if reader is not None:
+                rows = reader.rows(f"mixup/{key}", r * n, (r + 1) * n)
+                if r == 0:
+                    mine = rows
+                else:
+                    comm.send(rows, dest=r, tag=3)
+            elif comm.rank == r:
+                mine = comm.recv(source=0, tag=3)
+        out.append(torch.from_numpy(mine))
+    return out[0], out[1]
