@@ -196,7 +196,8 @@ class Writer:
         if self.file is not None:
             self.file.close()
             self.file = None
-        self.tmp.unlink(missing_ok=True)
+        if self.tmp.exists():
+            self.tmp.unlink()
 
 
 def _plain(value: Any) -> Any:

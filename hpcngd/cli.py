@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from hpcngd import __version__, config
-from hpcngd.errors import AgreedError, UserError
+from hpcngd.errors import AgreedError, UserError, agree
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -136,19 +136,6 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agree(comm: MPI.Comm, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it raised UserError on any rank, raise it on all (collective)."""
-    try:
-        result, error = fn(), None
-    except UserError as exc:
-        result, error = None, str(exc)
-    errors = comm.allgather(error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise AgreedError(first)
-    return result  # type: ignore[return-value]
-
-
 def _threads(run_threads: int, local_size: int) -> int:
     if run_threads:
         return run_threads
@@ -169,36 +156,20 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
     from hpcngd.stopping import StopSignals
     from hpcngd.train import Trainer, prepare_run_dir
 
-    try:
-        # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
-        text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
-        cfg = _agree(world, lambda: _parse(text, run_file, overrides, world.size))
-        topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
-        torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
-        train_set, val_set = _agree(
-            world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
-        )
-        run_dir = _agree(
-            world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None
-        )
-    except AgreedError as exc:
-        return _agreed_exit(world, exc)
+    # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
+    text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
+    cfg = agree(world, lambda: _parse(text, run_file, overrides, world.size))
+    topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
+    torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
+    train_set, val_set = agree(world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed))
+    run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     with topo, StopSignals() as stop:
         trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop)
-        try:
-            reader, notes = _agree(
-                world, lambda: state.open_for_resume(trainer) if world.rank == 0 else (None, [])
-            )
-        except AgreedError as exc:
-            return _agreed_exit(world, exc)
-        if reader is not None:
-            log.say(f"resuming from {reader.path} (step {reader.step})")
-        resumed = world.bcast(reader is not None)
-        notes += state.restore(trainer, reader) if resumed else []
-        if reader is not None:
-            reader.close()
-        log.open(resume_step=trainer.step if resumed else None)
+        resumed_from, notes = state.resume(trainer)  # AgreedError: see run_guarded
+        if resumed_from is not None:
+            log.say(f"resuming from {resumed_from} (step {trainer.step})")
+        log.open(resume_step=trainer.step if resumed_from else None)
         for note in notes:
             log.say(f"note: {note}")
         log.say(
@@ -208,7 +179,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
             f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
             f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
             f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
-            + (f", from step {trainer.step}" if resumed else "")
+            + (f", from step {trainer.step}" if resumed_from else "")
         )
         result = trainer.train()
         if trainer.stopped:

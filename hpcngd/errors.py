@@ -7,6 +7,11 @@ job (see ``cli.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class UserError(ValueError):
     """Bad input from the user: a run file key, a data folder, a checkpoint file."""
@@ -22,3 +27,19 @@ class CheckpointError(UserError):
 
 class AgreedError(UserError):
     """A UserError raised on every rank at once: printed once by rank 0, exit 2 everywhere, no abort."""
+
+
+def agree(comm: Any, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank of ``comm``; a UserError on any rank is raised on all as AgreedError.
+
+    Collective (one allgather), so no rank is left waiting when another one meets bad input.
+    """
+    try:
+        result, error = fn(), None
+    except UserError as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather(error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise AgreedError(first)
+    return result  # type: ignore[return-value]

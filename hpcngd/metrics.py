@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 PHASES = ("data", "fwd_bwd", "factors", "comm", "inverse", "precondition", "update")
+NGD_COUNTS = ("refreshed", "inverted", "fp64_retries", "failed")  # SP-NGD events, per record
 
 
 class PhaseTimer:

@@ -11,8 +11,8 @@ What is saved (all world-size independent except ``ranks/``):
                           recomputed, because each was damped at its own refresh step)
   mixup/images, targets   the previous mixed global batch of running mixup, gathered slice by slice
   log/pending_losses      losses since the last metrics record (the record after a resume is exact)
-  ranks/R/...             rank R's random generators (torch, MC Fisher, numpy, Python): restored only
-                          when the world size is the same
+  ranks/R/...             rank R's random generators (torch, MC Fisher, numpy, Python) and its SP-NGD
+                          counts since the last record: restored only when the world size is the same
 The position is the step count (the data order is a function of seed, epoch and step). The writer is
 rank 0 with serial h5py; other ranks send it what only they hold, one piece at a time, so its memory
 stays bounded by the largest piece. Reading: rank 0 reads, checks, and broadcasts piece by piece.
@@ -31,7 +31,8 @@ import torch
 
 from hpcngd import __version__, config
 from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, set_aside
-from hpcngd.errors import AgreedError, CheckpointError
+from hpcngd.errors import AgreedError, CheckpointError, agree
+from hpcngd.metrics import NGD_COUNTS
 
 if TYPE_CHECKING:
     from hpcngd.train import Trainer
@@ -55,6 +56,7 @@ def _rank_state(trainer: Trainer) -> dict[str, np.ndarray]:
         "numpy_extra": np.array([pos, has_gauss, gauss], dtype=np.float64),
         "python": np.asarray(internal, dtype=np.uint64),
         "python_extra": np.array([version, math.nan if gauss_next is None else gauss_next]),
+        "ngd_counts": np.array([trainer.ngd_counts[k] for k in NGD_COUNTS], dtype=np.int64),
     }
 
 
@@ -64,6 +66,7 @@ def _set_rank_state(trainer: Trainer, s: dict[str, np.ndarray]) -> None:
     pos, has_gauss, gauss = s["numpy_extra"].tolist()
     np.random.set_state(("MT19937", s["numpy"], int(pos), int(has_gauss), gauss))
     version, gauss_next = s["python_extra"].tolist()
+    trainer.ngd_counts.update(dict(zip(NGD_COUNTS, s["ngd_counts"].tolist(), strict=True)))
     random.setstate(
         (int(version), tuple(int(v) for v in s["python"]), None if math.isnan(gauss_next) else gauss_next)
     )
@@ -128,7 +131,6 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         prev = [g.get("prev_lr") for g in trainer.optimizer.param_groups]
         w.set_attrs("optim", prev_lr=np.array([math.nan if v is None else v for v in prev]))
         w.put("log/pending_losses", np.asarray(trainer.pending_losses, dtype=np.float64))
-        w.set_attrs("log", **{f"ngd_{k}": v for k, v in trainer.ngd_counts.items()})
     if trainer.ngd is not None:
         for (layer, kind), stat in trainer.ngd.stats.items():
             base = f"ngd/{layer}/{kind}"
@@ -180,6 +182,25 @@ def _gather_rows(trainer: Trainer, w: Writer | None, prev: tuple[torch.Tensor, t
 # --------------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------------
+
+
+def resume(trainer: Trainer) -> tuple[Path | None, list[str]]:
+    """Restore ``trainer`` from the checkpoint ``checkpoint.resume`` names, if any (collective).
+
+    Returns the checkpoint's path (None: a fresh start) and notes for the log (rank 0's are complete).
+    Raises AgreedError on every rank if the checkpoint cannot be used.
+    """
+    comm = trainer.topo.world
+    reader, notes = agree(comm, lambda: open_for_resume(trainer) if comm.rank == 0 else (None, []))
+    path = comm.bcast(reader.path if reader is not None else None, root=0)
+    if path is None:
+        return None, notes
+    try:
+        notes += restore(trainer, reader)
+    finally:
+        if reader is not None:
+            reader.close()
+    return path, notes
 
 
 def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
@@ -308,7 +329,6 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
         trainer.mixup.prev = _scatter_rows(trainer, reader)
     if same_batch:
         trainer.pending_losses = get("log/pending_losses").tolist()
-        trainer.ngd_counts.update({k.removeprefix("ngd_"): v for k, v in groups.get("log", {}).items()})
     if int(a["world_size"]) == size:
         ranks = None
         if reader is not None:
@@ -327,7 +347,7 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
     return notes
 
 
-_RANK_KEYS = ("torch", "mc", "numpy", "numpy_extra", "python", "python_extra")
+_RANK_KEYS = ("torch", "mc", "numpy", "numpy_extra", "python", "python_extra", "ngd_counts")
 
 
 def _group_attrs(reader: Reader) -> dict[str, dict[str, Any]]:

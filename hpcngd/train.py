@@ -43,7 +43,7 @@ from hpcngd.config import Config
 from hpcngd.data import Dataset, TrainLoader, eval_batches
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.errors import UserError
-from hpcngd.metrics import MetricsLog, PhaseTimer
+from hpcngd.metrics import NGD_COUNTS, MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner
 from hpcngd.ngd.plan import layer_costs, make_plan
@@ -362,7 +362,10 @@ class Trainer:
             **{f"comm_bytes_{level}": n for level, n in sorted(self.wire.bytes_sent.items())},
         }
         if self.ngd is not None:
-            rec.update({f"ngd_{k}": v for k, v in sorted(self.ngd_counts.items())})
+            # Each rank counts the inversions it did; the record holds the whole job's.
+            done = allreduce_sum([self.ngd_counts[k] for k in NGD_COUNTS[1:]], self.topo.world)
+            rec["ngd_refreshed"] = self.ngd_counts["refreshed"]
+            rec.update({f"ngd_{k}": int(v) for k, v in zip(NGD_COUNTS[1:], done, strict=True)})
             rec["ngd_damping"] = self.damping_at_step(self.step - 1)
             self.ngd_counts.clear()
         self.log.record(**rec)

@@ -1,0 +1,170 @@
+"""Checkpoints across ranks: every piece of state round-trips, resumed runs continue bit for bit, a
+checkpoint written by W ranks resumes on fewer, and NaN state is never saved."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from hpcngd import state
+from hpcngd.errors import AgreedError
+from hpcngd.metrics import MetricsLog
+from hpcngd.train import Trainer
+from runs import AUGMENT, SPNGD, make_trainer
+
+SAVE = ["checkpoint.every_steps=5", "checkpoint.keep_last=10", "log.every_steps=4"]
+# 56 images / batch 16 = 3 steps an epoch, 4 epochs: 12 steps; step 5 is in the middle of epoch 1.
+CASES = {
+    "sgd-mixup-erasing": AUGMENT,
+    "spngd-mc-mixup-erasing": [*SPNGD, *AUGMENT, "ngd.fisher=mc"],
+}
+COMPARED = ("loss", "lr", "ngd_refreshed", "ngd_inverted", "val_loss", "val_top1", "val_top5")
+
+
+@pytest.fixture
+def folder(comm: MPI.Comm) -> Iterator[Path]:
+    """One temporary folder that every rank sees."""
+    path = comm.bcast(tempfile.mkdtemp(prefix="hpcngd-ckpt-") if comm.rank == 0 else None)
+    yield Path(path)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path)
+
+
+def run(
+    comm: MPI.Comm, overrides: list[str], folder: Path, name: str, resume: str = "auto"
+) -> dict[str, Any]:
+    """Train RUN to the end in run directory ``folder/name``; its records, final parameters, notes."""
+    overrides = [*overrides, f"run.output_dir={folder}", f"run.name={name}", f"checkpoint.resume={resume}"]
+    metrics = folder / f"{name}.jsonl"
+    with make_trainer(comm, overrides, MetricsLog(metrics, active=comm.rank == 0), checkpoints=True) as t:
+        resumed_from, notes = state.resume(t)
+        t.train()
+        t.log.close()
+        params = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+    comm.Barrier()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {"records": records, "params": params, "notes": notes, "from": resumed_from}
+
+
+def figures(records: list[dict[str, Any]], after: int) -> list[tuple[Any, ...]]:
+    return [
+        (r["kind"], r["step"], *(r.get(k) for k in COMPARED))
+        for r in records
+        if r["step"] > after and r["kind"] in ("train", "eval")
+    ]
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_resume_continues_bit_for_bit(comm: MPI.Comm, folder: Path, overrides: list[str]) -> None:
+    whole = run(comm, [*overrides, *SAVE], folder, "whole")
+    ckpt = folder / "whole" / "checkpoints" / "ckpt-000000005.h5"
+    resumed = run(comm, [*overrides, *SAVE], folder, "resumed", resume=str(ckpt))
+    assert resumed["from"] == ckpt
+    expected = figures(whole["records"], 5)
+    assert [r[:2] for r in expected if r[0] == "eval"] == [("eval", 6), ("eval", 9), ("eval", 12)]
+    assert figures(resumed["records"], 5) == expected
+    assert torch.equal(resumed["params"], whole["params"])
+    digests = comm.allgather(hashlib.sha256(resumed["params"].numpy().tobytes()).hexdigest())
+    assert len(set(digests)) == 1
+
+
+def snapshot(t: Trainer) -> dict[str, Any]:
+    """Every piece of a trainer's state, as plain values (tensors cloned)."""
+    names = {p: n for n, p in t.model.named_parameters()}
+    out: dict[str, Any] = {f"model/{k}": v.clone() for k, v in t.model.state_dict().items()}
+    for p, st in t.optimizer.state.items():
+        out.update({f"optim/{names[p]}/{k}": v.clone() for k, v in st.items()})
+    out["prev_lr"] = [g["prev_lr"] for g in t.optimizer.param_groups]
+    if t.ngd is not None:
+        for key, stat in t.ngd.stats.items():
+            out[f"ngd/{key}"] = (stat.value, stat.inverse, stat.schedule.interval, stat.schedule.next_step)
+    if t.mixup is not None:
+        out["mixup"] = t.mixup.prev
+    out["rng"] = (t.mc_rng.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    out["position"] = (t.step, list(t.pending_losses), dict(t.ngd_counts))
+    return out
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, (tuple, list)):
+        assert isinstance(b, (tuple, list)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path) -> None:
+    overrides = [*SPNGD, *AUGMENT, "ngd.fisher=mc", *SAVE, f"run.output_dir={folder}", "run.name=r"]
+    with make_trainer(comm, overrides, checkpoints=True) as a:
+        batches = a.loader.batches(0, 0, a.cfg.run.epochs)
+        for _, _, x, y in itertools.islice(batches, 5):
+            a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
+        batches.close()
+        a.save_checkpoint("test")
+        taken = snapshot(a)
+    assert taken["position"][0] == 5 and len(taken["position"][1]) == 5 and taken["position"][2]
+    assert taken["mixup"] is not None and any(
+        v[1] is not None for k, v in taken.items() if k.startswith("ngd/")
+    )
+    torch.rand(3), np.random.rand(3), random.random()  # move every generator on
+    with make_trainer(comm, overrides) as b:
+        assert snapshot(b)["position"][0] == 0
+        state.resume(b)
+        restored = snapshot(b)
+    assert restored.keys() == taken.keys()
+    for key in taken:
+        assert_same(restored[key], taken[key], key)
+
+
+def test_resume_on_fewer_ranks_with_the_same_global_batch(comm: MPI.Comm, folder: Path) -> None:
+    if comm.size == 1:
+        pytest.skip("needs ranks to drop")
+    overrides = [*SPNGD, *AUGMENT, *SAVE]
+    whole = run(comm, overrides, folder, "whole")
+    half = comm.Split(color=0 if comm.rank < comm.size // 2 else MPI.UNDEFINED, key=comm.rank)
+    if half != MPI.COMM_NULL:
+        ckpt = folder / "whole" / "checkpoints" / "ckpt-000000005.h5"
+        resumed = run(half, overrides, folder, "half", resume=str(ckpt))
+        half.Free()
+        if comm.rank == 0:
+            assert any(
+                f"written by {comm.size} ranks, resuming on {comm.size // 2}" in n for n in resumed["notes"]
+            )
+        got, want = figures(resumed["records"], 5), figures(whole["records"], 5)
+        assert [r[:2] for r in got] == [r[:2] for r in want]
+        losses = [(g[2], w[2]) for g, w in zip(got, want, strict=True) if g[0] == "train"]
+        assert max(abs(g - w) / abs(w) for g, w in losses) <= 1e-5, losses
+    comm.Barrier()
+
+
+def test_nonfinite_state_is_never_saved(comm: MPI.Comm, folder: Path) -> None:
+    overrides = [*SPNGD, f"run.output_dir={folder}", "run.name=nan", "run.max_steps=2"]
+    with make_trainer(comm, overrides, checkpoints=True) as t:
+        t.train()
+        files = sorted(p.name for p in t.cfg.checkpoint_dir.iterdir())
+        assert files == ["ckpt-000000002.h5", "latest"]
+        if comm.rank == comm.size - 1:  # only one rank's replica goes bad
+            with torch.no_grad():
+                next(t.model.parameters())[0].fill_(float("nan"))
+        with pytest.raises(AgreedError, match=r"step 2 refused: model conv1.weight holds NaN"):
+            t.save_checkpoint("test")
+        comm.Barrier()
+        assert sorted(p.name for p in t.cfg.checkpoint_dir.iterdir()) == files

@@ -1,0 +1,163 @@
+"""Checkpoint files (hpcngd.checkpoint): atomic writes, pruning, and refusal of bad files. No MPI."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcngd import checkpoint
+from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer
+from hpcngd.errors import CheckpointError
+from hpcngd.metrics import MetricsLog
+
+PATTERN = np.full(4096, 12345.678, dtype=np.float64)
+
+
+def write(folder: Path, step: int, keep_last: int = 5) -> Path:
+    w = Writer(folder, step, {"run_file": "[run]\n", "epoch": 1})
+    w.put("model/w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.put("model/count", np.array(7, dtype=np.int64))  # 0-d
+    w.put("model/empty", np.zeros((0, 3), dtype=np.float32))
+    w.put("model/flags", np.array([True, False]))
+    w.put("data/pattern", PATTERN)
+    w.create("data/rows", (4, 2), np.float32)
+    w.fill("data/rows", 0, np.ones((2, 2), np.float32))
+    w.fill("data/rows", 2, np.full((2, 2), 2.0, np.float32))
+    w.set_attrs("ngd/l/A", interval=4, next_step=9)
+    return w.commit(keep_last)
+
+
+def test_round_trip_and_latest_pointer(tmp_path: Path) -> None:
+    path = write(tmp_path, 12)
+    assert path.name == "ckpt-000000012.h5"
+    assert (tmp_path / "latest").read_text() == "ckpt-000000012.h5\n"
+    assert not list(tmp_path.glob(".*tmp"))
+    with Reader(path) as r:
+        r.verify()
+        assert r.step == 12 and r.attrs["epoch"] == 1 and r.attrs["run_file"] == "[run]\n"
+        np.testing.assert_array_equal(r.array("model/w"), np.arange(12, dtype=np.float32).reshape(3, 4))
+        assert r.array("model/count") == 7 and r.array("model/count").dtype == np.int64
+        assert r.array("model/empty").shape == (0, 3)
+        assert r.array("model/flags").tolist() == [True, False]
+        assert r.rows("data/rows", 1, 3).tolist() == [[1, 1], [2, 2]]
+        assert r.group_attrs("ngd/l/A") == {"interval": 4, "next_step": 9}
+        assert sorted(r.names("model")) == ["model/count", "model/empty", "model/flags", "model/w"]
+
+
+def test_keep_last_prunes_only_older_after_the_new_one_is_complete(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        write(tmp_path, step, keep_last=2)
+    assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000008.h5", "ckpt-000000006.h5"]
+
+
+def test_an_unfinished_write_leaves_earlier_checkpoints_and_is_cleaned_later(tmp_path: Path) -> None:
+    write(tmp_path, 2)
+    w = Writer(tmp_path, 4, {})
+    w.put("model/w", np.ones(3, np.float32))
+    w.file.flush()  # the writer dies here: no commit
+    assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000002.h5"]
+    assert (tmp_path / "latest").read_text() == "ckpt-000000002.h5\n"
+    assert (tmp_path / ".ckpt-000000004.h5.tmp").exists()
+    w.file.close()
+    write(tmp_path, 6)
+    assert not (tmp_path / ".ckpt-000000004.h5.tmp").exists()
+
+
+def test_a_write_that_fails_raises_and_keeps_the_previous(tmp_path: Path) -> None:
+    write(tmp_path, 2)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    w = Writer(blocker / "sub", 4, {})  # its folder cannot be created
+    w.put("model/w", np.ones(3, np.float32))
+    assert w.error is not None
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        w.commit(1)
+    assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000002.h5"]
+
+
+def test_truncated_file_is_corrupt(tmp_path: Path) -> None:
+    path = write(tmp_path, 2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpoint, match=str(path)):
+        Reader(path).verify()
+
+
+def test_flipped_byte_fails_its_checksum(tmp_path: Path) -> None:
+    path = write(tmp_path, 2)
+    data = bytearray(path.read_bytes())
+    at = data.find(PATTERN[:2].tobytes()) + 100
+    assert at > 100
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    with Reader(path) as r, pytest.raises(CorruptCheckpoint, match="data/pattern"):
+        r.verify()
+
+
+def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        Reader(tmp_path / "nope.h5")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.ones(2)
+    with pytest.raises(CheckpointError, match="not an hpcngd checkpoint"):
+        Reader(other)
+    path = write(tmp_path, 2)
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(CheckpointError, match="schema version 99") as info:
+        Reader(path)
+    assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
+
+
+@pytest.mark.parametrize("kind", ["opaque", "object", "string", "attribute", "softlink", "external"])
+def test_entries_that_are_not_numbers_are_refused_unread(tmp_path: Path, kind: str) -> None:
+    path = write(tmp_path, 2)
+    payload = pickle.dumps({"evil": True})
+    with h5py.File(path, "a") as f:
+        if kind == "opaque":
+            f["model/pickled"] = np.void(payload)
+        elif kind == "object":
+            ragged = np.empty(1, dtype=object)
+            ragged[0] = np.frombuffer(payload, np.uint8)
+            f.create_dataset("model/pickled", data=ragged, dtype=h5py.vlen_dtype(np.uint8))
+        elif kind == "string":
+            f["model/pickled"] = payload.hex()
+        elif kind == "attribute":
+            f["model/w"].attrs["pickled"] = np.void(payload)
+        elif kind == "softlink":
+            f["model/link"] = h5py.SoftLink("/model/w")
+        else:
+            f["model/link"] = h5py.ExternalLink("elsewhere.h5", "/x")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        Reader(path)
+
+
+def test_describe(tmp_path: Path) -> None:
+    text = checkpoint.describe(write(tmp_path, 12))
+    assert "step 12" in text and "model" in text and "data" in text and "[run]" in text
+
+
+def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, active=True)
+    for step in (1, 2, 3, 4):
+        log.record(kind="train", step=step)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "st')  # a line torn by a crash
+    log = MetricsLog(path, active=True)
+    log.open(resume_step=2)
+    log.record(kind="train", step=3, again=True)
+    log.close()
+    log.record(kind="train", step=99)  # after close: nothing
+    lines = path.read_text().splitlines()
+    assert lines == [
+        '{"kind": "train", "step": 1}',
+        '{"kind": "train", "step": 2}',
+        '{"kind": "train", "step": 3, "again": true}',
+    ]
