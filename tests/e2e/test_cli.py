@@ -3,72 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
 
 from hpcngd import config
 from hpcngd.data.demo import generate
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-MPIEXEC = BIN / "mpiexec"
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-}
-TINY = """
-[run]
-name = "tiny"
-output_dir = "{out}"
-epochs = 2
-[model]
-arch = "resnet8"
-num_classes = 10
-[data]
-source = "folder"
-path = "{data}"
-image_size = 16
-val_resize = 18
-batch_size = 20
-workers = {workers}
-[optim]
-lr = 0.1
-[log]
-every_steps = 2
-eval_every_epochs = 1
-"""
-
-
-def hpcngd(*args: str, ranks: int = 0, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    cmd = [str(BIN / "hpcngd"), *args]
-    if ranks:
-        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "hpcngd: error" in line]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    generate(root, train_per_class=4, val_per_class=2, size=24)
-    return root
-
-
-def write_run(tmp_path: Path, demo: Path, workers: int = 0, extra: str = "") -> Path:
-    run_file = tmp_path / "tiny.toml"
-    run_file.write_text(TINY.format(out=tmp_path / "out", data=demo, workers=workers) + extra)
-    return run_file
 
 
 def test_version_and_module_entry() -> None:

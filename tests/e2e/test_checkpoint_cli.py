@@ -1,0 +1,140 @@
+"""Checkpoints as a batch job meets them: a stop signal, a writer killed mid-write, damaged files,
+a changed run file, and ``hpcngd inspect``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from helpers import ENV, ROOT, command, error_lines, hpcngd, write_run
+
+from hpcngd.checkpoint import CRASH_HOOK
+
+SAVE = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 5\n"  # tiny: 2 steps an epoch, 2 epochs
+
+
+def checkpoints(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "out/tiny/checkpoints").iterdir())
+
+
+def records(tmp_path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """Processes started by the launcher (the ranks)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == launcher:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, extra="\n[checkpoint]\nevery_steps = 0\n")
+    args = [str(run_file), "--set", "run.epochs=500", "--set", "log.every_steps=1"]
+    job = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+    metrics = tmp_path / "out/tiny/metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    ranks = rank_pids(job.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    t0 = time.monotonic()
+    out, err = job.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert job.returncode == 3, err
+    stopped = [r for r in records(tmp_path) if r["kind"] == "checkpoint"]
+    assert len(stopped) == 1 and stopped[0]["reason"] == "stop signal"
+    step = stopped[0]["step"]
+    assert checkpoints(tmp_path) == [f"ckpt-{step:09d}.h5", "latest"]
+    assert f"stopped by a signal to another rank at step {step} after a checkpoint; exit 3" in out
+
+    again = hpcngd(*args, "--set", f"run.max_steps={step + 2}", ranks=2)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {tmp_path}/out/tiny/checkpoints/ckpt-{step:09d}.h5 (step {step})" in again.stdout
+    steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
+    assert steps == list(range(1, step + 3))  # one record a step, none lost, none twice
+
+
+def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    crashed = hpcngd(str(run_file), env={CRASH_HOOK: "4:5"})  # dies in the checkpoint of step 4
+    assert crashed.returncode != 0
+    assert checkpoints(tmp_path) == [".ckpt-000000004.h5.tmp", "ckpt-000000002.h5", "latest"]
+    assert (tmp_path / "out/tiny/checkpoints/latest").read_text() == "ckpt-000000002.h5\n"
+
+    resumed = hpcngd(str(run_file), ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "ckpt-000000002.h5 (step 2)" in resumed.stdout
+    assert "from step 2" in resumed.stdout and "done: 4 steps" in resumed.stdout
+    assert checkpoints(tmp_path) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
+
+
+def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0
+    folder = tmp_path / "out/tiny/checkpoints"
+    newest = folder / "ckpt-000000004.h5"
+    newest.write_bytes(newest.read_bytes()[:5000])  # truncated
+
+    explicit = hpcngd(str(run_file), "--set", f"checkpoint.resume={newest}", ranks=2)
+    assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
+    assert error_lines(explicit.stderr) == [
+        f"hpcngd: error: checkpoint {newest}: not readable (truncated or not HDF5): "
+        + error_lines(explicit.stderr)[0].split("(truncated or not HDF5): ")[1]
+    ]
+
+    longer = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)  # resume = auto
+    assert longer.returncode == 0, longer.stderr
+    assert "set aside as ckpt-000000004.h5.corrupt, trying the previous one" in longer.stdout
+    assert "ckpt-000000002.h5 (step 2)" in longer.stdout and "done: 6 steps" in longer.stdout
+    assert "run.epochs 2 -> 3" in longer.stdout
+
+    with h5py.File(folder / "ckpt-000000006.h5", "a") as f:  # a pickled payload slipped in
+        f["model/payload"] = np.void(b"\x80\x04\x95 pickle")
+    bad = hpcngd(str(run_file), "--set", "run.epochs=4", ranks=2)
+    assert bad.returncode == 2
+    assert len(error_lines(bad.stderr)) == 1 and "refusing to load it" in bad.stderr
+
+
+def test_changed_run_file_and_resume_never(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0
+    other = hpcngd(str(run_file), "--set", "model.arch=resnet20", ranks=2)
+    assert other.returncode == 2
+    (line,) = error_lines(other.stderr)
+    assert "was written with model.arch = 'resnet8', the run file says 'resnet20'" in line
+    assert "checkpoint.allow_changes" in line
+    allowed = hpcngd(
+        str(run_file), "--set", "model.arch=resnet20", "--set", 'checkpoint.allow_changes=["model.*"]'
+    )
+    assert allowed.returncode == 2 and "holds another model than resnet20" in allowed.stderr
+    never = hpcngd(str(run_file), "--set", "checkpoint.resume=never")
+    assert never.returncode == 2 and 'checkpoint.resume = "never" but' in never.stderr
+
+
+def test_inspect(tmp_path: Path, demo: Path) -> None:
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0
+    shown = hpcngd("inspect", str(tmp_path / "out/tiny/checkpoints/ckpt-000000004.h5"))
+    assert shown.returncode == 0, shown.stderr
+    assert "step 4 (epoch 2, step 0 of 2 in it) | 1 ranks on 1 node(s) | model resnet8" in shown.stdout
+    assert "model" in shown.stdout and 'arch = "resnet8"' in shown.stdout
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    res = hpcngd("inspect", str(junk))
+    assert res.returncode == 2 and len(error_lines(res.stderr)) == 1 and str(junk) in res.stderr
