@@ -65,9 +65,11 @@ def test_values_are_typed_and_canonical() -> None:
             "optim.warmup_init_lr = 1.0: must be <= optim.lr",
         ),
         ('[optim]\nschedule = "linear"', 'optim.schedule = "linear": must be one of'),
+        ("[checkpoint]\nkeep_last = 0", "checkpoint.keep_last = 0: must be >= 1"),
+        ('[checkpoint]\nresume = ""', 'checkpoint.resume = "": must be "auto", "never" or the path'),
         (
-            "[checkpoint]\nevery_steps = 10",
-            "checkpoint.every_steps is not a known key: keys of [checkpoint] are none yet",
+            '[checkpoint]\nallow_changes = ["model.depth"]',
+            "checkpoint.allow_changes = [\"model.depth\"]: 'model.depth' is not a section.key",
         ),
         ("[ngd]\ndamping = 0", "ngd.damping = 0.0: must be > 0.0"),
         ('[ngd]\nfisher = "kfac"', 'ngd.fisher = "kfac": must be one of "empirical", "mc"'),
