@@ -181,6 +181,10 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
             f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
             + (f", from step {trainer.step}" if resumed_from else "")
         )
+        if trainer.step >= trainer.total_steps:
+            log.say(f"nothing to do: the run is complete at step {trainer.step}")
+            log.close()
+            return 0
         result = trainer.train()
         if trainer.stopped:
             log.say(

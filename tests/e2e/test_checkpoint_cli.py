@@ -82,6 +82,8 @@ def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Pa
     assert "resuming from" in resumed.stdout and "ckpt-000000002.h5 (step 2)" in resumed.stdout
     assert "from step 2" in resumed.stdout and "done: 4 steps" in resumed.stdout
     assert checkpoints(tmp_path) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
+    done = hpcngd(str(run_file))  # resubmitted after it finished
+    assert done.returncode == 0 and "nothing to do: the run is complete at step 4" in done.stdout
 
 
 def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:

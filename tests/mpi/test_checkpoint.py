@@ -168,3 +168,12 @@ def test_nonfinite_state_is_never_saved(comm: MPI.Comm, folder: Path) -> None:
             t.save_checkpoint("test")
         comm.Barrier()
         assert sorted(p.name for p in t.cfg.checkpoint_dir.iterdir()) == files
+
+
+def test_timed_checkpoints_are_agreed_by_every_rank(comm: MPI.Comm, folder: Path) -> None:
+    overrides = [f"run.output_dir={folder}", "run.name=timed", "run.max_steps=3"]
+    timed = ["checkpoint.every_minutes=1e-6", "checkpoint.at_end=false", "checkpoint.keep_last=5"]
+    with make_trainer(comm, [*overrides, *timed], checkpoints=True) as t:
+        t.train()  # rank 0's clock says "due" at every step; the others follow it
+        files = sorted(p.name for p in t.cfg.checkpoint_dir.iterdir())
+    assert files == [f"ckpt-{s:09d}.h5" for s in (1, 2, 3)] + ["latest"]
