@@ -2,13 +2,14 @@
 #   make quickstart   install into .venv, write the demo data, train runs/quickstart.toml on 2 MPI ranks
 #   make test         install into .venv, lint + type-check, unit tests, MPI tests at 1, 2 and 4 ranks
 # On a cluster, set TORCH to the CUDA build you want (e.g. TORCH=torch) and MPI_EXTRA= to keep the
-# system MPI instead of the PyPI Open MPI wheel.
+# system MPI instead of the PyPI Open MPI wheel; DALI_EXTRA= leaves NVIDIA DALI out (its tests are skipped).
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 MPI_EXTRA ?= ,localmpi
+DALI_EXTRA ?= ,dali
 NP ?= 2
 RUN ?= runs/quickstart.toml
 BIN := $(VENV)/bin
@@ -24,7 +25,7 @@ export PY_COLORS := 0
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH)" -e ".[test,dev$(MPI_EXTRA)]"
+	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH)" -e ".[test,dev$(MPI_EXTRA)$(DALI_EXTRA)]"
 	touch $@
 
 data/demo/val:

@@ -175,7 +175,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
         log.say(
             f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "
             f"{torch.get_num_threads()} thread(s) each | {cfg.model.arch} "
-            f"({sum(p.numel() for p in trainer.params):,} parameters) | {cfg.data.source} data: "
+            f"({sum(p.numel() for p in trainer.params):,} parameters) | {_loader(cfg.data)} data: "
             f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
             f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
             f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
@@ -195,6 +195,13 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
         log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
         log.close()
     return 0
+
+
+def _loader(data: config.DataConfig) -> str:
+    from hpcngd.data import resolve_source
+
+    source = resolve_source(data)
+    return f"{source} ({data.dali_device})" if source == "dali" else source
 
 
 def _agreed_exit(world: MPI.Comm, exc: AgreedError) -> int:

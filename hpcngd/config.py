@@ -68,8 +68,24 @@ class DataConfig(Section):
     """[data]: where images come from and how batches are formed."""
 
     SECTION = "data"
-    source: str = opt("synthetic", "Data source.", choices=("synthetic", "folder"))
-    path: str = opt("", "Root holding train/<class>/*.jpg and val/<class>/*.jpg (source = folder).")
+    source: str = opt(
+        "synthetic",
+        "Data source: folder (Pillow decoding in worker processes), dali (NVIDIA DALI: pip install "
+        "hpcngd[dali]), auto (dali when it is installed, else folder) or synthetic (random tensors).",
+        choices=("synthetic", "folder", "dali", "auto"),
+    )
+    path: str = opt("", "Root holding train/<class>/*.jpg and val/<class>/*.jpg (folder, dali, auto).")
+    train_list: str = opt(
+        "", "File list instead of the train/ tree: lines 'relative/path label', relative to data.path."
+    )
+    val_list: str = opt("", "File list instead of the val/ tree (same format as data.train_list).")
+    dali_device: str = opt(
+        "cpu",
+        "DALI: decode and augment on the cpu, or on the gpu (mixed nvJPEG decoder).",
+        choices=("cpu", "gpu"),
+    )
+    channels_last: bool = opt(False, "Batches in channels-last memory format (NHWC strides).")
+    dali_fp16: bool = opt(False, "DALI: output float16 images (the trainer casts to the model's dtype).")
     image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8)
     val_resize: int = opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
     batch_size: int = opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
@@ -79,7 +95,9 @@ class DataConfig(Section):
         "0 = batch_size / world size. Fix it to get the same losses at any rank count.",
         ge=0,
     )
-    workers: int = opt(2, "Decoding worker processes per rank (folder source; 0 = in-process).", ge=0)
+    workers: int = opt(
+        2, "Decoding worker processes per rank (folder; 0 = in-process); DALI threads (dali; 0 = 1).", ge=0
+    )
     crop_scale: tuple[float, ...] = opt((0.08, 1.0), "Random resized crop area range.", gt=0.0, le=1.0)
     crop_ratio: tuple[float, ...] = opt((3 / 4, 4 / 3), "Random resized crop aspect range.", gt=0.0)
     flip: bool = opt(True, "Random horizontal flip in training.")
@@ -99,8 +117,12 @@ class DataConfig(Section):
     synthetic_val_samples: int = opt(256, "Validation set size for source = synthetic.", ge=0)
 
     def check(self) -> None:
-        if self.source == "folder" and not self.path:
-            self.fail("path", 'is required when data.source = "folder"')
+        if self.source != "synthetic" and not self.path:
+            self.fail("path", f'is required when data.source = "{self.source}"')
+        if self.source == "synthetic" and (self.train_list or self.val_list):
+            self.fail(
+                "train_list" if self.train_list else "val_list", 'needs data.source = "folder" or "dali"'
+            )
         for key in ("crop_scale", "crop_ratio", "erasing_area", "erasing_aspect"):
             pair = getattr(self, key)
             if len(pair) != 2 or pair[0] > pair[1]:

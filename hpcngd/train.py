@@ -40,7 +40,7 @@ from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
-from hpcngd.data import Dataset, TrainLoader, eval_batches
+from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.errors import UserError
 from hpcngd.metrics import NGD_COUNTS, MetricsLog, PhaseTimer
@@ -77,9 +77,7 @@ class Trainer:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
         self.checkpoints, self.stop = checkpoints, stop
         data = cfg.data
-        self.loader = TrainLoader(
-            train_set, data.batch_size, topo.rank, topo.size, cfg.run.seed, data.workers
-        )
+        self.loader = train_loader(data, train_set, topo.rank, topo.size, cfg.run.seed)
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
         self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs
@@ -89,6 +87,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = build(cfg.model.arch, cfg.model.num_classes, cfg.model.zero_init_residual)
         self.model.train()
+        if data.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # Same seed gives the same init everywhere on CPU; broadcasting rank 0's makes it certain.
         broadcast_(list(self.model.state_dict().values()), topo.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -146,7 +146,7 @@ class Trainer:
     def train_step(self, images: Tensor, labels: Tensor) -> float:
         """One step on this rank's part of the global batch; returns the global mean loss."""
         set_lr(self.optimizer, self.lr_at(self.step))
-        images, labels = self.augment(images, labels)
+        images, labels = self.augment(self._as_input(images), labels)
         capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images))
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
@@ -179,6 +179,11 @@ class Trainer:
         if self.cfg.comm.check_replicas and self.step % self.cfg.comm.check_replicas == 0:
             self.check_replicas()
         return loss_value
+
+    def _as_input(self, images: Tensor) -> Tensor:
+        """The model's dtype (DALI may hand float16) and memory format (``data.channels_last``)."""
+        fmt = torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
+        return images.to(dtype=self.params[0].dtype, memory_format=fmt)
 
     def _stop_seen(self) -> float:
         return float(self.stop is not None and self.stop.received is not None)
@@ -269,10 +274,10 @@ class Trainer:
         self.model.eval()
         k = min(5, self.cfg.model.num_classes)
         count = loss_sum = top1 = top5 = 0.0
-        for x, y in eval_batches(
-            self.val_set, self.local_batch, self.topo.rank, self.topo.size, self.cfg.data.workers
+        for x, y in evaluation_batches(
+            self.cfg.data, self.val_set, self.local_batch, self.topo.rank, self.topo.size
         ):
-            logits = self.model(x)
+            logits = self.model(self._as_input(x))
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             hits = logits.topk(k, dim=1).indices == y[:, None]
             top1 += float(hits[:, 0].sum())

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from torch import Tensor
+
 from hpcngd.config import DataConfig
+from hpcngd.data import dali
 from hpcngd.data.folder import ImageFolder
 from hpcngd.data.loader import Dataset, TrainLoader, eval_batches
 from hpcngd.data.synthetic import SyntheticImages
 from hpcngd.errors import UserError
 
 
+def resolve_source(cfg: DataConfig) -> str:
+    """The loader ``data.source`` means here: "synthetic", "folder" or "dali" ("auto" is decided)."""
+    if cfg.source == "auto":
+        return "dali" if dali.available() else "folder"
+    if cfg.source == "dali" and not dali.available():
+        raise UserError(f'data.source = "dali": NVIDIA DALI is not installed here; {dali.INSTALL_HINT}')
+    return cfg.source
+
+
 def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
     """The (train, validation) sets the [data] section names; UserError when unusable."""
     sets: tuple[Dataset, Dataset]
-    if cfg.source == "folder":
+    if resolve_source(cfg) != "synthetic":
         sets = (
             ImageFolder(cfg, "train", num_classes, seed),
             ImageFolder(cfg, "val", num_classes, seed),
@@ -27,4 +41,22 @@ def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> tuple[Datase
     return sets
 
 
-__all__ = ["Dataset", "TrainLoader", "build_datasets", "eval_batches"]
+def train_loader(cfg: DataConfig, dataset: Dataset, rank: int, world_size: int, seed: int) -> TrainLoader:
+    """This rank's loader of the training set, DALI or not as the [data] section says."""
+    if resolve_source(cfg) == "dali":
+        assert isinstance(dataset, ImageFolder)
+        return dali.DaliTrainLoader(dataset, cfg, cfg.batch_size, rank, world_size, seed)
+    return TrainLoader(dataset, cfg.batch_size, rank, world_size, seed, cfg.workers)
+
+
+def evaluation_batches(
+    cfg: DataConfig, dataset: Dataset, batch_size: int, rank: int, world_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's slice of the validation set in batches of at most ``batch_size``."""
+    if resolve_source(cfg) == "dali":
+        assert isinstance(dataset, ImageFolder)
+        return dali.dali_eval_batches(dataset, cfg, batch_size, rank, world_size)
+    return eval_batches(dataset, batch_size, rank, world_size, cfg.workers)
+
+
+__all__ = ["Dataset", "TrainLoader", "build_datasets", "evaluation_batches", "resolve_source", "train_loader"]

@@ -2,6 +2,9 @@
 
 ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/<class>/*.jpg``; class indices are the sorted class folder
 names of ``train`` (as torchvision's ImageFolder numbers them), and ``val`` must hold the same classes.
+Or a file list (``data.train_list``/``data.val_list``): lines ``relative/path label`` (DALI's format),
+in that order, relative to ``data.path``. The DALI loader reads the same sample list
+(:func:`samples_of`), so both number classes and order samples alike.
 Training images get a random resized crop and a horizontal flip drawn from the sample's own RNG
 (:func:`hpcngd.data.sharding.sample_rng`), validation images a resize of the shorter side and a center
 crop. Images are decoded with Pillow in the loader's worker processes.
@@ -66,6 +69,46 @@ def random_resized_box(
     return (x0, y0, x0 + w, y0 + h)
 
 
+def read_list(root: Path, list_file: str) -> list[tuple[str, int]]:
+    """(path, label) pairs of a file list; one clear error naming the file and line if unusable."""
+    path = root / list_file
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read file list: {exc}") from None
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, _, label = line.rstrip().rpartition(" ")
+        if not name or not label.isdigit():
+            raise UserError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
+        samples.append((str(root / name), int(label)))
+    if not samples:
+        raise UserError(f"{path}: file list is empty")
+    return samples
+
+
+def samples_of(cfg: DataConfig, split: str, num_classes: int) -> list[tuple[str, int]]:
+    """The (path, label) pairs of ``split`` ("train" or "val") that the [data] section names."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise UserError(f"data.path = {cfg.path!r}: folder not found")
+    list_file = cfg.train_list if split == "train" else cfg.val_list
+    if list_file:
+        samples = read_list(root, list_file)
+        top = max(label for _, label in samples)
+        if top >= num_classes:
+            raise UserError(f"{root / list_file}: label {top} but model.num_classes = {num_classes}")
+        return samples
+    classes, samples = scan(root / split)
+    if len(classes) != num_classes:
+        raise UserError(
+            f"{root / split}: {len(classes)} class folders, but model.num_classes = {num_classes}"
+        )
+    return samples
+
+
 class ImageFolder:
     """One split of an image folder with its transform.
 
@@ -77,14 +120,7 @@ class ImageFolder:
     """
 
     def __init__(self, cfg: DataConfig, split: str, num_classes: int, seed: int) -> None:
-        root = Path(cfg.path)
-        if not root.is_dir():
-            raise UserError(f"data.path = {cfg.path!r}: folder not found")
-        self.classes, self.samples = scan(root / split)
-        if len(self.classes) != num_classes:
-            raise UserError(
-                f"{root / split}: {len(self.classes)} class folders, but model.num_classes = {num_classes}"
-            )
+        self.samples = samples_of(cfg, split, num_classes)
         self.cfg = cfg
         self.train = split == "train"
         self.seed = seed
