@@ -109,7 +109,7 @@ class _Pipeline:
                     normalized_shape=False,
                     axis_names="WH",
                 )
-                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
+                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_TRIANGULAR)
                 images = fn.crop_mirror_normalize(
                     images, mirror=flip, mean=mean, std=std, output_layout=layout, dtype=dtype
                 )
@@ -119,7 +119,7 @@ class _Pipeline:
                 images = fn.resize(
                     images,
                     resize_shorter=cfg.val_resize or round(size / 0.875),
-                    interp_type=types.INTERP_LINEAR,
+                    interp_type=types.INTERP_TRIANGULAR,
                 )
                 images = fn.crop_mirror_normalize(
                     images, crop=(size, size), mean=mean, std=std, output_layout=layout, dtype=dtype

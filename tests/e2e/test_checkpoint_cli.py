@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from helpers import ENV, ROOT, command, error_lines, hpcngd, write_run
 
 from hpcngd.checkpoint import CRASH_HOOK
@@ -140,3 +141,26 @@ def test_inspect(tmp_path: Path, demo: Path) -> None:
     junk.write_text("not hdf5")
     res = hpcngd("inspect", str(junk))
     assert res.returncode == 2 and len(error_lines(res.stderr)) == 1 and str(junk) in res.stderr
+
+
+def test_dali_run_with_mixup_and_erasing_resumes_bit_for_bit(tmp_path: Path, demo: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    args = [
+        str(run_file),
+        "--set", "data.source=dali",
+        "--set", "data.mixup_alpha=0.5",
+        "--set", "data.random_erasing=0.5",
+        "--set", "log.every_steps=1",
+        "--set", "run.epochs=3",
+    ]  # fmt: skip
+    whole = hpcngd(*args, ranks=2)
+    assert whole.returncode == 0, whole.stderr
+    assert "dali (cpu) data: 40 train / 20 val images" in whole.stdout
+    first = [(r["step"], r["loss"]) for r in records(tmp_path) if r["kind"] == "train"]
+    ckpt = tmp_path / "out/tiny/checkpoints/ckpt-000000002.h5"
+    again = hpcngd(*args, "--set", "run.name=again", "--set", f"checkpoint.resume={ckpt}", ranks=2)
+    assert again.returncode == 0, again.stderr
+    lines = (tmp_path / "out/again/metrics.jsonl").read_text().splitlines()
+    resumed = [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert resumed == first[2:] and len(resumed) == 4
