@@ -40,7 +40,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 unit: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:cacheprovider tests/unit tests/e2e
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:cacheprovider tests/unit tests/e2e tests/gpu
 
 # Each MPI size runs the same tests; `timeout` turns a hang into a failure.
 mpi-tests: $(BIN)/.installed
