@@ -437,3 +437,40 @@ def differences(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
         for f in dataclasses.fields(getattr(old, name))
         if getattr(getattr(old, name), f.name) != getattr(getattr(new, name), f.name)
     ]
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def reference() -> str:
+    """The run-file reference in Markdown, generated from the schema (README embeds it)."""
+    lines: list[str] = []
+    for name, cls in SECTIONS.items():
+        lines += [
+            f"#### [{name}]",
+            "",
+            _sentence((cls.__doc__ or "").strip().removeprefix(f"[{name}]: ")),
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata
+            rules = (
+                [f"one of {', '.join(toml_value(c) for c in meta['choices'])}"] if "choices" in meta else []
+            )
+            rules += [
+                f"{sign} {meta[op]}"
+                for op, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                if op in meta
+            ]
+            extra = f" ({'; '.join(rules)})" if rules else ""
+            text = f"{meta['help']}{extra}".replace("|", "\\|")
+            lines.append(f"| `{f.name}` | `{toml_value(f.default)}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m hpcngd.config: print the reference
+    print(reference(), end="")

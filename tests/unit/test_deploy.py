@@ -1,0 +1,99 @@
+"""What a cluster user is handed: the paper-scale presets, the Slurm and PBS scripts, spack.yaml and
+the README's run-file reference, checked against each other so that they cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpcngd import config
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ["resnet50_32k", "resnet50_65k", "resnet50_131k"]
+HARDWARE = re.compile(r"^# hardware: (\d+) GPUs = (\d+) nodes x (\d+) GPUs, (\d+) images a GPU", re.M)
+
+
+def hardware(preset: str) -> tuple[int, int, int, int]:
+    match = HARDWARE.search((ROOT / "runs" / f"{preset}.toml").read_text())
+    assert match, f"runs/{preset}.toml: no '# hardware: N GPUs = M nodes x K GPUs, B images a GPU' line"
+    gpus, nodes, per_node, per_gpu = map(int, match.groups())
+    assert gpus == nodes * per_node
+    return gpus, nodes, per_node, per_gpu
+
+
+def directives(path: Path, prefix: str) -> list[str]:
+    return [line[len(prefix) :].strip() for line in path.read_text().splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_fit_the_hardware_they_name(preset: str) -> None:
+    cfg = config.load(ROOT / "runs" / f"{preset}.toml")
+    gpus, _, _, per_gpu = hardware(preset)
+    assert cfg.data.batch_size == per_gpu * gpus
+    assert cfg.data.batch_size // 1000 == int(preset.split("_")[1].removesuffix("k"))  # 32k, 65k, 131k
+    config.check_world_size(cfg, gpus)  # the batch splits over the ranks
+    assert per_gpu == 32 and cfg.optim.name == "spngd" and cfg.comm.dtype == "fp16" and cfg.comm.hierarchical
+    assert cfg.checkpoint.every_minutes > 0 and cfg.checkpoint.resume == "auto"
+    with pytest.raises(config.ConfigError, match="must be divisible"):
+        config.check_world_size(cfg, gpus * 3)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_slurm_script_of_each_preset(preset: str) -> None:
+    script = ROOT / "scripts" / "slurm" / f"{preset}.sbatch"
+    opts = dict(d.lstrip("-").partition("=")[::2] for d in directives(script, "#SBATCH"))
+    _, nodes, per_node, _ = hardware(preset)
+    assert int(opts["nodes"]) == nodes and int(opts["ntasks-per-node"]) == per_node
+    assert opts["gpus-per-task"] == "1" and opts["signal"].startswith("B:USR1@") and "requeue" in opts
+    assert opts["open-mode"] == "append"
+    text = script.read_text()
+    assert f"RUN=${{RUN:-runs/{preset}.toml}}" in text
+    assert 'launch srun --mpi=pmix --cpu-bind=cores --gpu-bind=closest hpcngd "$RUN" "$@"' in text
+    assert 'source "${SLURM_SUBMIT_DIR:-.}/scripts/launch.sh"' in text
+
+
+@pytest.mark.parametrize("preset", [*PRESETS, "quickstart"])
+def test_pbs_scripts_parse(preset: str) -> None:
+    script = ROOT / "scripts" / "pbs" / f"{preset}.pbs"
+    opts = directives(script, "#PBS")
+    select = next(o for o in opts if o.startswith("-l select="))
+    chunks = dict(kv.split("=") for kv in select.removeprefix("-l select=").split(":")[1:])
+    nodes = int(select.removeprefix("-l select=").split(":")[0])
+    ranks = nodes * int(chunks["mpiprocs"])
+    assert (
+        "-r y" in opts
+        and "-j oe" in opts
+        and any(re.fullmatch(r"-l walltime=\d\d:\d\d:\d\d", o) for o in opts)
+    )
+    if preset == "quickstart":
+        assert ranks == 2
+    else:
+        gpus, _, per_node, _ = hardware(preset)
+        assert ranks == gpus and int(chunks["ngpus"]) == per_node
+    launch = next(line for line in script.read_text().splitlines() if line.startswith("launch "))
+    assert re.fullmatch(rf'launch mpirun -n {ranks}( .*)? hpcngd "\$RUN" \$\{{ARGS:-\}}', launch), launch
+    assert f"RUN=${{RUN:-runs/{preset}.toml}}" in script.read_text()
+
+
+def test_every_python_dependency_is_in_spack_yaml() -> None:
+    project = config.tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    # localmpi: the site MPI replaces the PyPI wheel; dev: linters, not needed on a cluster.
+    wanted = [*project["dependencies"], *extras["test"], *extras["dali"]]
+    names = {re.split(r"[<>=!;\[ ]", dep, maxsplit=1)[0].lower() for dep in wanted}
+    spack_names = {"torch": "py-torch", "pillow": "py-pillow", "nvidia-dali-cuda120": "py-nvidia-dali"}
+    specs = yaml.safe_load((ROOT / "spack.yaml").read_text())["spack"]["specs"]
+    listed = {spec.split()[0].split("@")[0] for spec in specs}
+    missing = {n for n in names if spack_names.get(n, f"py-{n}") not in listed}
+    assert not missing, f"spack.yaml lacks the spack packages of {sorted(missing)}"
+    assert any(s.startswith("py-h5py") and "+mpi" in s for s in specs)
+    assert any(s.startswith("py-torch") and "+cuda" in s for s in specs)
+
+
+def test_readme_run_file_reference_is_generated_from_the_schema() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- run-file-reference:start -->\n")[1].split("<!-- run-file-reference:end -->")[0]
+    assert block == config.reference(), "README is stale: paste the output of `python -m hpcngd.config`"
