@@ -45,7 +45,8 @@ mkdir -p "$WORK"/{munge,state,spool}
 dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$WORK/munge/munge.key"
 munged --force --foreground --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/socket" \
-  --pid-file="$WORK/munge/pid" --log-file="$WORK/munge.log" --seed-file="$WORK/munge/seed" &
+  --pid-file="$WORK/munge/pid" --log-file="$WORK/munge.log" --seed-file="$WORK/munge/seed" \
+  >"$WORK/munged.log" 2>&1 &
 PIDS+=($!)
 cat > "$SLURM_CONF" <<CONF
 ClusterName=hpcngd-ci
@@ -74,9 +75,9 @@ NodeName=$HOST CPUs=$(nproc) RealMemory=2000 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 CONF
 for _ in $(seq 50); do [ -S "$WORK/munge/socket" ] && break; sleep 0.1; done
-slurmctld -D -i &
+slurmctld -D -i >"$WORK/slurmctld.out.log" 2>&1 &
 PIDS+=($!)
-slurmd -D &
+slurmd -D >"$WORK/slurmd.out.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 60); do sinfo -h -o %t 2>/dev/null | grep -q idle && break; sleep 1; done
 sinfo -h -o "%P %t %D %c" | grep -q idle || { echo "slurm test: the node never became idle"; exit 1; }
@@ -95,17 +96,19 @@ wait_state() {  # job, wanted states (regex), timeout in s
   echo "slurm test: job $1 is $(state "$1"), expected $2"; return 1
 }
 
-# 1. The quickstart script, 2 tasks, one epoch.
+# 1. The quickstart script, 2 tasks, two epochs.
+SECONDS=0
 job=$(sbatch --parsable --job-name=slurmtest-quick scripts/slurm/quickstart.sbatch \
-  --set run.name=slurmtest-quick --set run.epochs=1)
+  --set run.name=slurmtest-quick --set run.epochs=2)
 wait_state "$job" "COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL" 300
 out=hpcngd-slurmtest-quick-$job.out
 [ "$(state "$job")" = COMPLETED ] || { echo "slurm test: quickstart job $job ended $(state "$job")"; cat "$out"; exit 1; }
 grep -q '"kind": "eval"' out/slurmtest-quick/metrics.jsonl
 grep -q '"val_top1"' out/slurmtest-quick/metrics.jsonl
 grep -q "2 ranks on 1 node(s)" "$out"
-grep -q "done: 23 steps, final val_top1" "$out"
-echo "slurm test: quickstart job $job COMPLETED: $(grep -o 'final val_top1 [0-9.]*%' "$out")"
+grep -q "done: 46 steps, final val_top1" "$out"
+echo "slurm test: quickstart job $job COMPLETED in ${SECONDS} s: $(grep -o 'final val_top1 [0-9.]*%' "$out")"
+SECONDS=0
 
 # 2. The warning signal: checkpoint, exit 3, requeue, resume, complete.
 job=$(sbatch --parsable --job-name=slurmtest-signal scripts/slurm/quickstart.sbatch \
@@ -113,16 +116,21 @@ job=$(sbatch --parsable --job-name=slurmtest-signal scripts/slurm/quickstart.sba
 out=hpcngd-slurmtest-signal-$job.out
 metrics=out/slurmtest-signal/metrics.jsonl
 for _ in $(seq 240); do [ -f "$metrics" ] && [ "$(grep -c '"train"' "$metrics")" -ge 3 ] && break; sleep 0.5; done
+echo "slurm test: job $job trains (${SECONDS} s); sending it the warning signal"
 scancel --batch --signal=USR1 "$job"
 for _ in $(seq 120); do grep -q "requeueing" "$out" 2>/dev/null && break; sleep 1; done
+echo "slurm test: job $job asked to be requeued (${SECONDS} s)"
 grep -q "stopped by SIGUSR1 at step" "$out"
 grep -q "hpcngd job: exit 3" "$out"
 ls out/slurmtest-signal/checkpoints/ckpt-*.h5 >/dev/null
+wait_state "$job" "PENDING|REQUEUED|RUNNING|COMPLETED" 60
+# Slurm keeps a requeued job ineligible for about two minutes (its BeginTime); skip that wait here.
+scontrol update JobId="$job" StartTime=now 2>/dev/null || true
 wait_state "$job" "COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL" 300
 [ "$(state "$job")" = COMPLETED ] || { echo "slurm test: signalled job $job ended $(state "$job")"; exit 1; }
 restarts=$(scontrol show job "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
 [ "$restarts" -ge 1 ]
 grep -q "resuming from .*out/slurmtest-signal/checkpoints/ckpt-" "$out"
 grep -q "done: 92 steps" "$out"
-echo "slurm test: signalled job $job checkpointed, exited 3, was requeued ($restarts restart) and resumed to COMPLETED"
+echo "slurm test: signalled job $job checkpointed, exited 3, was requeued ($restarts restart) and resumed to COMPLETED (${SECONDS} s)"
 echo "slurm test: PASSED"
