@@ -15,8 +15,10 @@ its final name and fsyncs the folder; ``latest`` is replaced the same way; only 
 beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoint complete.
 
 Contents: numeric datasets (bool, integer, float; each non-empty one carries a Fletcher-32 checksum)
-and attributes (numbers, strings). A file holding anything else (object, opaque or compound types,
-soft or external links) is refused before any of it is read, so a pickled payload is never deserialised.
+and attributes (numbers, strings), in HDF5's latest file format (its object headers carry checksums).
+A file holding anything else (object, opaque or compound types, soft or external links, external or
+virtual datasets, filters other than Fletcher-32) is refused before any of it is read, so a pickled
+payload is never deserialised and no other file is ever opened.
 """
 
 from __future__ import annotations
@@ -46,7 +48,17 @@ NAME = re.compile(r"ckpt-(\d{9})\.h5")
 LATEST = "latest"
 # Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets.
 CRASH_HOOK = "HPCNGD_TEST_CRASH_IN_SAVE"
+_WRITE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)  # what h5py raises on failure
+
+
+def _crash_after(step: int) -> int:
+    """The dataset count after which the test hook kills the writer of ``step`` (-1: never)."""
+    wanted, _, count = os.environ.get(CRASH_HOOK, "").partition(":")
+    return int(count) if wanted == str(step) and count.isdigit() else -1
+
+
 _NUMERIC = "biuf"
+_REQUIRED_ATTRS = ("format", "schema_version", "step", "created")
 
 
 def file_name(step: int) -> str:
@@ -69,11 +81,24 @@ def _replace_durably(tmp: Path, final: Path) -> None:
 
 
 def candidates(directory: Path) -> list[Path]:
-    """The checkpoint files in ``directory``, newest step first."""
+    """The checkpoint files in ``directory``, highest step first."""
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def resume_order(directory: Path) -> list[Path]:
+    """Where to resume from, best first: the one ``latest`` names, then the others, highest step first.
+
+    ``latest`` decides because the newest checkpoint is not always the highest step (a run resumed
+    from an older checkpoint, or with another batch size, writes lower step numbers).
+    """
+    found = candidates(directory)
+    pointer = directory / LATEST
+    name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    first = [p for p in found if p.name == name]
+    return first + [p for p in found if p.name != name]
 
 
 def step_of(path: Path) -> int:
@@ -105,18 +130,17 @@ class Writer:
         self.datasets = 0
         self.bytes = 0
         self.file: h5py.File | None = None
-        crash = os.environ.get(CRASH_HOOK, "")
-        self._crash_after = int(crash.split(":")[1]) if crash.split(":")[0] == str(step) else -1
+        self._crash_after = _crash_after(step)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             for old in directory.glob(".ckpt-*.h5.tmp"):  # left by a writer that died
                 old.unlink()
-            self.file = h5py.File(self.tmp, "w", locking=False)
+            self.file = h5py.File(self.tmp, "w", locking=False, libver="latest")
             self.file.attrs.update(
                 {"format": FORMAT, "schema_version": SCHEMA_VERSION, "step": step, "created": time.time()}
             )
             self.file.attrs.update(attrs)
-        except OSError as exc:
+        except _WRITE_ERRORS as exc:
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
@@ -138,7 +162,7 @@ class Writer:
             filtered = {"fletcher32": True} if len(shape) and int(np.prod(shape)) else {}
             ds = self.file.create_dataset(name, shape=shape, dtype=dtype, **filtered)
             ds.attrs.update(attrs)
-        except (OSError, ValueError) as exc:
+        except _WRITE_ERRORS as exc:
             self._fail(exc)
 
     def fill(self, name: str, first_row: int, rows: np.ndarray) -> None:
@@ -150,7 +174,7 @@ class Writer:
             elif rows.size:
                 self.file[name][first_row : first_row + len(rows)] = rows
             self.bytes += rows.nbytes
-        except (OSError, ValueError) as exc:
+        except _WRITE_ERRORS as exc:
             self._fail(exc)
             return
         self.datasets += 1
@@ -164,15 +188,15 @@ class Writer:
             return
         try:
             self.file.require_group(group).attrs.update(attrs)
-        except (OSError, ValueError) as exc:
+        except _WRITE_ERRORS as exc:
             self._fail(exc)
 
     def commit(self, keep_last: int) -> Path:
         """Make the checkpoint durable and visible, point ``latest`` at it, then prune old ones."""
         try:
             if self.file is not None:
-                self.file.close()
-                self.file = None
+                f, self.file = self.file, None
+                f.close()  # HDF5 writes its metadata here: a full disk often shows now
             if self.error:
                 raise CheckpointError(self.error)
             _replace_durably(self.tmp, self.final)
@@ -182,7 +206,7 @@ class Writer:
             older = [p for p in candidates(self.directory) if step_of(p) < self.step]
             for p in older[keep_last - 1 :]:
                 p.unlink()
-        except OSError as exc:
+        except _WRITE_ERRORS as exc:
             self._fail(exc)
             self.abort()
             raise CheckpointError(self.error or str(exc)) from None
@@ -192,12 +216,15 @@ class Writer:
         return self.final
 
     def abort(self) -> None:
-        """Drop the temporary file (the previous checkpoints are untouched)."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tmp.exists():
-            self.tmp.unlink()
+        """Drop the temporary file (the previous checkpoints are untouched); keeps the first error."""
+        try:
+            if self.file is not None:
+                f, self.file = self.file, None
+                f.close()
+            if self.tmp.exists():
+                self.tmp.unlink()
+        except _WRITE_ERRORS as exc:
+            self._fail(exc)
 
 
 def _plain(value: Any) -> Any:
@@ -246,6 +273,9 @@ class Reader:
             raise self.fail(f"unreadable header: {exc}", corrupt=True) from None
         if fmt != FORMAT:
             raise self.fail(f"not an hpcngd checkpoint (format attribute {fmt!r})")
+        missing = [a for a in _REQUIRED_ATTRS if a not in self.file.attrs]
+        if missing:
+            raise self.fail(f"header lacks {', '.join(missing)}", corrupt=True)
         if version != SCHEMA_VERSION:
             raise self.fail(f"schema version {version}; this hpcngd reads version {SCHEMA_VERSION}")
         problems: list[str] = []
@@ -255,14 +285,21 @@ class Reader:
                 problems.append(f"{name} is a {type(link).__name__}")
                 return
             obj = self.file[name]
-            if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in _NUMERIC:
-                problems.append(f"{name} has type {obj.dtype}")
+            if isinstance(obj, h5py.Dataset):
+                if obj.dtype.kind not in _NUMERIC:
+                    problems.append(f"{name} has type {obj.dtype}")
+                if obj.external or obj.is_virtual:
+                    problems.append(f"{name} points to other files")
+                plist = obj.id.get_create_plist()
+                filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+                if filters - {h5py.h5z.FILTER_FLETCHER32}:
+                    problems.append(f"{name} uses filters {sorted(filters)}")
             problems.extend(f"{name}@{a}" for a in _bad_attrs(obj))
 
         try:
             problems.extend(f"/@{a}" for a in _bad_attrs(self.file))
             self.file.visititems_links(visit)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise self.fail(f"corrupted structure: {exc}", corrupt=True) from None
         if problems:
             raise self.fail(
@@ -288,20 +325,16 @@ class Reader:
         return name in self.file
 
     def array(self, name: str) -> np.ndarray:
-        try:
-            return np.asarray(self.file[name][()])
-        except KeyError:
-            raise self.fail(f"has no entry {name}") from None
-        except (OSError, ValueError) as exc:
-            raise self.fail(f"corrupted data in {name}: {exc}", corrupt=True) from None
+        return self.rows(name, None, None)
 
-    def rows(self, name: str, first: int, stop: int) -> np.ndarray:
-        """Rows ``first:stop`` of dataset ``name``."""
+    def rows(self, name: str, first: int | None, stop: int | None) -> np.ndarray:
+        """Rows ``first:stop`` of dataset ``name`` (all of it when both are None)."""
         try:
-            return np.asarray(self.file[name][first:stop])
+            ds = self.file[name]
+            return np.asarray(ds[()] if first is None and stop is None else ds[first:stop])
         except KeyError:
             raise self.fail(f"has no entry {name}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise self.fail(f"corrupted data in {name}: {exc}", corrupt=True) from None
 
     def group_attrs(self, name: str) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from hpcngd.errors import AgreedError, UserError, agree
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from hpcngd.stopping import StopSignals
+
 T = TypeVar("T")
 COMMANDS = ("train", "validate", "plan", "inspect", "data")
 EXIT_USER_ERROR = 2
@@ -147,13 +149,19 @@ def _threads(run_threads: int, local_size: int) -> int:
 
 
 def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
+    from hpcngd.stopping import StopSignals
+
+    with StopSignals() as stop:  # from the start: a signal during set-up stops the run after step 1
+        return _train_with(world, run_file, overrides, stop)
+
+
+def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopSignals) -> int:
     import torch
 
     from hpcngd import state
     from hpcngd.comm.topology import Topology
     from hpcngd.data import build_datasets
     from hpcngd.metrics import MetricsLog
-    from hpcngd.stopping import StopSignals
     from hpcngd.train import Trainer, prepare_run_dir
 
     # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
@@ -164,7 +172,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
     train_set, val_set = agree(world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed))
     run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
-    with topo, StopSignals() as stop:
+    with topo:
         trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop)
         resumed_from, notes = state.resume(trainer)  # AgreedError: see run_guarded
         if resumed_from is not None:

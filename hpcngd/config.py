@@ -237,7 +237,7 @@ class CommConfig(Section):
 
 
 # Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
-TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name")
+TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name", "run.seed")
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ class CheckpointConfig(Section):
     allow_changes: tuple[str, ...] = opt(
         (),
         "Run-file keys (section.key) that may differ from the checkpoint's although they change the "
-        "trajectory: model.*, data.batch_size, optim.name.",
+        "trajectory: model.*, data.batch_size, optim.name, run.seed.",
     )
 
     def check(self) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from hpcngd import __version__, config
-from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, set_aside
+from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, resume_order, set_aside
 from hpcngd.errors import AgreedError, CheckpointError, agree
 from hpcngd.metrics import NGD_COUNTS
 
@@ -158,8 +158,8 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
     if w is not None:
         try:
             path = w.commit(keep_last)
-        except CheckpointError as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - rank 0 must reach the bcast below, whatever happened
+            error = str(exc) if isinstance(exc, CheckpointError) else f"cannot write checkpoint: {exc!r}"
     error, path = comm.bcast((error, path), root=0)
     if error:
         raise AgreedError(error)
@@ -227,7 +227,7 @@ def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
             reader.close()
             raise
     notes: list[str] = []
-    for path in candidates(folder):
+    for path in resume_order(folder):
         try:
             reader = Reader(path)
         except CorruptCheckpoint as exc:
@@ -271,6 +271,13 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
             "run file differs from the checkpoint's: "
             + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changed)
         )
+    needed = [
+        "log/pending_losses",
+        *(f"ranks/{r}/{k}" for r in range(int(a["world_size"])) for k in _RANK_KEYS),
+    ]
+    absent = [n for n in needed if not reader.has(n)] + ([] if reader.has("optim") else ["optim"])
+    if absent:
+        raise reader.fail(f"is incomplete: it lacks {', '.join(absent[:3])}", corrupt=True)
     model = {k: tuple(v.shape) for k, v in trainer.model.state_dict().items()}
     stored = {n.removeprefix("model/"): tuple(reader.file[n].shape) for n in reader.names("model")}
     if stored != model:
@@ -321,9 +328,15 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
             stat.value = torch.from_numpy(get(f"{base}/value")).to(trainer.ngd.dtype)
             stat.schedule.interval = int(groups[base]["interval"])
             stat.schedule.next_step = int(groups[base]["next_step"]) + step - int(a["step"])
-            if f"{base}/inverse" in names:
-                inv = torch.from_numpy(get(f"{base}/inverse"))
-                stat.inverse = inv.to(trainer.ngd.dtype) if layer in trainer.ngd.owned else None
+            if f"{base}/inverse" in names:  # only to the layer's owner now, point to point
+                owner = trainer.plan.owner(layer)
+                inv = reader.array(f"{base}/inverse") if reader is not None else None
+                if owner != 0:
+                    if reader is not None:
+                        comm.send(inv, dest=owner, tag=4)
+                    inv = comm.recv(source=0, tag=4) if comm.rank == owner else None
+                if inv is not None:
+                    stat.inverse = torch.from_numpy(inv).to(trainer.ngd.dtype)
     same_batch = int(a["batch_size"]) == trainer.cfg.data.batch_size
     if trainer.mixup is not None and "mixup/images" in names and same_batch:
         trainer.mixup.prev = _scatter_rows(trainer, reader)

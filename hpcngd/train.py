@@ -107,8 +107,9 @@ class Trainer:
         alpha = cfg.data.mixup_alpha
         self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        self.loss_buf = torch.zeros(3)  # [loss, stop signal seen, timed checkpoint due]
-        shapes = [p.shape for p in self.params] + [self.loss_buf.shape]
+        self.loss_buf = torch.zeros(1)
+        self.control = torch.zeros(2)  # [stop signal seen, timed checkpoint due]: its own fp16 scale
+        shapes = [p.shape for p in self.params] + [self.loss_buf.shape, self.control.shape]
         # Gradients (with the loss riding along) and factors share one wire; BN statistics go in fp32.
         self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical)
         self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
@@ -159,10 +160,13 @@ class Trainer:
                 loss.backward()
                 local_loss += loss.item()
         with self.timer.phase("comm"):
-            self.loss_buf.copy_(torch.tensor([local_loss, self._stop_seen(), self._timed_save_due()]))
+            self.loss_buf.fill_(local_loss)
+            self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due()]))
             fresh = self.ngd.take_factors() if self.ngd is not None else {}
-            self._average([self._grad(p) for p in self.params] + [self.loss_buf], list(fresh.values()))
-        loss_value, stop, timed = self.loss_buf.tolist()
+            grads = [self._grad(p) for p in self.params]
+            self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
+        loss_value = float(self.loss_buf.item())
+        stop, timed = self.control.tolist()
         self.stop_requested, self.save_due = stop > 0, timed > 0
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -181,9 +185,10 @@ class Trainer:
         return loss_value
 
     def _as_input(self, images: Tensor) -> Tensor:
-        """The model's dtype (DALI may hand float16) and memory format (``data.channels_last``)."""
+        """The model's device and dtype (DALI may hand float16 or GPU batches) and memory format."""
         fmt = torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
-        return images.to(dtype=self.params[0].dtype, memory_format=fmt)
+        first = self.params[0]
+        return images.to(device=first.device, dtype=first.dtype, memory_format=fmt)
 
     def _stop_seen(self) -> float:
         return float(self.stop is not None and self.stop.received is not None)

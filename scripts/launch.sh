@@ -35,13 +35,19 @@ requeue() {
 
 launch() {
   echo "hpcngd job ${SLURM_JOB_ID:-${PBS_JOBID:-}} on $(hostname) at $(date -Is): $*"
+  local pid="" rc early=""
+  # Trapped before the launch: a signal that comes first is passed on once the launcher runs.
+  trap 'echo "hpcngd job: warning signal, passing USR1 to the ranks"; if [ -n "$pid" ]; then kill -USR1 "$pid"; else early=1; fi' USR1 TERM
   "$@" &
-  local pid=$! rc
-  trap 'echo "hpcngd job: warning signal, passing USR1 to the ranks"; kill -USR1 "$pid"' USR1 TERM
+  pid=$!
+  [ -z "$early" ] || kill -USR1 "$pid"
   wait "$pid"; rc=$?
-  while kill -0 "$pid" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
+  while kill -0 "$pid" 2>/dev/null; do  # `wait` returns early (128 + signal) when a trapped signal arrives
     wait "$pid"; rc=$?
   done
+  if [ "$rc" -gt 128 ]; then  # the launcher may have ended during an interrupted wait: ask for its status
+    wait "$pid" 2>/dev/null && rc=0 || { r=$?; [ "$r" = 127 ] || rc=$r; }
+  fi
   echo "hpcngd job: exit $rc at $(date -Is)"
   if [ "$rc" = "$EXIT_STOPPED" ]; then
     echo "hpcngd job: stopped after a checkpoint; requeueing"

@@ -56,8 +56,12 @@ def _encoded(path: str) -> tuple[np.ndarray, int, int]:
     return data, width, height
 
 
-def _culprit(paths: Sequence[str], exc: Exception) -> UserError:
-    """The one-line error for a batch DALI failed on: the first file Pillow cannot decode either."""
+def _culprit(paths: Sequence[str], exc: Exception) -> UserError | None:
+    """The one-line error for a batch DALI failed on: the first file Pillow cannot decode either.
+
+    None when Pillow reads them all: then the failure is not the data's (out of memory, a DALI or
+    nvJPEG error) and the caller re-raises it as it came.
+    """
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     for path in paths:
         try:
@@ -65,7 +69,7 @@ def _culprit(paths: Sequence[str], exc: Exception) -> UserError:
                 img.load()
         except (OSError, ValueError, Image.DecompressionBombError) as bad:
             return UserError(f"{path}: cannot read image: {bad} (DALI: {reason})")
-    return UserError(f"DALI failed on a batch of {len(paths)} images from {paths[0]}: {reason}")
+    return None
 
 
 class _Pipeline:
@@ -143,7 +147,10 @@ class _Pipeline:
             except StopIteration:
                 return
             except RuntimeError as exc:
-                raise _culprit([p for batch in self.fed for p in batch], exc) from None
+                bad_file = _culprit([p for batch in self.fed for p in batch], exc)
+                if bad_file is None:
+                    raise
+                raise bad_file from None
             images = out["images"]
             if images.dim() == 4 and images.shape[-1] == 3:  # HWC: an NCHW view in channels-last strides
                 images = images.permute(0, 3, 1, 2)

@@ -114,7 +114,9 @@ def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
 
 
-@pytest.mark.parametrize("kind", ["opaque", "object", "string", "attribute", "softlink", "external"])
+@pytest.mark.parametrize(
+    "kind", ["opaque", "object", "string", "attribute", "softlink", "external", "external-data", "filter"]
+)
 def test_entries_that_are_not_numbers_are_refused_unread(tmp_path: Path, kind: str) -> None:
     path = write(tmp_path, 2)
     payload = pickle.dumps({"evil": True})
@@ -129,6 +131,13 @@ def test_entries_that_are_not_numbers_are_refused_unread(tmp_path: Path, kind: s
             f["model/pickled"] = payload.hex()
         elif kind == "attribute":
             f["model/w"].attrs["pickled"] = np.void(payload)
+        elif kind == "external-data":  # its bytes would come from another file
+            (tmp_path / "secret.bin").write_bytes(bytes(16))
+            f.create_dataset(
+                "model/outside", shape=(4,), dtype="f4", external=[(str(tmp_path / "secret.bin"), 0, 16)]
+            )
+        elif kind == "filter":
+            f.create_dataset("model/packed", data=np.ones(100), compression="gzip")
         elif kind == "softlink":
             f["model/link"] = h5py.SoftLink("/model/w")
         else:
@@ -161,3 +170,14 @@ def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> N
         '{"kind": "train", "step": 2}',
         '{"kind": "train", "step": 3, "again": true}',
     ]
+
+
+def test_resume_order_follows_latest_not_the_highest_step(tmp_path: Path) -> None:
+    for step in (2, 4):
+        write(tmp_path, step)
+    assert [p.name for p in checkpoint.resume_order(tmp_path)] == ["ckpt-000000004.h5", "ckpt-000000002.h5"]
+    write(tmp_path, 3)  # a run resumed from an older checkpoint (or another batch size) went on from there
+    order = [p.name for p in checkpoint.resume_order(tmp_path)]
+    assert order == ["ckpt-000000003.h5", "ckpt-000000004.h5", "ckpt-000000002.h5"]
+    (tmp_path / "latest").unlink()
+    assert checkpoint.resume_order(tmp_path)[0].name == "ckpt-000000004.h5"

@@ -3,7 +3,11 @@ the README's run-file reference, checked against each other so that they cannot 
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,31 @@ def test_readme_run_file_reference_is_generated_from_the_schema() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- run-file-reference:start -->\n")[1].split("<!-- run-file-reference:end -->")[0]
     assert block == config.reference(), "README is stale: paste the output of `python -m hpcngd.config`"
+
+
+@pytest.mark.parametrize(("signal_it", "code", "requeued"), [(True, 3, True), (False, 0, False)])
+def test_launch_passes_the_warning_signal_on_and_requeues_on_exit_3(
+    tmp_path: Path, signal_it: bool, code: int, requeued: bool
+) -> None:
+    fake = tmp_path / "hpcngd-fake"  # stands for hpcngd: exits 3 after a USR1, else 0
+    fake.write_text("#!/bin/bash\ntrap 'exit 3' USR1\nfor i in $(seq 50); do sleep 0.1; done\n")
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/bash\necho "$*" > {tmp_path}/scontrol.log\n')
+    for f in (fake, scontrol):
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{scontrol.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    env["SLURM_SUBMIT_DIR"] = str(tmp_path)
+    job = subprocess.Popen(
+        ["bash", "-c", f"source {ROOT}/scripts/launch.sh; launch {fake}"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if signal_it:
+        time.sleep(1.0)
+        job.send_signal(signal.SIGUSR1)  # what Slurm's --signal=B:USR1@T does to the batch shell
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == code, out
+    assert (tmp_path / "scontrol.log").exists() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+        assert "passing USR1 to the ranks" in out and "exit 3" in out
