@@ -188,11 +188,7 @@ class DaliTrainLoader(TrainLoader):
     def batches(
         self, start_epoch: int, start_step: int, num_epochs: int
     ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
-        order = [
-            (e, s)
-            for e in range(start_epoch, num_epochs)
-            for s in range(start_step if e == start_epoch else 0, self.steps_per_epoch)
-        ]
+        order = self.order(start_epoch, start_step, num_epochs)
         pipeline = _Pipeline(self.cfg, self.batch_size // self.world_size, self._feed(order), train=True)
         for (epoch, step), (images, labels) in zip(order, pipeline, strict=True):
             yield epoch, step, images, labels
@@ -202,8 +198,7 @@ def dali_eval_batches(
     dataset: ImageFolder, cfg: DataConfig, batch_size: int, rank: int, world_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """This rank's slice of the validation set through DALI (resize shorter side, center crop)."""
-    idx = sharding.eval_indices(len(dataset), rank, world_size)
-    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    chunks = sharding.eval_chunks(len(dataset), batch_size, rank, world_size)
 
     def feed() -> Iterator[tuple[list[Any], ...]]:
         for chunk in chunks:

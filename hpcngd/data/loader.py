@@ -78,15 +78,19 @@ class TrainLoader:
         idx = sharding.local_indices(perm, step, self.batch_size, self.rank, self.world_size)
         return [(int(i), epoch) for i in idx]
 
-    def batches(
-        self, start_epoch: int, start_step: int, num_epochs: int
-    ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
-        """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
-        order = [
+    def order(self, start_epoch: int, start_step: int, num_epochs: int) -> list[tuple[int, int]]:
+        """The (epoch, step) pairs from ``(start_epoch, start_step)`` to the end of ``num_epochs``."""
+        return [
             (e, s)
             for e in range(start_epoch, num_epochs)
             for s in range(start_step if e == start_epoch else 0, self.steps_per_epoch)
         ]
+
+    def batches(
+        self, start_epoch: int, start_step: int, num_epochs: int
+    ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
+        """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
+        order = self.order(start_epoch, start_step, num_epochs)
         plans = [self.keys(e, s) for e, s in order]
         loaded = _load(self.dataset, plans, self.workers)
         for (epoch, step), (images, labels) in zip(order, loaded, strict=True):
@@ -97,9 +101,8 @@ def eval_batches(
     dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """This rank's slice of the evaluation set, in batches of at most ``batch_size``."""
-    idx = sharding.eval_indices(len(dataset), rank, world_size)
-    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    yield from _load(dataset, [[(int(i), 0) for i in c] for c in chunks if len(c)], workers)
+    chunks = sharding.eval_chunks(len(dataset), batch_size, rank, world_size)
+    yield from _load(dataset, [[(int(i), 0) for i in c] for c in chunks], workers)
 
 
 __all__ = ["Dataset", "TrainLoader", "eval_batches"]

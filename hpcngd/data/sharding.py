@@ -41,6 +41,12 @@ def eval_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
+def eval_chunks(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """``rank``'s evaluation slice in batches of at most ``batch_size`` (no empty ones)."""
+    idx = eval_indices(num_samples, rank, world_size)
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation RNG of one sample in one epoch: independent of rank count and workers."""
     return np.random.default_rng((seed, epoch, index))

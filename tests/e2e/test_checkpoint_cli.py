@@ -55,8 +55,8 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGTERM)
     t0 = time.monotonic()
-    out, err = job.communicate(timeout=60)
-    assert time.monotonic() - t0 < 30
+    out, err = job.communicate(timeout=90)
+    assert time.monotonic() - t0 < 60  # one step (about 0.1 s here) plus the save, with room for load
     assert job.returncode == 3, err
     stopped = [r for r in records(tmp_path) if r["kind"] == "checkpoint"]
     assert len(stopped) == 1 and stopped[0]["reason"] == "stop signal"
