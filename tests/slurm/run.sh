@@ -123,9 +123,10 @@ echo "slurm test: job $job asked to be requeued (${SECONDS} s)"
 grep -q "stopped by SIGUSR1 at step" "$out"
 grep -q "hpcngd job: exit 3" "$out"
 ls out/slurmtest-signal/checkpoints/ckpt-*.h5 >/dev/null
-wait_state "$job" "PENDING|REQUEUED|RUNNING|COMPLETED" 60
-# Slurm keeps a requeued job ineligible for about two minutes (its BeginTime); skip that wait here.
-scontrol update JobId="$job" StartTime=now 2>/dev/null || true
+wait_state "$job" "PENDING|REQUEUED" 60
+# Slurm keeps a requeued job ineligible for about two minutes (its BeginTime); shorten that here, but
+# not to 0: slurmd refuses a relaunch in the second its old credential was revoked.
+scontrol update JobId="$job" StartTime=now+3
 wait_state "$job" "COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL" 300
 [ "$(state "$job")" = COMPLETED ] || { echo "slurm test: signalled job $job ended $(state "$job")"; exit 1; }
 restarts=$(scontrol show job "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
