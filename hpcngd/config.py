@@ -258,6 +258,12 @@ class CheckpointConfig(Section):
         "auto",
         '"auto" = newest complete checkpoint in dir (none: start fresh), "never", or a checkpoint path.',
     )
+    mixup_max_mib: float = opt(
+        1024.0,
+        "Largest running-mixup previous batch (all ranks, MiB) saved; a larger one is left out and mixing "
+        "restarts at the resume step (the run is then not bit-exact).",
+        ge=0.0,
+    )
     allow_changes: tuple[str, ...] = opt(
         (),
         "Run-file keys (section.key) that may differ from the checkpoint's although they change the "

@@ -177,3 +177,14 @@ def test_timed_checkpoints_are_agreed_by_every_rank(comm: MPI.Comm, folder: Path
         t.train()  # rank 0's clock says "due" at every step; the others follow it
         files = sorted(p.name for p in t.cfg.checkpoint_dir.iterdir())
     assert files == [f"ckpt-{s:09d}.h5" for s in (1, 2, 3)] + ["latest"]
+
+
+def test_a_mixup_batch_above_the_limit_is_left_out_and_said(comm: MPI.Comm, folder: Path) -> None:
+    overrides = [*AUGMENT, f"run.output_dir={folder}", "run.name=big", "checkpoint.mixup_max_mib=0.01"]
+    with make_trainer(comm, [*overrides, "run.max_steps=2"], checkpoints=True) as t:
+        t.train()
+        assert t.mixup is not None and t.mixup.prev is not None
+    with make_trainer(comm, overrides) as b:
+        _, notes = state.resume(b)
+        assert b.step == 2 and b.mixup is not None and b.mixup.prev is None
+    assert any("mixing restarts at this step" in n for n in notes)
