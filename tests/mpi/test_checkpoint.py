@@ -188,3 +188,15 @@ def test_a_mixup_batch_above_the_limit_is_left_out_and_said(comm: MPI.Comm, fold
         _, notes = state.resume(b)
         assert b.step == 2 and b.mixup is not None and b.mixup.prev is None
     assert any("mixing restarts at this step" in n for n in notes)
+
+
+def test_a_failed_write_is_agreed_while_other_ranks_send(comm: MPI.Comm, folder: Path) -> None:
+    blocker = folder / "a-file"
+    if comm.rank == 0:
+        blocker.write_text("not a folder")
+    comm.Barrier()
+    overrides = [*SPNGD, *AUGMENT, f"run.output_dir={folder}", "run.name=nowhere", "run.max_steps=1"]
+    with make_trainer(comm, [*overrides, f"checkpoint.dir={blocker}/sub"], checkpoints=True) as t:
+        with pytest.raises(AgreedError, match="cannot write checkpoint"):
+            t.train()  # rank 0 cannot write; the others still send it inverses and mixup rows
+        assert t.step == 1
