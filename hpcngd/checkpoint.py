@@ -128,7 +128,6 @@ class Writer:
         self.tmp = directory / f".{file_name(step)}.tmp"
         self.error: str | None = None
         self.datasets = 0
-        self.bytes = 0
         self.file: h5py.File | None = None
         self._crash_after = _crash_after(step)
         try:
@@ -173,7 +172,6 @@ class Writer:
                 self.file[name][()] = rows
             elif rows.size:
                 self.file[name][first_row : first_row + len(rows)] = rows
-            self.bytes += rows.nbytes
         except _WRITE_ERRORS as exc:
             self._fail(exc)
             return

@@ -81,29 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "train")  # `hpcngd RUN.toml` means `hpcngd train RUN.toml`
     args = _parser().parse_args(args_list)
     if args.command == "validate":
-        return _validate(args)
+        return _one_process(lambda: _validate(args))
     if args.command == "plan":
-        from hpcngd.report import print_plan
-
-        try:
-            cfg = config.load(args.run_file, args.overrides)
-            config.check_world_size(cfg, args.world_size)
-            print_plan(cfg, args.world_size, args.ranks_per_node or cfg.comm.ranks_per_node or 1)
-        except UserError as exc:
-            print(f"hpcngd: error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return 0
+        return _one_process(lambda: _plan(args))
     if args.command == "inspect":
         from pathlib import Path
 
         from hpcngd.checkpoint import describe
 
-        try:
-            print(describe(Path(args.checkpoint)))
-        except UserError as exc:
-            print(f"hpcngd: error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return 0
+        return _one_process(lambda: print(describe(Path(args.checkpoint))))
     if args.command == "data":
         from hpcngd.data.demo import generate
 
@@ -126,16 +112,29 @@ def run_guarded(world: MPI.Comm, fn: Callable[[], int]) -> int:
         return _abort(world, exc)
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _one_process(fn: Callable[[], None]) -> int:
+    """A command without MPI: bad input is one line on stderr and exit 2."""
     try:
-        cfg = config.load(args.run_file, args.overrides)
-        if args.world_size:
-            config.check_world_size(cfg, args.world_size)
+        fn()
     except UserError as exc:
         print(f"hpcngd: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(config.to_toml(cfg), end="")
     return 0
+
+
+def _validate(args: argparse.Namespace) -> None:
+    cfg = config.load(args.run_file, args.overrides)
+    if args.world_size:
+        config.check_world_size(cfg, args.world_size)
+    print(config.to_toml(cfg), end="")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from hpcngd.report import print_plan
+
+    cfg = config.load(args.run_file, args.overrides)
+    config.check_world_size(cfg, args.world_size)
+    print_plan(cfg, args.world_size, args.ranks_per_node or cfg.comm.ranks_per_node or 1)
 
 
 def _threads(run_threads: int, local_size: int) -> int:

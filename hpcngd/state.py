@@ -136,10 +136,10 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         for (layer, kind), stat in trainer.ngd.stats.items():
             base = f"ngd/{layer}/{kind}"
             owner = trainer.plan.owner(layer)
-            inv = stat.inverse if rank == owner else None
+            inv = _np(stat.inverse) if rank == owner and stat.inverse is not None else None
             if owner != 0:
                 if rank == owner:
-                    comm.send(None if inv is None else _np(inv), dest=0, tag=1)
+                    comm.send(inv, dest=0, tag=1)
                 inv = comm.recv(source=owner, tag=1) if rank == 0 else None
             if w is not None:
                 sched = stat.schedule
@@ -147,7 +147,7 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
                     w.put(f"{base}/value", _np(stat.value))
                 w.set_attrs(base, interval=sched.interval, next_step=sched.next_step)
                 if inv is not None:
-                    w.put(f"{base}/inverse", inv if isinstance(inv, np.ndarray) else _np(inv))
+                    w.put(f"{base}/inverse", inv)
     if trainer.mixup is not None and trainer.mixup.prev is not None:
         mib = sum(t.nelement() * t.element_size() for t in trainer.mixup.prev) * trainer.topo.size / 2**20
         if mib <= trainer.cfg.checkpoint.mixup_max_mib:
@@ -225,30 +225,27 @@ def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
             )
         return None, []
     if cfg.resume != "auto":
-        reader = Reader(Path(cfg.resume))
-        try:
-            return reader, check(reader, trainer)
-        except CheckpointError:
-            reader.close()
-            raise
+        return _open_checked(Path(cfg.resume), trainer)
     notes: list[str] = []
     for path in resume_order(folder):
         try:
-            reader = Reader(path)
+            reader, more = _open_checked(path, trainer)
+            return reader, notes + more
         except CorruptCheckpoint as exc:
             notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
-            continue
-        try:
-            return reader, notes + check(reader, trainer)
-        except CorruptCheckpoint as exc:
-            reader.close()
-            notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
-        except CheckpointError:
-            reader.close()
-            raise
     if notes:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(notes))
     return None, notes
+
+
+def _open_checked(path: Path, trainer: Trainer) -> tuple[Reader, list[str]]:
+    """``path`` opened and :func:`check`-ed (closed again if it cannot resume ``trainer``)."""
+    reader = Reader(path)
+    try:
+        return reader, check(reader, trainer)
+    except CheckpointError:
+        reader.close()
+        raise
 
 
 def check(reader: Reader, trainer: Trainer) -> list[str]:
