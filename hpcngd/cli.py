@@ -160,6 +160,7 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
     from hpcngd import state
     from hpcngd.comm.topology import Topology
     from hpcngd.data import build_datasets
+    from hpcngd.device import bind, placement, placement_lines
     from hpcngd.metrics import MetricsLog
     from hpcngd.train import Trainer, prepare_run_dir
 
@@ -172,7 +173,9 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
     run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     with topo:
-        trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop)
+        device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
+        rows = world.gather(placement(device), root=0)
+        trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device)
         resumed_from, notes = state.resume(trainer)  # AgreedError: see run_guarded
         if resumed_from is not None:
             log.say(f"resuming from {resumed_from} (step {trainer.step})")
@@ -188,6 +191,9 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
             f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
             + (f", from step {trainer.step}" if resumed_from else "")
         )
+        for line in placement_lines(rows or []):
+            log.say(line)
+        log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
         if trainer.step >= trainer.total_steps:
             log.say(f"nothing to do: the run is complete at step {trainer.step}")
             log.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,22 @@ class RunConfig(Section):
     epochs: int = opt(1, "Number of training epochs.", ge=1)
     max_steps: int = opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
     threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
+    device: str = opt(
+        "auto",
+        "Where each rank computes: cuda (GPU local_rank % visible GPUs), cpu, or auto (cuda when present).",
+        choices=("auto", "cpu", "cuda"),
+    )
+    precision: str = opt(
+        "fp32",
+        "Forward/backward precision: fp32, or autocast to fp16 (dynamic loss scaling) or bf16; weights, "
+        "optimizer state and SP-NGD factors stay fp32.",
+        choices=("fp32", "fp16", "bf16"),
+    )
+    channels_last: bool = opt(False, "Model and batches in channels-last memory format (NHWC strides).")
+    loss_scale_init: float = opt(65536.0, "fp16: initial loss scale.", gt=0.0)
+    loss_scale_growth_interval: int = opt(
+        2000, "fp16: double the loss scale after this many steps without overflow.", ge=1
+    )
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
@@ -84,7 +101,6 @@ class DataConfig(Section):
         "DALI: decode and augment on the cpu, or on the gpu (mixed nvJPEG decoder).",
         choices=("cpu", "gpu"),
     )
-    channels_last: bool = opt(False, "Batches in channels-last memory format (NHWC strides).")
     dali_fp16: bool = opt(False, "DALI: output float16 images (the trainer casts to the model's dtype).")
     image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8)
     val_resize: int = opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
@@ -234,6 +250,12 @@ class CommConfig(Section):
         "Wire format of gradients and factors: fp32, or fp16/bf16 (pre-divided, summed in fp32).",
         choices=("fp32", "fp16", "bf16"),
     )
+    cuda_aware: str | bool = opt(
+        "auto",
+        "GPU runs: hand GPU buffers straight to MPI (true), stage them through pinned host buffers "
+        "(false), or auto (true when the MPI library reports CUDA support).",
+        choices=("auto", True, False),
+    )
 
 
 # Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
@@ -357,7 +379,9 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     f = _field_of(section, key)
     hint = typing.get_type_hints(SECTIONS[section])[f.name]
     text = text.strip()
-    if hint is str and not text.startswith(('"', "'")):
+    union = isinstance(hint, types.UnionType)  # e.g. str | bool: true/false are booleans
+    takes_str = hint is str or (union and str in typing.get_args(hint))
+    if takes_str and not text.startswith(('"', "'")) and not (union and text in ("true", "false")):
         return section, key, text
     try:
         return section, key, tomllib.loads(f"v = {text}")["v"]

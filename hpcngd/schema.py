@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import field
 from typing import Any
@@ -59,6 +60,13 @@ _PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
 def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the annotation and return it in canonical form (tuples, floats)."""
     where = f"{section}.{key} = {show(value)}"
+    if isinstance(hint, types.UnionType):  # e.g. str | bool: the first type that fits
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(section, key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: must be {' or '.join(_TYPE_NAMES[t] for t in typing.get_args(hint))}")
     if typing.get_origin(hint) is tuple:
         (item_type, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

@@ -12,6 +12,7 @@ What is saved (all world-size independent except ``ranks/``):
   mixup/images, targets   the previous mixed global batch of running mixup, gathered slice by slice
                           (when at most checkpoint.mixup_max_mib: at 32K images of 224 px it is 19.7 GB)
   log/pending_losses      losses since the last metrics record (the record after a resume is exact)
+  precision (attributes)  fp16 loss scale state (scale, good_steps, skips_in_a_row)
   ranks/R/...             rank R's random generators (torch, MC Fisher, numpy, Python) and its SP-NGD
                           counts since the last record: restored only when the world size is the same
 The position is the step count (the data order is a function of seed, epoch and step). The writer is
@@ -132,6 +133,8 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         prev = [g.get("prev_lr") for g in trainer.optimizer.param_groups]
         w.set_attrs("optim", prev_lr=np.array([math.nan if v is None else v for v in prev]))
         w.put("log/pending_losses", np.asarray(trainer.pending_losses, dtype=np.float64))
+        if trainer.scaler.enabled:
+            w.set_attrs("precision", **trainer.scaler.state())
     if trainer.ngd is not None:
         for (layer, kind), stat in trainer.ngd.stats.items():
             base = f"ngd/{layer}/{kind}"
@@ -304,13 +307,15 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
         return comm.bcast(reader.array(name) if reader is not None else None, root=0)
 
     notes: list[str] = []
+    device = trainer.device
     with torch.no_grad():
         for name, t in trainer.model.state_dict().items():
             t.copy_(torch.from_numpy(get(f"model/{name}")))
         if a["optimizer"] == trainer.cfg.optim.name:
             for name, p in trainer.model.named_parameters():
                 for key in sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"optim/{name}/")):
-                    trainer.optimizer.state[p][key] = torch.from_numpy(get(f"optim/{name}/{key}"))
+                    value = torch.from_numpy(get(f"optim/{name}/{key}"))
+                    trainer.optimizer.state[p][key] = value.to(p.device)
             for group, prev in zip(trainer.optimizer.param_groups, groups["optim"]["prev_lr"], strict=True):
                 group["prev_lr"] = None if math.isnan(prev) else prev
         else:
@@ -327,7 +332,7 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
             base = f"ngd/{layer}/{kind}"
             if f"{base}/value" not in names:
                 continue
-            stat.value = torch.from_numpy(get(f"{base}/value")).to(trainer.ngd.dtype)
+            stat.value = torch.from_numpy(get(f"{base}/value")).to(device, trainer.ngd.dtype)
             stat.schedule.interval = int(groups[base]["interval"])
             stat.schedule.next_step = int(groups[base]["next_step"]) + step - int(a["step"])
             if f"{base}/inverse" in names:  # only to the layer's owner now, point to point
@@ -338,10 +343,11 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
                         comm.send(inv, dest=owner, tag=4)
                     inv = comm.recv(source=0, tag=4) if comm.rank == owner else None
                 if inv is not None:
-                    stat.inverse = torch.from_numpy(inv).to(trainer.ngd.dtype)
+                    stat.inverse = torch.from_numpy(inv).to(device, trainer.ngd.dtype)
     same_batch = int(a["batch_size"]) == trainer.cfg.data.batch_size
     if trainer.mixup is not None and "mixup/images" in names and same_batch:
-        trainer.mixup.prev = _scatter_rows(trainer, reader)
+        images, targets = _scatter_rows(trainer, reader)
+        trainer.mixup.prev = images.to(device), targets.to(device)
     elif trainer.mixup is not None and "not_saved_mib" in groups.get("mixup", {}):
         notes.append(
             f"running mixup's previous batch ({groups['mixup']['not_saved_mib']:.0f} MiB, above "
@@ -349,6 +355,8 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
         )
     if same_batch:
         trainer.pending_losses = get("log/pending_losses").tolist()
+    if trainer.scaler.enabled and "precision" in groups:
+        trainer.scaler.load(groups["precision"])
     if int(a["world_size"]) == size:
         ranks = None
         if reader is not None:

@@ -9,10 +9,15 @@ One step (``train_step``):
      gradient is preconditioned (:mod:`hpcngd.ngd.preconditioner`);
   4. the optimizer applies the same update on every rank, so replicas stay identical.
 A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
-Two control values ride along with the loss in phase 2, so every rank takes the same decision at the same
-step boundary without an extra collective: "some rank received a stop signal" and "rank 0's clock says
-a timed checkpoint is due". Checkpoints: :mod:`hpcngd.state` (what is saved) and
-:mod:`hpcngd.checkpoint` (the file).
+Three control values ride along with the loss in phase 2, so every rank takes the same decision at the
+same step boundary without an extra collective: "some rank received a stop signal", "rank 0's clock
+says a timed checkpoint is due" and (fp16) "some rank's gradients or factors overflowed": then every
+rank skips the update, keeps its factors' schedule (they are due again) and halves the loss scale.
+
+Devices (:mod:`hpcngd.device`): the model, batches, factors, inverses and optimizer state live on the
+rank's device; the wire buffers on it too when MPI is CUDA-aware, else in pinned host memory.
+Precision (:mod:`hpcngd.precision`): forward and backward under autocast; everything kept is fp32.
+Checkpoints: :mod:`hpcngd.state` (what is saved) and :mod:`hpcngd.checkpoint` (the file).
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from hpcngd.comm.collectives import (
     pack_factors,
     unpack_factors,
 )
+from hpcngd.comm.gpu import direct_device_buffers
 from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
+from hpcngd.device import bind
 from hpcngd.errors import UserError
 from hpcngd.metrics import NGD_COUNTS, MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
@@ -49,6 +56,7 @@ from hpcngd.ngd import Preconditioner
 from hpcngd.ngd.plan import layer_costs, make_plan
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
+from hpcngd.precision import LossScaler, autocast, unscale_
 from hpcngd.stopping import StopSignals
 
 
@@ -62,6 +70,7 @@ class Trainer:
         log: rank 0's console and metrics writer.
         checkpoints: save checkpoints as the [checkpoint] section says (off: never save).
         stop: the stop-signal note of this process (None: signals are not watched).
+        device: this rank's device (None: chosen from run.device, see :func:`hpcngd.device.bind`).
     """
 
     def __init__(
@@ -73,11 +82,14 @@ class Trainer:
         log: MetricsLog,
         checkpoints: bool = False,
         stop: StopSignals | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
         self.checkpoints, self.stop = checkpoints, stop
-        data = cfg.data
-        self.loader = train_loader(data, train_set, topo.rank, topo.size, cfg.run.seed)
+        data, run = cfg.data, cfg.run
+        self.device = device if device is not None else bind(run.device, topo.local_rank)
+        on_gpu = self.device.type == "cuda"
+        self.loader = train_loader(data, train_set, topo.rank, topo.size, run.seed, run.channels_last, on_gpu)
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
         self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs
@@ -85,11 +97,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
 
         torch.manual_seed(cfg.run.seed)
+        # Built on the CPU (the same init on any device), then moved.
         self.model = build(cfg.model.arch, cfg.model.num_classes, cfg.model.zero_init_residual)
-        self.model.train()
-        if data.channels_last:
+        self.model.to(self.device).train()
+        if run.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        # Same seed gives the same init everywhere on CPU; broadcasting rank 0's makes it certain.
+        # Same seed gives the same init everywhere; broadcasting rank 0's makes it certain.
         broadcast_(list(self.model.state_dict().values()), topo.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -102,20 +115,24 @@ class Trainer:
                 [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
                 for r in range(topo.size)
             ]
-        self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)
+        self.mc_rng = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + topo.rank)
+        self.scaler = LossScaler(run.loss_scale_init, run.loss_scale_growth_interval, run.precision == "fp16")
         self.ngd_counts: Counter[str] = Counter()
         alpha = cfg.data.mixup_alpha
         self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
-        self.control = torch.zeros(2)  # [stop signal seen, timed checkpoint due]: its own fp16 scale
+        # [stop signal seen, timed checkpoint due, fp16 overflow]: its own fp16 scale on the wire
+        self.control = torch.zeros(3)
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape, self.control.shape]
         # Gradients (with the loss riding along) and factors share one wire; BN statistics go in fp32.
-        self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical)
+        direct, self.comm_mode = direct_device_buffers(cfg.comm.cuda_aware, self.device, cfg.comm.dtype)
+        self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical, self.device, direct)
         self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
         self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        direct32 = direct_device_buffers(cfg.comm.cuda_aware, self.device, "fp32")[0]
         self.buffer_reducer = FusedAllreduce(
-            WireReducer(topo, "fp32", cfg.comm.hierarchical),
+            WireReducer(topo, "fp32", cfg.comm.hierarchical, self.device, direct32),
             [b.shape for b in self.float_buffers],
             cfg.comm.bucket_mb,
         )
@@ -147,27 +164,36 @@ class Trainer:
     def train_step(self, images: Tensor, labels: Tensor) -> float:
         """One step on this rank's part of the global batch; returns the global mean loss."""
         set_lr(self.optimizer, self.lr_at(self.step))
-        images, labels = self.augment(self._as_input(images), labels)
-        capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images))
+        images, labels = self.augment(*self._to_device(images, labels))
+        scale = self.scaler.scale  # fp16: gradients and captured output gradients carry it
+        capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images) / scale)
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
-            local_loss = 0.0
+            local_loss = torch.zeros((), device=self.device)
             for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True):
-                logits = self.model(x)
-                loss = self.criterion(logits, y) * (len(x) / len(images))
+                with autocast(self.cfg.run.precision, self.device):
+                    logits = self.model(x)
+                    loss = self.criterion(logits, y) * (len(x) / len(images))
                 if capturing and self.cfg.ngd.fisher == "mc":
-                    self._mc_backward(logits, len(x) / len(images))
-                loss.backward()
-                local_loss += loss.item()
-        with self.timer.phase("comm"):
-            self.loss_buf.fill_(local_loss)
-            self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due()]))
-            fresh = self.ngd.take_factors() if self.ngd is not None else {}
+                    self._mc_backward(logits, scale * len(x) / len(images))
+                (loss * scale if self.scaler.enabled else loss).backward()
+                local_loss += loss.detach().float()
             grads = [self._grad(p) for p in self.params]
+            fresh = self.ngd.take_factors() if self.ngd is not None else {}
+            overflow = self.scaler.enabled and (unscale_(grads, scale) | unscale_(list(fresh.values()), 1.0))
+        with self.timer.phase("comm"):
+            self.loss_buf.copy_(local_loss)
+            self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow)]))
             self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
         loss_value = float(self.loss_buf.item())
-        stop, timed = self.control.tolist()
+        stop, timed, overflowed = self.control.tolist()
         self.stop_requested, self.save_due = stop > 0, timed > 0
+        if self.scaler.enabled:
+            self.scaler.update(overflowed > 0)  # the same verdict on every rank
+        if overflowed > 0:  # skipped on every rank: no update, the due factors stay due
+            self.step += 1
+            self.timer.count_step()
+            return loss_value
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
@@ -184,11 +210,11 @@ class Trainer:
             self.check_replicas()
         return loss_value
 
-    def _as_input(self, images: Tensor) -> Tensor:
-        """The model's device and dtype (DALI may hand float16 or GPU batches) and memory format."""
-        fmt = torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
-        first = self.params[0]
-        return images.to(device=first.device, dtype=first.dtype, memory_format=fmt)
+    def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch on the model's device, images in its dtype (DALI may hand float16) and memory format."""
+        fmt = torch.channels_last if self.cfg.run.channels_last else torch.contiguous_format
+        images = images.to(device=self.device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
+        return images, labels.to(self.device, non_blocking=True)
 
     def _stop_seen(self) -> float:
         return float(self.stop is not None and self.stop.received is not None)
@@ -206,7 +232,7 @@ class Trainer:
         """
         digest = hashlib.sha256()
         for t in [*self.model.parameters(), *self._optimizer_tensors()]:
-            digest.update(t.detach().contiguous().numpy().tobytes())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests = self.topo.world.allgather(digest.hexdigest())
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         if differ:
@@ -263,7 +289,8 @@ class Trainer:
         grads = [[self._grad(p) for p in params] for params in self.owner_grads]
         counts = [sum(g.numel() for g in gs) for gs in grads]
         mine = grads[self.topo.rank]
-        everything = self.wire.allgatherv(pack(mine, torch.empty(counts[self.topo.rank])), counts)
+        staged = self.wire.new_buffer(counts[self.topo.rank])
+        everything = self.wire.allgatherv(pack(mine, staged), counts)
         unpack(everything, [g for gs in grads for g in gs])
 
     @staticmethod
@@ -282,8 +309,10 @@ class Trainer:
         for x, y in evaluation_batches(
             self.cfg.data, self.val_set, self.local_batch, self.topo.rank, self.topo.size
         ):
-            logits = self.model(self._as_input(x))
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            x, y = self._to_device(x, y)
+            with autocast(self.cfg.run.precision, self.device):
+                logits = self.model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             hits = logits.topk(k, dim=1).indices == y[:, None]
             top1 += float(hits[:, 0].sum())
             top5 += float(hits.any(dim=1).sum())
@@ -362,7 +391,7 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "epoch": round(epoch, 4),
-            "loss": sum(losses) / len(losses),
+            "loss": _mean_finite(losses),
             "lr": self.lr_at(self.step - 1),
             "images_per_s": steps * self.cfg.data.batch_size / max(wall, 1e-9),
             "step_ms": 1e3 * wall / max(steps, 1),
@@ -371,6 +400,9 @@ class Trainer:
             "comm_calls": sum(self.wire.calls.values()),
             **{f"comm_bytes_{level}": n for level, n in sorted(self.wire.bytes_sent.items())},
         }
+        if self.scaler.enabled:
+            rec["loss_scale"] = self.scaler.scale
+            rec["amp_skipped"] = self.scaler.take_skipped()
         if self.ngd is not None:
             # Each rank counts the inversions it did; the record holds the whole job's.
             done = allreduce_sum([self.ngd_counts[k] for k in NGD_COUNTS[1:]], self.topo.world)
@@ -382,6 +414,8 @@ class Trainer:
         phases = " ".join(
             f"{k} {v:.0f}ms" for k, v in ms.items() if v or k in ("data", "fwd_bwd", "comm", "update")
         )
+        if self.scaler.enabled:
+            phases += f" | loss scale {rec['loss_scale']:g} skipped {rec['amp_skipped']}"
         if self.ngd is not None:
             phases += f" | factors refreshed {rec['ngd_refreshed']} inverted {rec['ngd_inverted']}"
         self.log.say(
@@ -398,6 +432,12 @@ class Trainer:
             f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
         )
         return res
+
+
+def _mean_finite(losses: list[float]) -> float:
+    """Mean of the finite losses (an fp16 step skipped for overflow may have none), NaN if none."""
+    finite = [v for v in losses if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:

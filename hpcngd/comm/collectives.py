@@ -15,9 +15,14 @@ from hpcngd.comm.hierarchical import WireReducer
 class FusedAllreduce:
     """Average a fixed list of tensors over all ranks in fused buckets of ``bucket_mb`` MiB.
 
-    The buckets and their flat buffers (of ``dtype``) are planned once for the tensor shapes; each
-    call packs every bucket, has ``reducer`` average it (flat or hierarchical, in its wire format: one
-    collective per bucket and level, never one per tensor) and unpacks.
+    The buckets and their flat buffers (of ``dtype``, where ``reducer`` wants them: see
+    :meth:`WireReducer.new_buffer`) are planned once for the tensor shapes; each call packs every
+    bucket, has ``reducer`` average it (flat or hierarchical, in its wire format: one collective per
+    bucket and level, never one per tensor) and unpacks.
+
+    Staged (GPU tensors, host buffers): every bucket's device-to-host copy is queued at once and an
+    event marks its end; the reduction of bucket i waits only for copy i, so copying bucket i+1 overlaps
+    reducing bucket i, and the copy back of bucket i is queued while bucket i+1 is reduced.
     """
 
     def __init__(
@@ -31,7 +36,7 @@ class FusedAllreduce:
         numels = [s.numel() for s in shapes]
         item = torch.empty(0, dtype=dtype).element_size()
         self.buckets = packing.plan_buckets(numels, max(1, int(bucket_mb * 2**20) // item))
-        self.buffers = [torch.empty(sum(numels[i] for i in b), dtype=dtype) for b in self.buckets]
+        self.buffers = [reducer.new_buffer(sum(numels[i] for i in b), dtype) for b in self.buckets]
         self.num_tensors = len(shapes)
 
     def average_(self, tensors: Sequence[Tensor]) -> None:
@@ -46,14 +51,26 @@ class FusedAllreduce:
         scaled = [i for i, s in enumerate(scales) if s != 1.0]
         for i in scaled:
             tensors[i].mul_(scales[i])  # exact: a power of two
+        copied = []
         for bucket, buf in zip(self.buckets, self.buffers, strict=True):
-            packing.pack([tensors[i] for i in bucket], buf)
-        for buf in self.buffers:
+            packing.pack([tensors[i] for i in bucket], buf, non_blocking=True)
+            copied.append(_copy_done(buf, [tensors[i] for i in bucket]))
+        for bucket, buf, done in zip(self.buckets, self.buffers, copied, strict=True):
+            if done is not None:
+                done.synchronize()
             self.reducer.average_(buf)
-        for bucket, buf in zip(self.buckets, self.buffers, strict=True):
-            packing.unpack(buf, [tensors[i] for i in bucket])
+            packing.unpack(buf, [tensors[i] for i in bucket], non_blocking=True)
         for i in scaled:
             tensors[i].div_(scales[i])
+
+
+def _copy_done(buf: Tensor, sources: Sequence[Tensor]) -> torch.cuda.Event | None:
+    """An event recorded after queued GPU-to-host copies into ``buf`` (None: nothing was queued)."""
+    if buf.is_cuda or not any(t.is_cuda for t in sources):
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _square(m: Tensor) -> bool:

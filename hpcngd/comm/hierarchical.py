@@ -13,6 +13,9 @@ MPI has no portable half-precision sum (Open MPI's fp16 SUM is scalar and slow; 
 wrong), so 16-bit words are summed by a user-defined operation that adds in fp32 and rounds once per
 pairwise combination. Results are cast back to fp32 by every rank from the same broadcast bits, so all
 ranks hold identical values. ``bytes_sent`` counts the payload handed to MPI per level.
+
+Buffers live where :meth:`WireReducer.new_buffer` puts them: on the GPU when MPI takes device memory
+(``direct``, :mod:`hpcngd.comm.gpu`), else in host memory, pinned when the tensors are on a GPU.
 """
 
 from __future__ import annotations
@@ -53,17 +56,35 @@ class WireReducer:
         wire: "fp32", "fp16" or "bf16".
         hierarchical: two levels (node, leaders) instead of one flat allreduce; with one node, or one
             rank a node, there is only one level and the flat allreduce is used.
+        device: where the tensors to average live.
+        direct: MPI takes ``device`` memory (CUDA-aware MPI, fp32 wire only); False stages through host.
     """
 
-    def __init__(self, topo: Topology, wire: str = "fp32", hierarchical: bool = True) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        wire: str = "fp32",
+        hierarchical: bool = True,
+        device: torch.device | None = None,
+        direct: bool = False,
+    ) -> None:
         if wire not in WIRE_DTYPES:
             raise RuntimeError(f"unknown wire dtype {wire!r}")
+        device = device or torch.device("cpu")
+        if direct and wire != "fp32":
+            raise RuntimeError("16-bit wires sum on the host: they cannot hand device buffers to MPI")
+        self.buffer_device = device if direct else torch.device("cpu")
+        self.pinned = device.type == "cuda" and not direct
         self.topo = topo
         self.dtype = WIRE_DTYPES[wire]
         self.native = wire == "fp32"  # send the buffer's own dtype (fp32, or fp64 factors)
         self.hierarchical = hierarchical and topo.num_nodes > 1 and topo.local_size > 1
         self.bytes_sent: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+
+    def new_buffer(self, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A 1-D buffer where this reducer's MPI calls read and write (device, or pinned host)."""
+        return torch.empty(numel, dtype=dtype, device=self.buffer_device, pin_memory=self.pinned)
 
     def scales(self, buffers: list[Tensor]) -> list[float]:
         """Per-tensor power-of-two factors that put each tensor's largest value over all ranks near 2^14.
@@ -73,9 +94,7 @@ class WireReducer:
         """
         if self.dtype != torch.float16 or self.topo.size == 1 or not buffers:
             return [1.0] * len(buffers)
-        local = torch.tensor(
-            [float(b.abs().max()) if b.numel() else 0.0 for b in buffers], dtype=torch.float64
-        )
+        local = _abs_max(buffers)
         self.topo.world.Allreduce(MPI.IN_PLACE, [local.numpy(), MPI.DOUBLE], op=MPI.MAX)
         self.calls["scale"] += 1
         return [
@@ -120,12 +139,12 @@ class WireReducer:
             return mine
         scale = self.scales([mine])[0]
         wire = mine if self.native else (mine * scale).to(self.dtype)
-        out = torch.empty(sum(counts), dtype=wire.dtype)
+        out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device)
         displs = [sum(counts[:r]) for r in range(len(counts))]
         if self.native:
-            world.Allgatherv(self._msg(wire), [out.numpy(), (counts, displs), self._msg(wire)[1]])
+            world.Allgatherv(self._msg(wire), [_memory(out), (counts, displs), self._msg(wire)[1]])
         else:
-            world.Allgatherv(self._msg(wire), [out.view(torch.int16).numpy(), (counts, displs), MPI.INT16_T])
+            world.Allgatherv(self._msg(wire), [_memory(out.view(torch.int16)), (counts, displs), MPI.INT16_T])
         self._count("allgatherv", wire)
         return out if self.native else out.to(mine.dtype).div_(scale)
 
@@ -146,11 +165,7 @@ class WireReducer:
             flat.copy_(wire)
 
     def _msg(self, t: Tensor) -> list[object]:
-        if t.dtype == torch.float32:
-            return [t.numpy(), MPI.FLOAT]
-        if t.dtype == torch.float64:
-            return [t.numpy(), MPI.DOUBLE]
-        return [t.view(torch.int16).numpy(), MPI.INT16_T]
+        return _msg(t)
 
     def _op(self) -> MPI.Op:
         return MPI.SUM if self.native else _sum16_op(self.dtype)
@@ -158,3 +173,35 @@ class WireReducer:
     def _count(self, level: str, wire: Tensor) -> None:
         self.bytes_sent[level] += wire.numel() * wire.element_size()
         self.calls[level] += 1
+
+
+def _memory(t: Tensor) -> object:
+    """What mpi4py reads as a buffer: a NumPy view of host memory, or the CUDA tensor itself (mpi4py
+    takes objects with ``__cuda_array_interface__``), once the kernels queued on it have run (MPI does
+    not follow torch's stream)."""
+    if not t.is_cuda:
+        return t.numpy()
+    torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
+def _msg(t: Tensor) -> list[object]:
+    """An mpi4py buffer spec of a 1-D fp32, fp64 or 16-bit tensor (16-bit words travel as int16)."""
+    if t.dtype == torch.float32:
+        return [_memory(t), MPI.FLOAT]
+    if t.dtype == torch.float64:
+        return [_memory(t), MPI.DOUBLE]
+    return [_memory(t.view(torch.int16)), MPI.INT16_T]
+
+
+def _abs_max(buffers: list[Tensor]) -> Tensor:
+    """Largest absolute value of each tensor, as fp64 on the host: one transfer per device, not per tensor."""
+    out = torch.zeros(len(buffers), dtype=torch.float64)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, b in enumerate(buffers):
+        if b.numel():
+            by_device.setdefault(b.device, []).append(i)
+    for indices in by_device.values():
+        maxes = torch.stack([buffers[i].detach().abs().amax().double() for i in indices])
+        out[indices] = maxes.cpu()
+    return out

@@ -26,24 +26,27 @@ def plan_buckets(numels: Sequence[int], bucket_elems: int) -> list[list[int]]:
     return buckets
 
 
-def pack(tensors: Sequence[Tensor], out: Tensor) -> Tensor:
-    """Copy ``tensors`` one after another into the 1-D buffer ``out`` (dtype cast on copy)."""
+def pack(tensors: Sequence[Tensor], out: Tensor, non_blocking: bool = False) -> Tensor:
+    """Copy ``tensors`` one after another into the 1-D buffer ``out`` (dtype cast on copy).
+
+    ``non_blocking``: copies between a GPU and pinned host memory are queued, not waited for.
+    """
     offset = 0
     for t in tensors:
         n = t.numel()
-        out[offset : offset + n].copy_(t.reshape(-1))
+        out[offset : offset + n].copy_(t.reshape(-1), non_blocking=non_blocking)
         offset += n
     if offset != out.numel():
         raise RuntimeError(f"pack: {offset} elements into a buffer of {out.numel()}")
     return out
 
 
-def unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+def unpack(flat: Tensor, tensors: Sequence[Tensor], non_blocking: bool = False) -> None:
     """Copy the 1-D buffer ``flat`` back into ``tensors`` in place (inverse of :func:`pack`)."""
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
+        t.copy_(flat[offset : offset + n].view_as(t), non_blocking=non_blocking)
         offset += n
     if offset != flat.numel():
         raise RuntimeError(f"unpack: {flat.numel()} elements into tensors of {offset}")

@@ -41,12 +41,24 @@ def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> tuple[Datase
     return sets
 
 
-def train_loader(cfg: DataConfig, dataset: Dataset, rank: int, world_size: int, seed: int) -> TrainLoader:
-    """This rank's loader of the training set, DALI or not as the [data] section says."""
+def train_loader(
+    cfg: DataConfig,
+    dataset: Dataset,
+    rank: int,
+    world_size: int,
+    seed: int,
+    channels_last: bool = False,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """This rank's loader of the training set, DALI or not as the [data] section says.
+
+    ``channels_last``: DALI writes NHWC batches (the other loaders' batches are converted on the device).
+    ``pin_memory``: host batches in pinned memory, for asynchronous copies to a GPU.
+    """
     if resolve_source(cfg) == "dali":
         assert isinstance(dataset, ImageFolder)
-        return dali.DaliTrainLoader(dataset, cfg, cfg.batch_size, rank, world_size, seed)
-    return TrainLoader(dataset, cfg.batch_size, rank, world_size, seed, cfg.workers)
+        return dali.DaliTrainLoader(dataset, cfg, cfg.batch_size, rank, world_size, seed, channels_last)
+    return TrainLoader(dataset, cfg.batch_size, rank, world_size, seed, cfg.workers, pin_memory)
 
 
 def evaluation_batches(

@@ -76,7 +76,12 @@ class _Pipeline:
     """One DALI pipeline fed batch by batch from ``feed`` (lists of encoded images, labels, boxes, flips)."""
 
     def __init__(
-        self, cfg: DataConfig, batch_size: int, feed: Iterator[tuple[list[Any], ...]], train: bool
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        feed: Iterator[tuple[list[Any], ...]],
+        train: bool,
+        channels_last: bool = False,
     ) -> None:
         dali_mod: Any = importlib.import_module("nvidia.dali")  # untyped for mypy: DALI's stubs are partial
         fn, types, pipeline_def = dali_mod.fn, dali_mod.types, dali_mod.pipeline_def
@@ -86,7 +91,7 @@ class _Pipeline:
         self.feed = feed
         gpu = cfg.dali_device == "gpu"
         size = cfg.image_size
-        layout = "HWC" if cfg.channels_last else "CHW"
+        layout = "HWC" if channels_last else "CHW"
         dtype = types.FLOAT16 if cfg.dali_fp16 else types.FLOAT
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * s for s in cfg.std]
@@ -161,11 +166,19 @@ class DaliTrainLoader(TrainLoader):
     """:class:`~hpcngd.data.loader.TrainLoader`'s shards and order, decoded and augmented by DALI."""
 
     def __init__(
-        self, dataset: ImageFolder, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int
+        self,
+        dataset: ImageFolder,
+        cfg: DataConfig,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(dataset, batch_size, rank, world_size, seed, cfg.workers)
         self.folder = dataset
         self.cfg = cfg
+        self.channels_last = channels_last
 
     def _feed(self, order: list[tuple[int, int]]) -> Iterator[tuple[list[Any], ...]]:
         cfg = self.cfg
@@ -189,7 +202,9 @@ class DaliTrainLoader(TrainLoader):
         self, start_epoch: int, start_step: int, num_epochs: int
     ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
         order = self.order(start_epoch, start_step, num_epochs)
-        pipeline = _Pipeline(self.cfg, self.batch_size // self.world_size, self._feed(order), train=True)
+        pipeline = _Pipeline(
+            self.cfg, self.batch_size // self.world_size, self._feed(order), True, self.channels_last
+        )
         for (epoch, step), (images, labels) in zip(order, pipeline, strict=True):
             yield epoch, step, images, labels
 

@@ -39,11 +39,14 @@ class _Keyed(torch.utils.data.Dataset[tuple[Tensor, int]]):
         return self.dataset.item(*key)
 
 
-def _load(dataset: Dataset, batches: Sequence[Keys], workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _load(
+    dataset: Dataset, batches: Sequence[Keys], workers: int, pin_memory: bool = False
+) -> Iterator[tuple[Tensor, Tensor]]:
     loader = DataLoader(
         _Keyed(dataset),
         batch_sampler=batches,
         num_workers=workers,
+        pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
@@ -59,10 +62,18 @@ class TrainLoader:
         rank, world_size: this rank and the rank count.
         seed: run seed (sample order and augmentation).
         workers: decoding processes (0 = in this process).
+        pin_memory: batches in pinned host memory (for asynchronous copies to a GPU).
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        workers: int,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -70,6 +81,7 @@ class TrainLoader:
         self.world_size = world_size
         self.seed = seed
         self.workers = workers
+        self.pin_memory = pin_memory
         self.steps_per_epoch = sharding.steps_per_epoch(len(dataset), batch_size)
 
     def keys(self, epoch: int, step: int) -> Keys:
@@ -92,7 +104,7 @@ class TrainLoader:
         """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
         order = self.order(start_epoch, start_step, num_epochs)
         plans = [self.keys(e, s) for e, s in order]
-        loaded = _load(self.dataset, plans, self.workers)
+        loaded = _load(self.dataset, plans, self.workers, self.pin_memory)
         for (epoch, step), (images, labels) in zip(order, loaded, strict=True):
             yield epoch, step, images, labels
 

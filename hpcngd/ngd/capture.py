@@ -6,6 +6,9 @@ layer's output adds the G sum when the output gradient arrives. A BatchNorm2d ke
 output gradient arrives and then adds its unit-wise blocks. Sums add up over micro-batches: factors of
 accumulated micro-batches are averages over all the rank's examples. Disarmed, the hooks do nothing.
 
+The hooks run inside the forward's autocast region; they turn autocast off, so that factors are computed
+from fp32 (or fp64) copies in fp32 (fp64) arithmetic, never in fp16/bf16 (an fp16 A sum overflows).
+
 A tensor hook (not a module backward hook) is used because the ResNets apply in-place ReLU to BN outputs;
 a hook registered before an in-place change receives the gradient w.r.t. the value it was registered on.
 """
@@ -79,7 +82,8 @@ class Capture:
                     output.register_hook(self._bn_grad_hook(name, module))
             else:
                 if (name, "A") in self.want:
-                    self._add((name, "A"), factors.a_sum(module, x, self.dtype))
+                    with _full_precision(x):
+                        self._add((name, "A"), factors.a_sum(module, x, self.dtype))
                 if (name, "G") in self.want:
                     output.register_hook(self._g_hook(name, module))
             self.seconds += time.perf_counter() - t0
@@ -90,7 +94,8 @@ class Capture:
         def hook(grad: Tensor) -> None:
             if self.collect_grads and (name, "G") in self.want:
                 t0 = time.perf_counter()
-                self._add((name, "G"), factors.g_sum(module, grad, self.grad_scale, self.dtype))
+                with _full_precision(grad):
+                    self._add((name, "G"), factors.g_sum(module, grad, self.grad_scale, self.dtype))
                 self.seconds += time.perf_counter() - t0
 
         return hook
@@ -103,7 +108,8 @@ class Capture:
             x = stack.pop(0)  # micro-batches are backpropagated in forward order
             if self.collect_grads and (name, "F") in self.want:
                 t0 = time.perf_counter()
-                self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
+                with _full_precision(grad):
+                    self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
                 self.seconds += time.perf_counter() - t0
 
         return hook
@@ -113,3 +119,8 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _full_precision(t: Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device for the factor arithmetic."""
+    return torch.autocast(t.device.type, enabled=False)

@@ -81,6 +81,6 @@ def bn_block_inverse(blocks: Tensor, damping: float) -> Tensor:
     inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[:, None, None]
     bad = ~torch.isfinite(inv).all(dim=(1, 2)) | (det <= 0)
     if bool(bad.any()):
-        eye = torch.eye(2, dtype=blocks.dtype) / damping
+        eye = torch.eye(2, dtype=blocks.dtype, device=blocks.device) / damping
         inv[bad] = eye
     return inv

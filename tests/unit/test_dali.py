@@ -35,16 +35,23 @@ def cfg(root: Path, **kw: object) -> DataConfig:
     return DataConfig(path=str(root), image_size=24, **kw)  # type: ignore[arg-type]
 
 
-def stream(c: DataConfig, rank: int = 0, size: int = 1, start: tuple[int, int] = (0, 0), epochs: int = 1):
+def stream(
+    c: DataConfig,
+    rank: int = 0,
+    size: int = 1,
+    start: tuple[int, int] = (0, 0),
+    epochs: int = 1,
+    channels_last: bool = False,
+):
     train = ImageFolder(c, "train", 60 if c.train_list else 10, seed=3)
-    return list(train_loader(c, train, rank, size, seed=3).batches(*start, epochs))
+    return list(train_loader(c, train, rank, size, 3, channels_last).batches(*start, epochs))
 
 
 def test_batches_have_the_configured_shape_dtype_and_layout(demo: Path) -> None:
     (_, _, x, y), *_ = stream(cfg(demo))
     assert x.shape == (8, 3, 24, 24) and x.dtype == torch.float32 and x.is_contiguous()
     assert y.dtype == torch.int64 and y.shape == (8,)
-    (_, _, x, _), *_ = stream(cfg(demo, channels_last=True, dali_fp16=True))
+    (_, _, x, _), *_ = stream(cfg(demo, dali_fp16=True), channels_last=True)
     assert x.shape == (8, 3, 24, 24) and x.dtype == torch.float16
     assert x.is_contiguous(memory_format=torch.channels_last)
 
