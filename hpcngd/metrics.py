@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -21,19 +21,27 @@ NGD_COUNTS = ("refreshed", "inverted", "fp64_retries", "failed")  # SP-NGD event
 
 
 class PhaseTimer:
-    """Wall time per named phase, accumulated until :meth:`take`."""
+    """Wall time per named phase, accumulated until :meth:`take`.
 
-    def __init__(self) -> None:
+    Args:
+        sync: called at both ends of a phase (``torch.cuda.synchronize`` on a GPU, so that a phase is
+            charged with the kernels it queued, not with those of the phase before).
+    """
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.totals: dict[str, float] = defaultdict(float)
         self.steps = 0
         self.started = time.perf_counter()
+        self.sync = sync or (lambda: None)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.totals[name] += time.perf_counter() - t0
 
     def add(self, name: str, seconds: float) -> None:

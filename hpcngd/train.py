@@ -110,7 +110,9 @@ class Trainer:
         if cfg.optim.name == "spngd":
             # Model-parallel inversion: the plan gives each layer one owner rank (ngd/plan.py).
             self.plan = make_plan(layer_costs(select_layers(self.model, cfg.ngd.exclude)), topo.size)
-            self.ngd = Preconditioner(self.model, cfg.ngd, owned=set(self.plan.owned_by(topo.rank)))
+            owned = set(self.plan.owned_by(topo.rank))
+            sync = torch.cuda.synchronize if on_gpu else None  # phase times hold their kernels
+            self.ngd = Preconditioner(self.model, cfg.ngd, owned, sync)
             self.owner_grads = [
                 [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
                 for r in range(topo.size)
@@ -136,7 +138,7 @@ class Trainer:
             [b.shape for b in self.float_buffers],
             cfg.comm.bucket_mb,
         )
-        self.timer = PhaseTimer()
+        self.timer = PhaseTimer(torch.cuda.synchronize if on_gpu else None)  # see Preconditioner sync
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
         self.stop_requested = self.save_due = False

@@ -16,6 +16,7 @@ a hook registered before an in-place change receives the gradient w.r.t. the val
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,11 +34,15 @@ class Capture:
     Args:
         layers: name -> Conv2d, Linear or BatchNorm2d module.
         dtype: dtype of the factors (fp32 or fp64), whatever the activations' dtype.
+        sync: called around each hook's work so that ``seconds`` holds the kernels' time (GPU).
     """
 
-    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype) -> None:
+    def __init__(
+        self, layers: dict[str, nn.Module], dtype: torch.dtype, sync: Callable[[], None] | None = None
+    ) -> None:
         self.layers = layers
         self.dtype = dtype
+        self.sync = sync or (lambda: None)
         self.want: set[Key] = set()
         self.collect_grads = True
         self.grad_scale = 1.0
@@ -74,7 +79,7 @@ class Capture:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.want or not torch.is_grad_enabled():
                 return
-            t0 = time.perf_counter()
+            t0 = self._clock()
             x = inputs[0]
             if isinstance(module, nn.BatchNorm2d):
                 if (name, "F") in self.want:
@@ -86,17 +91,17 @@ class Capture:
                         self._add((name, "A"), factors.a_sum(module, x, self.dtype))
                 if (name, "G") in self.want:
                     output.register_hook(self._g_hook(name, module))
-            self.seconds += time.perf_counter() - t0
+            self.seconds += self._clock() - t0
 
         return hook
 
     def _g_hook(self, name: str, module: nn.Module) -> Any:
         def hook(grad: Tensor) -> None:
             if self.collect_grads and (name, "G") in self.want:
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 with _full_precision(grad):
                     self._add((name, "G"), factors.g_sum(module, grad, self.grad_scale, self.dtype))
-                self.seconds += time.perf_counter() - t0
+                self.seconds += self._clock() - t0
 
         return hook
 
@@ -107,12 +112,16 @@ class Capture:
                 return
             x = stack.pop(0)  # micro-batches are backpropagated in forward order
             if self.collect_grads and (name, "F") in self.want:
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 with _full_precision(grad):
                     self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
-                self.seconds += time.perf_counter() - t0
+                self.seconds += self._clock() - t0
 
         return hook
+
+    def _clock(self) -> float:
+        self.sync()
+        return time.perf_counter()
 
     def remove(self) -> None:
         """Detach the hooks from the model."""

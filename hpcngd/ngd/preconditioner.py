@@ -22,7 +22,7 @@ import fnmatch
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +87,19 @@ class Preconditioner:
             identical on all ranks, so that all ranks agree on which statistics are due.
     """
 
-    def __init__(self, model: nn.Module, cfg: NgdConfig, owned: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: NgdConfig,
+        owned: set[str] | None = None,
+        sync: Callable[[], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
         self.layers = select_layers(model, cfg.exclude)
         self.owned = set(self.layers) if owned is None else owned
-        self.capture = Capture(self.layers, self.dtype)
+        self.sync = sync or (lambda: None)  # before reading the clock (GPU: wait for queued kernels)
+        self.capture = Capture(self.layers, self.dtype, sync)
         self.stats = {
             key: Statistic(StaleInterval(cfg.stale_threshold, cfg.stale_max_interval))
             for key in statistic_keys(self.layers)
@@ -122,6 +129,7 @@ class Preconditioner:
         report = StepReport()
         if fresh is None:
             fresh = self.take_factors()
+        self.sync()
         t1 = time.perf_counter()
         for key, value in fresh.items():  # c
             stat = self.stats[key]
@@ -134,11 +142,13 @@ class Preconditioner:
         for key in fresh:
             if key[0] in self.owned:
                 self._invert(key, damping, report)
+        self.sync()
         t2 = time.perf_counter()
         for name, module in self.layers.items():  # d
             if name in self.owned:
                 self._precondition(name, module)
         report.inverse_seconds = t2 - t1
+        self.sync()
         report.precondition_seconds = time.perf_counter() - t2
         return report
 
