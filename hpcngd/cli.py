@@ -7,6 +7,9 @@
     hpcngd plan RUN.toml --world-size N [--ranks-per-node M]
                                              print the layer-to-rank plan and bytes per step (no MPI)
     hpcngd inspect CKPT.h5                   print what a checkpoint holds (no MPI, no torch)
+    hpcngd eval RUN.toml --checkpoint CKPT [--precision fp32|fp16|bf16] [--per-layer] [--set ...]
+                                             evaluate a checkpoint's model on the validation set at a
+                                             precision; per-layer latency fp32 vs it (no MPI)
 
 This is the only module that names ``MPI.COMM_WORLD``. Error policy:
 - bad input found while setting up (run file, data folder, run directory, checkpoint) is agreed on by
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from hpcngd.stopping import StopSignals
 
 T = TypeVar("T")
-COMMANDS = ("train", "validate", "plan", "inspect", "data")
+COMMANDS = ("train", "validate", "plan", "inspect", "eval", "data")
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 EXIT_STOPPED = 3  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue to continue
@@ -63,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--ranks-per-node", type=int, default=0, help="default: comm.ranks_per_node or 1")
     inspect = sub.add_parser("inspect", help="print what a checkpoint file holds")
     inspect.add_argument("checkpoint")
+    ev = sub.add_parser("eval", parents=[overrides], help="evaluate a checkpoint at fp32/fp16/bf16 (no MPI)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt-*.h5)")
+    ev.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast (default: run.precision)")
+    ev.add_argument("--per-layer", action="store_true", help="also fp32, and per-layer latency of both")
+    ev.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=0,
+        help="default: data.micro_batch_size or min(batch_size, 256)",
+    )
+    ev.add_argument("--max-batches", type=_positive, default=0, help="evaluate the first N batches only")
+    ev.add_argument("--repeats", type=_positive, default=5, help="timed forwards per precision (median)")
+    ev.add_argument("--json", metavar="OUT.json", help="also write every figure to this file")
     data = sub.add_parser("data", help="data set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the procedural demo data set")
@@ -72,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hpcngd.checkpoint import describe
 
         return _one_process(lambda: print(describe(Path(args.checkpoint))))
+    if args.command == "eval":
+        return _one_process(lambda: _eval(args))
     if args.command == "data":
         from hpcngd.data.demo import generate
 
@@ -135,6 +159,28 @@ def _plan(args: argparse.Namespace) -> None:
     cfg = config.load(args.run_file, args.overrides)
     config.check_world_size(cfg, args.world_size)
     print_plan(cfg, args.world_size, args.ranks_per_node or cfg.comm.ranks_per_node or 1)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from hpcngd.inference import study
+
+    cfg = config.load(args.run_file, args.overrides)
+    torch.set_num_threads(_threads(cfg.run.threads, 1))
+    json_path = Path(args.json) if args.json else None
+    study(
+        cfg,
+        Path(args.checkpoint),
+        args.precision or cfg.run.precision,
+        args.per_layer,
+        args.batch_size,
+        args.max_batches,
+        args.repeats,
+        json_path,
+    )
 
 
 def _threads(run_threads: int, local_size: int) -> int:
