@@ -29,8 +29,25 @@ SAVE = ["checkpoint.every_steps=5", "checkpoint.keep_last=10", "log.every_steps=
 CASES = {
     "sgd-mixup-erasing": AUGMENT,
     "spngd-mc-mixup-erasing": [*SPNGD, *AUGMENT, "ngd.fisher=mc"],
+    # the loss scale grows every 2 good steps, so a resume must restore where it is in that count
+    "spngd-fp16": [
+        *SPNGD,
+        "run.precision=fp16",
+        "run.loss_scale_init=256",
+        "run.loss_scale_growth_interval=2",
+    ],
 }
-COMPARED = ("loss", "lr", "ngd_refreshed", "ngd_inverted", "val_loss", "val_top1", "val_top5")
+COMPARED = (
+    "loss",
+    "lr",
+    "ngd_refreshed",
+    "ngd_inverted",
+    "loss_scale",
+    "amp_skipped",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+)
 
 
 @pytest.fixture
