@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
 
 from hpcngd import config
@@ -79,6 +80,11 @@ def test_bad_input_found_at_setup_under_mpi(tmp_path: Path, demo: Path) -> None:
     assert error_lines(res.stderr) == [f"hpcngd: error: data.path = '{tmp_path}/missing': folder not found"]
     res = hpcngd(str(run_file), "--set", "model.num_classes=4", ranks=2)
     assert res.returncode == 2 and "but model.num_classes = 4" in res.stderr
+    if not torch.cuda.is_available():
+        res = hpcngd(str(run_file), "--set", "run.device=cuda", ranks=2)
+        assert res.returncode == 2
+        (line,) = error_lines(res.stderr)
+        assert line.startswith('hpcngd: error: run.device = "cuda": no CUDA GPU is visible to this process')
     res = hpcngd(str(tmp_path / "absent.toml"), ranks=2)
     assert res.returncode == 2
     assert error_lines(res.stderr)[0].startswith(
@@ -119,6 +125,8 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert all(r["ngd_inverted"] == r["ngd_refreshed"] and r["ngd_failed"] == 0 for r in train)
     assert all(r["factors_ms"] > 0 and r["inverse_ms"] > 0 and r["precondition_ms"] > 0 for r in train)
     assert "factors refreshed 54 inverted 54" in res.stdout
+    assert "devices on " in res.stdout and "rank 0 -> cpu (cpu)" in res.stdout
+    assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", ranks=2)
     assert two.returncode == 0, two.stderr
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()
@@ -166,3 +174,19 @@ def test_exception_on_one_rank_ends_the_job(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "hpcngd: rank 1 of 2 failed: RuntimeError: injected failure; aborting all 2 ranks" in res.stderr
     assert "Traceback" in res.stderr
+
+
+def test_mixed_precision_run_reports_its_loss_scale(tmp_path: Path, demo: Path) -> None:
+    """fp16 (CPU autocast here): every train record says the loss scale and how many steps it skipped."""
+    run_file = write_run(tmp_path, demo)
+    res = hpcngd(
+        str(run_file), "--set", "run.precision=fp16", "--set", "run.loss_scale_growth_interval=1", ranks=2
+    )
+    assert res.returncode == 0, res.stderr
+    assert "precision fp16 | wire fp32" in res.stdout
+    records = [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    # growth after every good step from 65536: 2 steps per record, less a halving per skipped step
+    for r, before in zip(train, [65536.0, *(t["loss_scale"] for t in train)], strict=False):
+        assert r["loss_scale"] == before * 4 / 4 ** r["amp_skipped"], r
+    assert "loss scale" in res.stdout and "skipped" in res.stdout
