@@ -86,3 +86,38 @@ def test_topology(comm: MPI.Comm, ranks_per_node: int) -> None:
             assert topo.leaders.size == topo.num_nodes and topo.leaders.rank == topo.node_index
         assert topo.node.allreduce(1) == rpn
     assert topo.leaders is None
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
+def test_staged_buckets_equal_one_tensor_at_a_time(comm: MPI.Comm, device: str, wire_dtype: str) -> None:
+    """The pipelined bucket path (GPU: pinned host buffers, copies queued ahead of the reductions)
+    gives the bits of reducing each tensor on its own through the same wire; both near the exact mean."""
+    from hpcngd.comm.gpu import mpi_cuda_support
+
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    topo = Topology(comm)
+    staged = WireReducer(topo, wire_dtype, hierarchical=False, device=dev, direct=False)
+    assert staged.new_buffer(3).device.type == "cpu"
+    assert staged.new_buffer(3).is_pinned() == (device == "cuda")
+    tensors = [t.to(dev) for t in rank_tensors(comm.rank)]
+    FusedAllreduce(staged, SHAPES, 1e-4).average_(tensors)  # 4 buckets
+    one_by_one = [t.to(dev) for t in rank_tensors(comm.rank)]
+    for i, t in enumerate(one_by_one):
+        FusedAllreduce(WireReducer(topo, wire_dtype, False, dev), [SHAPES[i]], 8.0).average_([t])
+    every_rank = [rank_tensors(r) for r in range(comm.size)]
+    tol = 1e-6 if wire_dtype == "fp32" else 2e-3
+    for i, (got, alone) in enumerate(zip(tensors, one_by_one, strict=True)):
+        assert got.device == dev
+        if wire_dtype == "fp32":
+            assert torch.equal(got, alone)  # fp16 scales are per fused pass, so only fp32 is bit-equal
+        expected = torch.stack([ts[i] for ts in every_rank]).double().mean(0).float()
+        torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+    if device == "cuda" and wire_dtype == "fp32" and mpi_cuda_support()[0]:
+        direct = [t.to(dev) for t in rank_tensors(comm.rank)]
+        FusedAllreduce(WireReducer(topo, "fp32", False, dev, direct=True), SHAPES, 1e-4).average_(direct)
+        assert all(torch.equal(a, b) for a, b in zip(direct, tensors, strict=True))
+    topo.close()
