@@ -190,22 +190,20 @@ class Trainer:
         loss_value = float(self.loss_buf.item())
         stop, timed, overflowed = self.control.tolist()
         self.stop_requested, self.save_due = stop > 0, timed > 0
+        skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
         if self.scaler.enabled:
-            self.scaler.update(overflowed > 0)  # the same verdict on every rank
-        if overflowed > 0:  # skipped on every rank: no update, the due factors stay due
-            self.step += 1
-            self.timer.count_step()
-            return loss_value
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
-            )
-        if self.ngd is not None:
-            self._precondition(fresh)
-        with self.timer.phase("update"):
-            self.optimizer.step()
-            if self.cfg.optim.weight_rescaling:
-                rescale_weights(self.model)
+            self.scaler.update(skip)
+        if not skip:
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
+                )
+            if self.ngd is not None:
+                self._precondition(fresh)
+            with self.timer.phase("update"):
+                self.optimizer.step()
+                if self.cfg.optim.weight_rescaling:
+                    rescale_weights(self.model)
         self.step += 1
         self.timer.count_step()
         if self.cfg.comm.check_replicas and self.step % self.cfg.comm.check_replicas == 0:
