@@ -7,9 +7,9 @@
     hpcngd plan RUN.toml --world-size N [--ranks-per-node M]
                                              print the layer-to-rank plan and bytes per step (no MPI)
     hpcngd inspect CKPT.h5                   print what a checkpoint holds (no MPI, no torch)
-    hpcngd eval RUN.toml --checkpoint CKPT [--precision fp32|fp16|bf16] [--per-layer] [--set ...]
-                                             evaluate a checkpoint's model on the validation set at a
-                                             precision; per-layer latency fp32 vs it (no MPI)
+    hpcngd eval RUN.toml --checkpoint CKPT [--precision fp32|fp16|bf16] [--per-layer] [--json OUT]
+                                             top-1/top-5/loss of a checkpoint's model on the validation
+                                             set under autocast; --per-layer: layer latency vs fp32 (no MPI)
 
 This is the only module that names ``MPI.COMM_WORLD``. Error policy:
 - bad input found while setting up (run file, data folder, run directory, checkpoint) is agreed on by
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[overrides], help="evaluate a checkpoint at fp32/fp16/bf16 (no MPI)")
     ev.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt-*.h5)")
     ev.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast (default: run.precision)")
-    ev.add_argument("--per-layer", action="store_true", help="also fp32, and per-layer latency of both")
+    ev.add_argument("--per-layer", action="store_true", help="also fp32, and time every layer at both")
     ev.add_argument(
         "--batch-size",
         type=_positive,

@@ -60,33 +60,33 @@ def load_model(path: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
         stored_names = (
             {n.removeprefix("model/") for n in reader.names("model")} if reader.has("model") else set()
         )
-        if lacking := sorted(set(tensors) - stored_names):
-            raise reader.fail(f"lacks model/{lacking[0]} ({len(lacking)} tensor(s) of {cfg.arch} missing)")
-        if extra := sorted(stored_names - set(tensors)):
-            raise reader.fail(f"holds model/{extra[0]}, which model.arch = {cfg.arch!r} does not have")
+        if differ := sorted(stored_names ^ set(tensors)):
+            side = "lacks" if differ[0] in tensors else "has an extra"
+            raise reader.fail(
+                f"{side} model/{differ[0]} for model.arch = {cfg.arch!r} ({len(differ)} differ)"
+            )
         with torch.no_grad():
             for name, t in tensors.items():
                 array = reader.array(f"model/{name}")
                 if array.shape != tuple(t.shape):
                     raise reader.fail(
-                        f"model/{name} has shape {list(array.shape)}; model.arch = {cfg.arch!r} needs {list(t.shape)}"
+                        f"model/{name} has shape {list(array.shape)}; model.arch = {cfg.arch!r} needs "
+                        f"{list(t.shape)}"
                     )
                 t.copy_(torch.from_numpy(array))
     return model.to(device).eval()
 
 
-def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    """A batch as the model takes it: fp32 (DALI may hand fp16; autocast casts), in its memory format."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device=device, dtype=torch.float32, memory_format=fmt)
-
-
 @dataclass
 class Accuracy:
-    """Validation figures at one precision (loss is NaN or inf when some logits are)."""
+    """Validation figures at one precision (loss is NaN or inf when some logits are); the sums are what
+    ranks add up (the trainer's evaluation), the means what one process reports."""
 
     precision: str
     images: int = 0
+    loss_sum: float = 0.0
+    top1_hits: int = 0
+    top5_hits: int = 0
     loss: float = 0.0
     top1: float = 0.0
     top5: float = 0.0
@@ -96,16 +96,11 @@ class Accuracy:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    precision: str,
-    device: torch.device,
-    channels_last: bool = False,
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], precision: str, device: torch.device
 ) -> Accuracy:
     """Mean cross-entropy, top-1 and top-5 (%) of ``model`` over ``batches``, the forward under autocast."""
-    acc, sums = Accuracy(precision), [0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits
+    acc = Accuracy(precision)
     for x, y in batches:
-        x, y = to_device(x, device, channels_last), y.to(device)
         with autocast(precision, device):
             logits = model(x)
         bad = ~torch.isfinite(logits)
@@ -113,12 +108,12 @@ def evaluate(
         acc.nonfinite_images += int(bad.any(dim=1).sum())
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         # The loss in fp32, as training's evaluation computes it.
-        sums[0] += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        sums[1] += float(hits[:, 0].sum())
-        sums[2] += float(hits.any(dim=1).sum())
+        acc.loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        acc.top1_hits += int(hits[:, 0].sum())
+        acc.top5_hits += int(hits.any(dim=1).sum())
         acc.images += len(y)
     n = max(acc.images, 1)
-    acc.loss, acc.top1, acc.top5 = sums[0] / n, 100 * sums[1] / n, 100 * sums[2] / n
+    acc.loss, acc.top1, acc.top5 = acc.loss_sum / n, 100 * acc.top1_hits / n, 100 * acc.top5_hits / n
     return acc
 
 
@@ -133,12 +128,10 @@ def timed_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class LayerTimer:
-    """Forward hooks timing each of :func:`timed_layers` (ms); a context manager that removes them again.
+    """Hooks timing :func:`timed_layers` of ``model`` (ms); a context manager that removes them again.
 
-    Args:
-        model: the model whose layers are timed.
-        sync: waits for the device's queued work (``torch.cuda.synchronize``); None on the CPU, which
-            computes synchronously.
+    ``sync`` waits for the device's queued work (``torch.cuda.synchronize``); None on the CPU, which
+    computes synchronously.
     """
 
     def __init__(self, model: nn.Module, sync: Callable[[], None] | None = None) -> None:
@@ -182,12 +175,8 @@ class Latency:
     """Medians over repeated forwards of one batch at one precision, in milliseconds."""
 
     precision: str
-    rows: list[dict[str, Any]]  # per layer in forward order: name, type, shape, calls, ms
+    rows: list[dict[str, Any]]  # per timed layer in forward order: name, type, shape, calls, ms
     forward_ms: float  # the whole forward, without hooks
-
-    @property
-    def layers_ms(self) -> float:
-        return sum(r["ms"] for r in self.rows)
 
 
 @torch.no_grad()
@@ -226,46 +215,43 @@ def layer_latency(
     return Latency(precision, rows, whole)
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else math.inf
+def compare(fp32: Latency, low: Latency) -> dict[str, Any]:
+    """fp32 against ``low`` as ``--json`` writes it: per-layer rows and totals, with speed-ups."""
 
+    def times(a: float, b: float) -> dict[str, float]:
+        return {"fp32_ms": a, "low_ms": b, "speedup": a / b if b > 0 else math.inf}
 
-def latency_rows(fp32: Latency, low: Latency) -> list[dict[str, Any]]:
-    """The per-layer comparison: name, type, output shape, calls, fp32_ms, low_ms, speedup."""
-    return [
-        {
-            **{k: v for k, v in a.items() if k != "ms"},
-            "fp32_ms": a["ms"],
-            "low_ms": b["ms"],
-            "speedup": _ratio(a["ms"], b["ms"]),
-        }
+    layers = [
+        {**{k: v for k, v in a.items() if k != "ms"}, **times(a["ms"], b["ms"])}
         for a, b in zip(fp32.rows, low.rows, strict=True)
     ]
+    sums = (sum(r["ms"] for r in fp32.rows), sum(r["ms"] for r in low.rows))
+    return {
+        "layers": layers,
+        "total": {"layers": times(*sums), "forward": times(fp32.forward_ms, low.forward_ms)},
+    }
 
 
 def format_accuracy(acc: Accuracy) -> str:
-    line = f"{acc.precision}: top1 {acc.top1:.2f}% top5 {acc.top5:.2f}% loss {acc.loss:.4f} ({acc.images} images)"
+    line = f"{acc.precision}: top1 {acc.top1:.2f}% top5 {acc.top5:.2f}% loss {acc.loss:.4f}"
+    line += f" ({acc.images} images)"
     if acc.nonfinite_logits:
         line += f"; {acc.nonfinite_logits} non-finite logits in {acc.nonfinite_images} image(s)"
     return line
 
 
-def format_latency(fp32: Latency, low: Latency) -> str:
-    """The per-layer table, then the sum of the layers and the whole forward without hooks."""
+def format_latency(comparison: dict[str, Any], precision: str) -> str:
+    """The per-layer table of :func:`compare`, then the sum of the layers and the whole forward."""
+    cells = "{fp32_ms:>9.3f} {low_ms:>9.3f} {speedup:>7.2f}x"
     lines = [
-        f"{'layer':<22} {'type':<18} {'output shape':<20} {'fp32 ms':>9} {low.precision + ' ms':>9} speed-up"
+        f"{'layer':<22} {'type':<18} {'output shape':<20} {'fp32 ms':>9} {precision + ' ms':>9} speed-up"
     ]
-    for r in latency_rows(fp32, low):
+    for r in comparison["layers"]:
         shape = "x".join(map(str, r["shape"])) + (f" (x{r['calls']})" if r["calls"] > 1 else "")
-        lines.append(
-            f"{r['name']:<22} {r['type']:<18} {shape:<20} {r['fp32_ms']:>9.3f} {r['low_ms']:>9.3f} "
-            f"{r['speedup']:>7.2f}x"
-        )
-    for label, a, b in (
-        ("sum of layers", fp32.layers_ms, low.layers_ms),
-        ("whole forward (no hooks)", fp32.forward_ms, low.forward_ms),
-    ):
-        lines.append(f"{label:<62} {a:>9.3f} {b:>9.3f} {_ratio(a, b):>7.2f}x")
+        lines.append(f"{r['name']:<22} {r['type']:<18} {shape:<20} " + cells.format(**r))
+    total = comparison["total"]
+    lines.append(f"{'sum of layers':<62} " + cells.format(**total["layers"]))
+    lines.append(f"{'whole forward (no hooks)':<62} " + cells.format(**total["forward"]))
     return "\n".join(lines)
 
 
@@ -273,22 +259,9 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name (/proc/cpuinfo on Linux)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _finite_or_null(value: Any) -> Any:
-    """Strict JSON has no NaN or inf: they become null (the non-finite counts say why)."""
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = (line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    return next(names, platform.machine() or "cpu")
 
 
 def study(
@@ -315,56 +288,47 @@ def study(
     """
     device = bind(cfg.run.device, 0)
     model = load_model(checkpoint, cfg.model, device)
-    if cfg.run.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)  # type: ignore[call-overload]
     _, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
     batch_size = batch_size or cfg.data.micro_batch_size or min(cfg.data.batch_size, 256)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         found = evaluation_batches(cfg.data, val_set, batch_size, rank=0, world_size=1)
-        return itertools.islice(found, max_batches or None)
+        for x, y in itertools.islice(found, max_batches or None):
+            # fp32 as training feeds them (DALI may hand fp16; autocast casts), in the model's format
+            yield x.to(device=device, dtype=torch.float32, memory_format=fmt), y.to(device)
 
+    out: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": cfg.model.arch, "precision": precision}
+    out.update(device=str(device), device_name=device_name(device), threads=torch.get_num_threads())
+    out.update(
+        val_images=len(val_set), batch_size=batch_size, max_batches=max_batches, torch=torch.__version__
+    )
     print(
-        f"hpcngd eval: {checkpoint} ({cfg.model.arch}) on {device} ({device_name(device)}, "
-        f"{torch.get_num_threads()} thread(s)) | {len(val_set)} val images, batch {batch_size}"
-        + (f", first {max_batches} batch(es)" if max_batches else "")
-        + f" | torch {torch.__version__}"
+        "hpcngd eval: {checkpoint} ({arch}) on {device} ({device_name}, {threads} thread(s)) | {val_images} "
+        "val images, batch {batch_size} | torch {torch}".format(**out)
+        + (f" | first {max_batches} batch(es) only" if max_batches else "")
     )
     precisions = dict.fromkeys(["fp32", precision] if per_layer else [precision])  # ordered, no repeat
-    accuracy = {p: evaluate(model, batches(), p, device, cfg.run.channels_last) for p in precisions}
+    accuracy = {p: evaluate(model, batches(), p, device) for p in precisions}
     print("\n".join(format_accuracy(acc) for acc in accuracy.values()))
-    out: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "arch": cfg.model.arch,
-        "precision": precision,
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "batch_size": batch_size,
-        "torch": torch.__version__,
-        "accuracy": {p: asdict(a) for p, a in accuracy.items()},
-    }
+    out["accuracy"] = {p: asdict(a) for p, a in accuracy.items()}
     if per_layer:
         first = next(batches(), None)
         if first is None:
             raise UserError("--per-layer: the validation set is empty, there is no batch to time")
-        images = to_device(first[0], device, cfg.run.channels_last)
+        images = first[0]
         fp32, low = (layer_latency(model, images, p, device, repeats) for p in ("fp32", precision))
         change = accuracy[precision].top1 - accuracy["fp32"].top1
+        comparison = compare(fp32, low)
         print(f"per-layer forward latency, batch of {len(images)}, median of {repeats}:")
-        print(format_latency(fp32, low))
+        print(format_latency(comparison, precision))
         print(f"top-1 change {precision} - fp32: {change:+.2f} percentage points")
-        out.update(repeats=repeats, top1_change_pp=change, layers=latency_rows(fp32, low))
-        out["total"] = {
-            "layers_fp32_ms": fp32.layers_ms,
-            "layers_low_ms": low.layers_ms,
-            "layers_speedup": _ratio(fp32.layers_ms, low.layers_ms),
-            "forward_fp32_ms": fp32.forward_ms,
-            "forward_low_ms": low.forward_ms,
-            "forward_speedup": _ratio(fp32.forward_ms, low.forward_ms),
-        }
+        out.update(repeats=repeats, top1_change_pp=change, **comparison)
     if json_path is not None:
         try:
-            json_path.write_text(json.dumps(_finite_or_null(out), indent=1, allow_nan=False) + "\n")
+            # Strict JSON has no NaN or inf: they become null (the non-finite counts say why).
+            strict = json.loads(json.dumps(out), parse_constant=lambda _: None)
+            json_path.write_text(json.dumps(strict, indent=1, allow_nan=False) + "\n")
         except OSError as exc:
             raise UserError(f"--json {json_path}: cannot write: {exc.strerror or exc}") from None

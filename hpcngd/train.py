@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpcngd import state
+from hpcngd import inference, state
 from hpcngd.comm.collectives import (
     FusedAllreduce,
     allreduce_sum,
@@ -304,21 +304,16 @@ class Trainer:
         """Loss, top-1 and top-5 (%) on the whole validation set, summed over ranks."""
         self.buffer_reducer.average_(self.float_buffers)  # BN running statistics, same on every rank
         self.model.eval()
-        k = min(5, self.cfg.model.num_classes)
-        count = loss_sum = top1 = top5 = 0.0
-        for x, y in evaluation_batches(
+        found = evaluation_batches(
             self.cfg.data, self.val_set, self.local_batch, self.topo.rank, self.topo.size
-        ):
-            x, y = self._to_device(x, y)
-            with autocast(self.cfg.run.precision, self.device):
-                logits = self.model(x)
-            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            hits = logits.topk(k, dim=1).indices == y[:, None]
-            top1 += float(hits[:, 0].sum())
-            top5 += float(hits.any(dim=1).sum())
-            count += len(y)
+        )
+        mine = inference.evaluate(
+            self.model, (self._to_device(x, y) for x, y in found), self.cfg.run.precision, self.device
+        )
         self.model.train()
-        count, loss_sum, top1, top5 = allreduce_sum([count, loss_sum, top1, top5], self.topo.world)
+        count, loss_sum, top1, top5 = allreduce_sum(
+            [mine.images, mine.loss_sum, mine.top1_hits, mine.top5_hits], self.topo.world
+        )
         n = max(count, 1.0)
         return {
             "val_loss": loss_sum / n,
