@@ -65,6 +65,7 @@ def bind(requested: str, local_rank: int) -> torch.device:
     device = torch.device(choose(requested, local_rank, num_gpus, os.environ))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN time its algorithms once
     return device
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from hpcngd.config import DataConfig
@@ -47,6 +46,8 @@ def available() -> bool:
 
 def _encoded(path: str) -> tuple[np.ndarray, int, int]:
     """The file's bytes and the image's (width, height) from its header; one clear error if unusable."""
+    from PIL import Image  # imported here: synthetic runs need no Pillow
+
     try:
         data = np.fromfile(path, dtype=np.uint8)
         with Image.open(io.BytesIO(data.tobytes())) as img:
@@ -62,6 +63,8 @@ def _culprit(paths: Sequence[str], exc: Exception) -> UserError | None:
     None when Pillow reads them all: then the failure is not the data's (out of memory, a DALI or
     nvJPEG error) and the caller re-raises it as it came.
     """
+    from PIL import Image  # imported here: synthetic runs need no Pillow
+
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     for path in paths:
         try:

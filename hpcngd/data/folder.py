@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from hpcngd.config import DataConfig
@@ -133,6 +132,8 @@ class ImageFolder:
 
     def item(self, index: int, epoch: int) -> tuple[Tensor, int]:
         """Decoded, augmented, normalized image ``index`` of epoch ``epoch`` and its label."""
+        from PIL import Image  # imported here: synthetic runs need no Pillow
+
         path, label = self.samples[index]
         try:
             with Image.open(path) as opened:

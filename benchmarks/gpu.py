@@ -1,0 +1,355 @@
+"""Training throughput of ResNet-50 on one GPU (synthetic 224 px images): SGD against SP-NGD, fp32 and AMP.
+
+    python benchmarks/gpu.py --json out/gpu_benchmark.json --save-checkpoint out/ckpt
+    python benchmarks/gpu.py --device cpu --arch resnet8 --image-size 32 --batch 8 --steps 2 --warmup 1
+
+One process, one device (no mpiexec). Four configurations, each a fresh Trainer:
+  sgd_fp32         momentum SGD, fp32 (cuDNN's default TF32 convolutions on a GPU: see the JSON's settings)
+  sgd_amp          momentum SGD, autocast fp16 with dynamic loss scaling
+  spngd_refresh    SP-NGD, AMP fp16, every statistic recomputed, averaged and inverted every step
+                   (ngd.stale_threshold = 0)
+  spngd_amortized  SP-NGD, AMP fp16 with stale statistics, as benchmarks/step_time.py measures it: the
+                   intervals are forced to grow (threshold 1e9), so every statistic is refreshed at steps
+                   0, 1, 3, 7, 15, ... and none in between; the figure is ``precondition_only + (refresh -
+                   precondition_only) / D`` with D = ngd.stale_max_interval's run-file default (20), i.e.
+                   the cost of a step when each statistic is refreshed once every D steps.
+Every figure is a median over timed steps: the first ``--warmup`` steps (never fewer than one: the first
+step allocates memory and runs cuDNN's autotuning) and steps skipped for an fp16 overflow are not timed.
+The batch is made once and stays on the device (as DALI's GPU pipeline hands it), so loading and
+host-to-device copies are not measured. Phases (ms per step) come from the Trainer's timer, which waits
+for queued GPU kernels at each phase boundary. A configuration that runs out of GPU memory is reported
+as "OOM at batch N" and the next one runs. Goals (issue #8): SGD AMP >= 2,500 img/s on an H100, and
+SP-NGD amortized within 5% of SGD AMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mpi4py
+import torch
+from mpi4py import MPI
+
+import hpcngd
+from hpcngd import config
+from hpcngd.comm.topology import Topology
+from hpcngd.data import build_datasets
+from hpcngd.metrics import PHASES, MetricsLog
+from hpcngd.train import Trainer
+
+INTERVAL = config.NgdConfig().stale_max_interval  # D of the amortized figure: the run-file default
+SGD_AMP_GOAL = 2500.0  # img/s on one H100
+AMORTIZED_GOAL = 0.95  # SP-NGD amortized img/s over SGD AMP img/s ("within 5%")
+FP16 = "run.precision=fp16"
+CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "sgd_fp32": ("SGD fp32", ["optim.name=sgd", "run.precision=fp32"]),
+    "sgd_amp": ("SGD AMP fp16", ["optim.name=sgd", FP16]),
+    "spngd_refresh": (
+        "SP-NGD AMP fp16, refresh every step",
+        ["optim.name=spngd", FP16, "ngd.stale_threshold=0"],
+    ),
+    "spngd_amortized": (
+        f"SP-NGD AMP fp16, amortized D={INTERVAL}",
+        ["optim.name=spngd", FP16, "ngd.stale_threshold=1e9", "ngd.stale_max_interval=1000"],
+    ),
+}
+
+
+@dataclass
+class Step:
+    index: int
+    seconds: float
+    ms: dict[str, float]  # per phase
+    refreshed: int  # SP-NGD statistics recomputed
+    skipped: bool  # fp16 overflow: no update
+
+
+def common_overrides(args: argparse.Namespace, num_steps: int) -> list[str]:
+    return [
+        f"model.arch={args.arch}",
+        f"model.num_classes={args.num_classes}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch}",
+        f"data.synthetic_train_samples={args.batch * num_steps}",
+        "data.synthetic_val_samples=0",
+        "data.workers=0",
+        "optim.schedule=constant",
+        f"optim.lr={args.lr}",  # irrelevant to the timing; low enough that no run diverges
+        f"run.device={args.device}",
+        f"run.channels_last={str(args.channels_last).lower()}",
+    ]
+
+
+def measure(
+    cfg: config.Config, batch: tuple[torch.Tensor, torch.Tensor], num_steps: int
+) -> tuple[list[Step], str]:
+    """Every step of a fresh Trainer on ``batch``; and the checkpoint path when cfg.checkpoint.dir is set."""
+    rows: list[Step] = []
+    with Topology(MPI.COMM_WORLD) as topo:
+        train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
+        trainer = Trainer(
+            cfg,
+            topo,
+            train_set,
+            val_set,
+            MetricsLog(None, active=False),
+            checkpoints=bool(cfg.checkpoint.dir),
+        )
+        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        x, y = batch
+        for i in range(num_steps):
+            sync()
+            t0 = time.perf_counter()
+            trainer.train_step(x, y)
+            sync()
+            seconds = time.perf_counter() - t0
+            _, _, ms = trainer.timer.take()
+            refreshed = trainer.ngd_counts.pop("refreshed", 0)
+            rows.append(Step(i, seconds, ms, refreshed, trainer.scaler.take_skipped() > 0))
+        path = str(trainer.save_checkpoint("benchmark")) if cfg.checkpoint.dir else ""
+        if trainer.ngd is not None:
+            trainer.ngd.close()
+    return rows, path
+
+
+def summary(rows: list[Step], batch: int) -> dict[str, Any]:
+    """Median step time, img/s and median ms of every phase over ``rows``."""
+    if not rows:
+        return {"timed_steps": 0}
+    step_ms = 1e3 * statistics.median(r.seconds for r in rows)
+    return {
+        "timed_steps": len(rows),
+        "step_ms": step_ms,
+        "images_per_s": 1e3 * batch / step_ms,
+        "phases_ms": {k: statistics.median(r.ms[k] for r in rows) for k in PHASES},
+    }
+
+
+def amortized(pre: dict[str, Any], full: dict[str, Any], batch: int) -> dict[str, Any]:
+    """``pre + (full - pre) / INTERVAL`` for the step time and every phase."""
+    step_ms = pre["step_ms"] + (full["step_ms"] - pre["step_ms"]) / INTERVAL
+    phases = {k: v + (full["phases_ms"][k] - v) / INTERVAL for k, v in pre["phases_ms"].items()}
+    return {"step_ms": step_ms, "images_per_s": 1e3 * batch / step_ms, "phases_ms": phases}
+
+
+def run_config(
+    args: argparse.Namespace, key: str, batch: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
+    """Measure one configuration; out of memory or a diverged run is a result, not a crash."""
+    label, overrides = CONFIGS[key]
+    num_steps = args.warmup + (args.ngd_steps if key == "spngd_refresh" else args.steps)
+    if key == "sgd_amp" and args.save_checkpoint:
+        overrides = [*overrides, f"checkpoint.dir={args.save_checkpoint}"]
+    overrides = common_overrides(args, num_steps) + overrides
+    result: dict[str, Any] = {"label": label, "overrides": overrides, "steps_run": num_steps}
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    failure = ""
+    try:
+        rows, path = measure(config.loads("", overrides=overrides), batch, num_steps)
+    except torch.cuda.OutOfMemoryError:
+        failure = f"OOM at batch {args.batch}"
+    except FloatingPointError as exc:  # a diverged run (NaN loss, fp16 overflowing every step)
+        failure = f"diverged: {exc}"
+    # Out of the except block: the traceback (and the tensors its frames hold) is gone.
+    result["elapsed_s"] = time.perf_counter() - t0
+    if cuda:
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    if failure:
+        return {**result, "status": "oom" if failure.startswith("OOM") else "error", "message": failure}
+    timed = [r for r in rows if r.index >= max(1, args.warmup) and not r.skipped]
+    result.update(status="ok", skipped_steps=sum(r.skipped for r in rows), checkpoint=path or None)
+    if key != "spngd_amortized":
+        return {**result, **summary(timed, args.batch)}
+    pre = summary([r for r in timed if not r.refreshed], args.batch)
+    full = summary([r for r in timed if r.refreshed], args.batch)
+    result.update(precondition_only=pre, refresh=full, interval=INTERVAL)
+    if not (pre["timed_steps"] and full["timed_steps"]):
+        return {
+            **result,
+            "status": "error",
+            "message": "no timed refresh or precondition-only step: raise --steps",
+        }
+    return {**result, **amortized(pre, full, args.batch), "timed_steps": len(timed)}
+
+
+def goals(results: dict[str, dict[str, Any]], device_name: str) -> dict[str, dict[str, Any]]:
+    amp, ngd = results["sgd_amp"].get("images_per_s"), results["spngd_amortized"].get("images_per_s")
+    h100 = "H100" in device_name
+    out = {
+        "sgd_amp_images_per_s": {
+            "goal": f"SGD AMP >= {SGD_AMP_GOAL:,.0f} img/s on an H100"
+            + ("" if h100 else f" (this device: {device_name})"),
+            "value": amp,
+            "met": amp is not None and amp >= SGD_AMP_GOAL,
+        },
+        "spngd_amortized_over_sgd_amp": {
+            "goal": f"SP-NGD amortized (D={INTERVAL}) within 5% of SGD AMP: ratio >= {AMORTIZED_GOAL}",
+            "value": ngd / amp if amp and ngd else None,
+            "met": bool(amp and ngd and ngd / amp >= AMORTIZED_GOAL),
+        },
+    }
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict[str, Any]:
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    return {
+        "device": {
+            "type": device,
+            "name": name,
+            "count": torch.cuda.device_count() if device == "cuda" else 0,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+            "mpi4py": mpi4py.__version__,
+            "mpi": MPI.Get_library_version().strip("\x00 \n").splitlines()[0],
+            "hpcngd": hpcngd.__version__,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+    }
+
+
+def print_table(results: dict[str, dict[str, Any]], goal: dict[str, dict[str, Any]]) -> None:
+    shown = [k for k in PHASES if k != "data"]
+    print(
+        f"\n{'configuration':42s} {'img/s':>8s} {'step ms':>8s} timed {'GiB':>5s} {'run s':>6s} | ms per step"
+    )
+    for r in results.values():
+        peak = f"{r['peak_memory_gib']:5.1f}" if "peak_memory_gib" in r else f"{'-':>5s}"
+        first = f"{peak} {r['elapsed_s']:6.1f}"  # peak memory and run time: on the configuration's line
+        if r["status"] != "ok":
+            print(f"{r['label']:42s} {r['message']:>23s} {first}")
+            continue
+        rows = [(r["label"], r, first)]
+        if "precondition_only" in r:
+            rows += [("  its precondition-only steps", r["precondition_only"], " " * 12)]
+            rows += [("  its refresh steps", r["refresh"], " " * 12)]
+        for label, row, extra in rows:
+            ms = row["phases_ms"]
+            phases = " ".join(f"{k} {ms[k]:.1f}" for k in shown if ms[k] or k == "fwd_bwd")
+            figures = f"{row['images_per_s']:8.1f} {row['step_ms']:8.1f} {row['timed_steps']:5d}"
+            print(f"{label:42s} {figures} {extra} | {phases}")
+    ngd = results["spngd_amortized"]
+    if ngd["status"] == "ok":
+        pre, full = ngd["precondition_only"]["step_ms"], ngd["refresh"]["step_ms"]
+        print(
+            f"SP-NGD amortized: {pre:.1f} + ({full:.1f} - {pre:.1f}) / {INTERVAL} = {ngd['step_ms']:.1f} ms "
+            f"a step = precondition-only + (refresh - precondition-only) / D, D = {INTERVAL} (the run-file "
+            "default ngd.stale_max_interval)"
+        )
+    print("goals:")
+    for g in goal.values():
+        v = g["value"]
+        value = "n/a" if v is None else f"{v:.3f}" if v < 10 else f"{v:,.0f} img/s"
+        print(f"  {g['goal']}: {value} -> {'met' if g['met'] else 'NOT met'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128, help="images per step on the one device")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of the SGD and SP-NGD amortized runs")
+    p.add_argument("--ngd-steps", type=int, default=5, help="timed steps of SP-NGD refreshing every step")
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps (at least 1 is never timed)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on cuda"
+    )
+    p.add_argument(
+        "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cuDNN autotuning"
+    )
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
+    p.add_argument("--json", type=Path, help="write every figure and the settings here")
+    p.add_argument(
+        "--save-checkpoint", type=Path, help="checkpoint folder for the SGD AMP model (after its run)"
+    )
+    args = p.parse_args()
+    if MPI.COMM_WORLD.size != 1:
+        print("benchmarks/gpu.py runs as one process (no mpiexec)", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+        return 2
+    only = [k for k in args.only.split(",") if k]
+    if unknown := [k for k in only if k not in CONFIGS]:
+        p.error(f"--only: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    if args.channels_last is None:
+        args.channels_last = args.device == "cuda"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    env = environment(args.device)
+    print(
+        f"{args.arch} {args.image_size}px batch {args.batch} on {env['device']['name']} ({args.device}) | "
+        f"torch {torch.__version__} cuda {torch.version.cuda} | channels_last {args.channels_last} | "
+        f"warmup {args.warmup}, timed {args.steps} (SP-NGD refresh every step: {args.ngd_steps})",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    labels = torch.randint(args.num_classes, (args.batch,), generator=gen)
+    device = torch.device(args.device)
+    batch = (images.to(device, memory_format=fmt), labels.to(device))
+    results: dict[str, dict[str, Any]] = {}
+    for key in CONFIGS:
+        if key not in only:
+            results[key] = {
+                "label": CONFIGS[key][0],
+                "status": "skipped",
+                "message": "not run (--only)",
+                "elapsed_s": 0.0,
+            }
+            continue
+        print(f"{CONFIGS[key][0]} ...", flush=True)
+        results[key] = r = run_config(args, key, batch)
+        figure = f"{r['images_per_s']:.1f} img/s" if r["status"] == "ok" else r["message"]
+        print(f"  {figure} in {r['elapsed_s']:.1f} s", flush=True)
+    goal = goals(results, env["device"]["name"])
+    print_table(results, goal)
+    checkpoint = results["sgd_amp"].get("checkpoint")
+    if checkpoint:
+        print(f"checkpoint of the SGD AMP model: {checkpoint}")
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        settings.update(amortization_interval=INTERVAL, batch_on_device=True)
+        report = {"benchmark": "gpu", **env, "settings": settings, "configs": results, "goals": goal}
+        report["checkpoint"] = checkpoint
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

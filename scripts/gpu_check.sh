@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #8 in one command, for a machine with one GPU and no network:
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh      # default OUT: out/gpu_check
+#
+# Needs a Python (PYTHON, default python) with a CUDA torch, mpi4py, h5py and numpy; pytest is optional.
+# hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
+# under `timeout` (their limits add up to under 5 minutes; about 2 expected on one H100):
+#   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
+#   2. pytest -m gpu tests/gpu (skipped without pytest);
+#   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json, and a checkpoint of its SGD AMP model in $OUT/ckpt;
+#   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json.
+# Every step runs whatever the ones before did; the exit status is 1 when any step failed (the summary
+# names them), 0 otherwise.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python}
+OUT=${OUT:-out/gpu_check}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # containers run as root
+mkdir -p "$OUT" || exit 1
+started=$SECONDS
+failed=""
+
+# step NAME LIMIT_S COMMAND...: one step under `timeout`; a failure is noted and the next step runs.
+step() {
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  printf '\n==== %s (time limit %ss) ====\n' "$name" "$limit"
+  timeout -k 5 "$limit" "$@"
+  rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "$name: killed after its time limit of ${limit}s"
+  fi
+  echo "---- $name: exit $rc after $((SECONDS - t0))s"
+  if [ "$rc" != 0 ]; then
+    failed="$failed, $name"
+  fi
+}
+
+# skip NAME WHY: say that a step does not run here.
+skip() {
+  printf '\n==== %s ====\nskipped: %s\n' "$1" "$2"
+}
+
+# Which modules this Python lacks (found without importing them).
+missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("torch", "mpi4py", "h5py", "numpy", "pytest") if u.find_spec(m) is None))') || exit 1
+lacks() {  # lacks MODULE...: true when any of them is missing
+  local m
+  for m in "$@"; do
+    case " $missing " in *" $m "*) return 0 ;; esac
+  done
+  return 1
+}
+needed="torch mpi4py h5py numpy"
+
+# 1. The machine
+step "GPUs (nvidia-smi -L)" 10 nvidia-smi -L
+echo "modules missing from $PY: ${missing:-none}"
+if lacks torch; then
+  skip "versions" "torch is not importable"
+else
+  step "versions" 20 "$PY" -c 'import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version(), "| GPUs visible", torch.cuda.device_count())'
+fi
+if lacks torch mpi4py; then
+  skip "MPI CUDA support" "needs torch and mpi4py"
+else
+  step "MPI CUDA support" 20 "$PY" -c 'from mpi4py import MPI; from hpcngd.comm.gpu import mpi_cuda_support
+print(MPI.Get_library_version().strip("\0 \n").splitlines()[0]); print(mpi_cuda_support())'
+fi
+
+# 2. The GPU tests (tests/gpu needs neither mpiexec nor pytest-mpi)
+if lacks pytest $needed; then
+  skip "GPU tests" "needs pytest $needed (missing: $missing)"
+else
+  step "GPU tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+fi
+
+# 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized)
+if lacks $needed; then
+  skip "benchmark" "needs $needed (missing: $missing)"
+else
+  rm -rf "$OUT/ckpt"
+  step "benchmark" 110 "$PY" benchmarks/gpu.py --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+fi
+
+# 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)
+cat >"$OUT/inference.toml" <<EOF
+[run]
+device = "cuda"
+output_dir = "$OUT"
+name = "inference"
+[model]
+arch = "resnet50"
+num_classes = 1000
+[data]
+source = "synthetic"
+image_size = 224
+batch_size = 128
+synthetic_val_samples = 512
+EOF
+checkpoint="$OUT/ckpt/$(cat "$OUT/ckpt/latest" 2>/dev/null)"
+for precision in fp16 bf16; do
+  if lacks $needed || [ ! -f "$checkpoint" ]; then
+    skip "inference $precision" "needs $needed and the benchmark's checkpoint (none in $OUT/ckpt)"
+    failed="$failed, inference $precision"
+    continue
+  fi
+  step "inference $precision" 35 "$PY" -m hpcngd eval "$OUT/inference.toml" --checkpoint "$checkpoint" \
+    --precision "$precision" --per-layer --json "$OUT/inference_$precision.json" --max-batches 4
+done
+
+printf '\n==== done in %ss; results in %s ====\n' "$((SECONDS - started))" "$OUT"
+if [ -n "$failed" ]; then
+  echo "failed: ${failed#, }"
+  exit 1
+fi
+echo "every step passed"

@@ -1,0 +1,89 @@
+"""The GPU benchmark and check script stay runnable: the benchmark on the CPU with a tiny model, the
+script's syntax (it needs a GPU to run, see scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from helpers import ENV, ROOT
+
+from hpcngd.metrics import PHASES
+
+BENCHMARK = ROOT / "benchmarks" / "gpu.py"
+CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", "spngd_amortized")
+
+
+def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # fmt: off
+    cmd = [
+        sys.executable, str(BENCHMARK), "--device", "cpu", "--arch", "resnet8", "--image-size", "32",
+        "--num-classes", "10", "--batch", "8", "--steps", "2", "--ngd-steps", "2", "--warmup", "1",
+        "--json", str(out), "--save-checkpoint", str(tmp_path / "ckpt"),
+    ]
+    # fmt: on
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "goals:" in proc.stdout and "SP-NGD amortized" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["device"]["type"] == "cpu" and report["versions"]["torch"] == torch.__version__
+    assert report["settings"]["batch"] == 8 and report["settings"]["amortization_interval"] == 20
+    assert list(report["configs"]) == list(CONFIGS)
+    for key, r in report["configs"].items():
+        assert r["status"] == "ok", (key, r)
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["timed_steps"] >= 1, key
+        assert set(r["phases_ms"]) == set(PHASES) and r["phases_ms"]["fwd_bwd"] > 0, key
+    assert report["configs"]["spngd_refresh"]["phases_ms"]["inverse"] > 0
+    amortized = report["configs"]["spngd_amortized"]
+    pre, full = amortized["precondition_only"], amortized["refresh"]
+    assert pre["timed_steps"] >= 1 and full["timed_steps"] >= 1
+    assert amortized["step_ms"] == pytest.approx(pre["step_ms"] + (full["step_ms"] - pre["step_ms"]) / 20)
+    assert pre["phases_ms"]["factors"] == 0 < full["phases_ms"]["factors"]
+    assert set(report["goals"]) == {"sgd_amp_images_per_s", "spngd_amortized_over_sgd_amp"}
+    assert report["goals"]["spngd_amortized_over_sgd_amp"]["value"] > 0
+    checkpoint = Path(report["checkpoint"])
+    assert checkpoint.is_file() and checkpoint.parent == tmp_path / "ckpt"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == checkpoint.name
+
+
+def load_benchmark(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """benchmarks/gpu.py as a module (registered while the test runs: its dataclass needs that)."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_benchmark(monkeypatch)
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "measure", out_of_memory)
+    args = argparse.Namespace(
+        arch="resnet8", num_classes=10, image_size=32, batch=96, steps=2, ngd_steps=2, warmup=1,
+        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None,
+    )  # fmt: skip
+    result = bench.run_config(args, "spngd_refresh", (torch.zeros(1), torch.zeros(1)))
+    assert result["status"] == "oom" and result["message"] == "OOM at batch 96"
+    results = {
+        k: {"label": k, "status": "oom", "message": "OOM at batch 96", "elapsed_s": 1.0} for k in CONFIGS
+    }
+    goals = bench.goals(results, "NVIDIA H100 80GB HBM3")
+    assert not any(g["met"] for g in goals.values())
+    bench.print_table(results, goals)  # a table of failures prints
+
+
+def test_the_gpu_check_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True, timeout=30)

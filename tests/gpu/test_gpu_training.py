@@ -1,0 +1,156 @@
+"""Training on a CUDA GPU: the same steps as on the CPU, and mixed precision that learns. Marker ``gpu``:
+skipped without CUDA; run ``pytest -m gpu tests/gpu`` on a GPU machine. One plain process is a one-rank
+MPI world (mpi4py initializes a singleton), so neither mpiexec nor pytest-mpi is needed."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))  # the MPI tests' run files
+from hpcngd.train import Trainer
+from runs import SPNGD_LEARNING, make_trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+OPTIMIZERS = {"sgd": ["optim.name=sgd"], "spngd": SPNGD_LEARNING}  # SP-NGD refreshes every step
+# runs.RUN (resnet8, 5 classes) at 32 px, one forward pass of 16 images a step, a constant lr from step 0
+PARITY = [
+    "data.image_size=32",
+    "data.micro_batch_size=0",
+    "optim.schedule=constant",
+    "optim.warmup_epochs=0",
+    "run.precision=fp32",
+]
+# The learnable Prototypes set: 8 steps an epoch; the loss scale may double every 4 good steps.
+LEARNING = [
+    "data.image_size=16",
+    "data.batch_size=32",
+    "data.micro_batch_size=0",
+    "data.synthetic_train_samples=256",
+    "optim.schedule=constant",
+    "optim.warmup_epochs=0",
+    "optim.lr=0.1",
+    "run.loss_scale_growth_interval=4",
+]
+LEARNING_STEPS = 30
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """Plain fp32 matmuls and convolutions on the GPU (TF32 keeps only 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def steps(trainer: Trainer, num_steps: int) -> list[float]:
+    batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
+    losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, num_steps)]
+    batches.close()
+    return losses
+
+
+def trained(
+    overrides: list[str], num_steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """(initial parameters, parameters after ``num_steps`` steps, losses), on the CPU."""
+    with make_trainer(MPI.COMM_WORLD, overrides) as trainer:
+        init = [p.detach().cpu().clone() for p in trainer.params]
+        losses = steps(trainer, num_steps)
+        return init, [p.detach().cpu().clone() for p in trainer.params], losses
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_a_gpu_step_is_the_cpu_step(optim: str, no_tf32: None) -> None:
+    """Two steps from the same init (the model is built on the CPU, then moved) on the same batches.
+
+    Tolerance: 1e-4 of each parameter tensor's largest value. The two devices add in different orders
+    (and cuDNN picks other convolution algorithms), which moves fp32 results by ~1e-7 relative a
+    kernel; on the CPU alone, changing the thread count moves these parameters by < 1e-6 of their
+    scale (SGD 5e-7, SP-NGD 7e-7). A real difference (a gradient not averaged, not preconditioned,
+    the wrong learning rate) moves them by the size of a step, >= 6e-4 of their scale here; so each
+    tensor's update must also agree to 1% (measured CPU thread-count spread: 1e-5 of the update).
+    """
+    cpu_init, cpu, cpu_losses = trained([*PARITY, *OPTIMIZERS[optim], "run.device=cpu"], 2)
+    gpu_init, gpu, gpu_losses = trained([*PARITY, *OPTIMIZERS[optim], "run.device=cuda"], 2)
+    assert gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
+    for i, (g0, c0, g, c) in enumerate(zip(gpu_init, cpu_init, gpu, cpu, strict=True)):
+        assert torch.equal(g0, c0), f"parameter {i}: another init on the GPU"
+        scale = float(c.abs().max())
+        assert float((g - c).abs().max()) <= 1e-4 * scale, f"parameter {i} differs"
+        update = float((c - c0).norm())
+        assert update > 0, f"parameter {i} did not move"
+        assert float(((g - g0) - (c - c0)).norm()) <= 1e-2 * update, f"parameter {i}: another update"
+
+
+def learn(precision: str, optim: str) -> tuple[Trainer, list[float], int]:
+    overrides = [*LEARNING, *OPTIMIZERS[optim], f"run.precision={precision}", "run.device=cuda"]
+    with make_trainer(MPI.COMM_WORLD, overrides, learnable=True) as trainer:
+        skipped = 0
+        losses = []
+        for loss in steps(trainer, LEARNING_STEPS):
+            losses.append(loss)
+            skipped += trainer.scaler.take_skipped()
+        assert next(trainer.model.parameters()).is_cuda
+        return trainer, losses, skipped
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_fp16_learns_with_a_dynamic_loss_scale(optim: str) -> None:
+    trainer, losses, skipped = learn("fp16", optim)  # FloatingPointError if it diverged
+    assert all(math.isfinite(v) for v in losses)
+    # 5 classes with label smoothing 0.1: chance is ~1.6; fp32 on the CPU reaches ~0.45
+    assert mean(losses[-5:]) < 0.6 * mean(losses[:5]), losses
+    scaler = trainer.scaler
+    assert scaler.enabled and math.isfinite(scaler.scale) and scaler.scale >= 1.0
+    assert scaler.scale != trainer.cfg.run.loss_scale_init  # it grew (every 4 good steps) or backed off
+    assert skipped < LEARNING_STEPS // 3, f"{skipped} of {LEARNING_STEPS} steps skipped for overflow"
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_bf16_learns_without_loss_scaling(optim: str) -> None:
+    trainer, losses, skipped = learn("bf16", optim)
+    assert all(math.isfinite(v) for v in losses)
+    assert mean(losses[-5:]) < 0.6 * mean(losses[:5]), losses
+    assert not trainer.scaler.enabled and trainer.scaler.scale == 1.0 and skipped == 0
+
+
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
+def test_channels_last_fp16_steps_run(optim: str) -> None:
+    overrides = [
+        *PARITY,
+        *OPTIMIZERS[optim],
+        "run.device=cuda",
+        "run.channels_last=true",
+        "run.precision=fp16",
+        "run.loss_scale_init=1024",  # no overflow at the first step: the update is taken
+    ]
+    with make_trainer(MPI.COMM_WORLD, overrides) as trainer:
+        conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        before = [p.detach().clone() for p in trainer.params]
+        losses = steps(trainer, 2)
+        assert all(math.isfinite(v) for v in losses)
+        assert trainer.scaler.take_skipped() == 0
+        after = list(trainer.params)
+        assert all(bool(torch.isfinite(p).all()) for p in after)
+        assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        if optim == "spngd":
+            assert trainer.ngd is not None and all(s.inverse is not None for s in trainer.ngd.stats.values())
