@@ -146,6 +146,9 @@ def run_config(
 ) -> dict[str, Any]:
     """Measure one configuration; out of memory or a diverged run is a result, not a crash."""
     label, overrides = CONFIGS[key]
+    if args.amp != "fp16":  # e.g. bf16: the CPU's fast low precision
+        label = label.replace("fp16", args.amp)
+        overrides = [f"run.precision={args.amp}" if o == FP16 else o for o in overrides]
     num_steps = args.warmup + (args.ngd_steps if key == "spngd_refresh" else args.steps)
     if key == "sgd_amp" and args.save_checkpoint:
         overrides = [*overrides, f"checkpoint.dir={args.save_checkpoint}"]
@@ -290,6 +293,7 @@ def main() -> int:
         "--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cuDNN autotuning"
     )
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--amp", choices=("fp16", "bf16"), default="fp16", help="the AMP configurations' dtype")
     p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
     p.add_argument("--json", type=Path, help="write every figure and the settings here")
     p.add_argument(
@@ -325,13 +329,13 @@ def main() -> int:
     for key in CONFIGS:
         if key not in only:
             results[key] = {
-                "label": CONFIGS[key][0],
+                "label": CONFIGS[key][0].replace("fp16", args.amp),
                 "status": "skipped",
                 "message": "not run (--only)",
                 "elapsed_s": 0.0,
             }
             continue
-        print(f"{CONFIGS[key][0]} ...", flush=True)
+        print(f"{CONFIGS[key][0].replace('fp16', args.amp)} ...", flush=True)
         results[key] = r = run_config(args, key, batch)
         figure = f"{r['images_per_s']:.1f} img/s" if r["status"] == "ok" else r["message"]
         print(f"  {figure} in {r['elapsed_s']:.1f} s", flush=True)
