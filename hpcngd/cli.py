@@ -220,6 +220,7 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     with topo:
         device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
         rows = world.gather(placement(device), root=0)
         trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device)
         resumed_from, notes = state.resume(trainer)  # AgreedError: see run_guarded

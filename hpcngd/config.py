@@ -389,6 +389,11 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {name}={text}: not a valid value (TOML syntax)") from None
 
 
+# Keys that moved: (old section, key) -> new section. Run files and the run files stored in checkpoints
+# written before the move keep working.
+MOVED = {("data", "channels_last"): "run"}
+
+
 def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
     """Build a validated Config from parsed TOML plus ``section.key=value`` overrides."""
     merged: dict[str, dict[str, Any]] = {}
@@ -396,9 +401,19 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
         if not isinstance(body, dict):
             raise ConfigError(f"{section} = {show(body)}: top-level keys must be [sections]")
         _section(section)
+        body = dict(body)
+        for (old, key), new in MOVED.items():
+            if old == section and key in body:
+                value = body.pop(key)
+                raw_new = raw.get(new, {})
+                if isinstance(raw_new, dict) and key in raw_new and raw_new[key] != value:
+                    raise ConfigError(
+                        f"{section}.{key} = {show(value)}: moved to {new}.{key}, which says otherwise"
+                    )
+                merged.setdefault(new, {}).setdefault(key, value)
         for key in body:
             _field_of(section, key)
-        merged[section] = dict(body)
+        merged.setdefault(section, {}).update(body)
     for item in overrides:
         section, key, value = _parse_override(item)
         merged.setdefault(section, {})[key] = value

@@ -63,10 +63,14 @@ def bind(requested: str, local_rank: int) -> torch.device:
     """Choose this rank's device (see :func:`choose`) and make it torch's current CUDA device."""
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = torch.device(choose(requested, local_rank, num_gpus, os.environ))
+    use(device)
+    return device
+
+
+def use(device: torch.device) -> None:
+    """Make ``device`` torch's current CUDA device (streams, events and DALI follow it); CPU: nothing."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN time its algorithms once
-    return device
 
 
 def placement(device: torch.device) -> tuple[str, str, str]:

@@ -48,7 +48,7 @@ from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
-from hpcngd.device import bind
+from hpcngd.device import bind, use
 from hpcngd.errors import UserError
 from hpcngd.metrics import NGD_COUNTS, MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
@@ -88,6 +88,7 @@ class Trainer:
         self.checkpoints, self.stop = checkpoints, stop
         data, run = cfg.data, cfg.run
         self.device = device if device is not None else bind(run.device, topo.local_rank)
+        use(self.device)
         on_gpu = self.device.type == "cuda"
         self.loader = train_loader(data, train_set, topo.rank, topo.size, run.seed, run.channels_last, on_gpu)
         self.local_batch = data.batch_size // topo.size
@@ -117,7 +118,7 @@ class Trainer:
                 [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
                 for r in range(topo.size)
             ]
-        self.mc_rng = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + topo.rank)
+        self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)  # CPU: see _mc_backward
         self.scaler = LossScaler(run.loss_scale_init, run.loss_scale_growth_interval, run.precision == "fp16")
         self.ngd_counts: Counter[str] = Counter()
         alpha = cfg.data.mixup_alpha
@@ -171,7 +172,7 @@ class Trainer:
         capturing = self.ngd is not None and self.ngd.begin(self.step, grad_scale=len(images) / scale)
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
-            local_loss = torch.zeros((), device=self.device)
+            local_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # as Python floats
             for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True):
                 with autocast(self.cfg.run.precision, self.device):
                     logits = self.model(x)
@@ -179,7 +180,7 @@ class Trainer:
                 if capturing and self.cfg.ngd.fisher == "mc":
                     self._mc_backward(logits, scale * len(x) / len(images))
                 (loss * scale if self.scaler.enabled else loss).backward()
-                local_loss += loss.detach().float()
+                local_loss += loss.detach().double()
             grads = [self._grad(p) for p in self.params]
             fresh = self.ngd.take_factors() if self.ngd is not None else {}
             overflow = self.scaler.enabled and (unscale_(grads, scale) | unscale_(list(fresh.values()), 1.0))
@@ -244,8 +245,14 @@ class Trainer:
     def _mc_backward(self, logits: Tensor, scale: float) -> None:
         """Monte Carlo Fisher: G from gradients at labels sampled from the model (one extra backward)."""
         assert self.ngd is not None
-        sampled = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1, generator=self.mc_rng)
-        mc_loss = nn.functional.cross_entropy(logits, sampled.squeeze(1)) * scale
+        # Sampled on the CPU from a CPU generator: the same labels on any device, and a generator state
+        # that a checkpoint restores on any device. Overflowed (fp16) rows sample uniformly, so every rank
+        # still captures the same statistics; the overflow skips the step anyway.
+        probs = torch.softmax(logits.detach().float(), 1).cpu()
+        probs = torch.where(torch.isfinite(probs), probs, 1.0)
+        sampled = torch.multinomial(probs, 1, generator=self.mc_rng).squeeze(1).to(logits.device)
+        # the loss in fp32: fp16 would overflow once multiplied by the loss scale
+        mc_loss = nn.functional.cross_entropy(logits.float(), sampled) * scale
         self.ngd.capture.collect_grads = True
         torch.autograd.grad(mc_loss, self.params, retain_graph=True, allow_unused=True)
         self.ngd.capture.collect_grads = False  # the training backward that follows adds no G

@@ -9,7 +9,10 @@
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json, and a checkpoint of its SGD AMP model in $OUT/ckpt;
-#   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json.
+#   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
+#   5. with an mpiexec (MPIEXEC, else found on PATH): two ranks on the GPU, so that the communication
+#      from GPU memory runs (a single rank never communicates): the staged-bucket test, then SP-NGD
+#      fp16 training steps with pinned staging, and (where MPI reports CUDA support) with GPU buffers.
 # Every step runs whatever the ones before did; the exit status is 1 when any step failed (the summary
 # names them), 0 otherwise.
 
@@ -46,7 +49,7 @@ skip() {
 
 # Which modules this Python lacks (found without importing them).
 missing=$("$PY" -c 'import importlib.util as u
-print(" ".join(m for m in ("torch", "mpi4py", "h5py", "numpy", "pytest") if u.find_spec(m) is None))') || exit 1
+print(" ".join(m for m in ("torch", "mpi4py", "h5py", "numpy", "pytest", "pytest_mpi") if u.find_spec(m) is None))') || exit 1
 lacks() {  # lacks MODULE...: true when any of them is missing
   local m
   for m in "$@"; do
@@ -77,7 +80,7 @@ fi
 if lacks pytest $needed; then
   skip "GPU tests" "needs pytest $needed (missing: $missing)"
 else
-  step "GPU tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  step "GPU tests" 50 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 fi
 
 # 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized)
@@ -85,7 +88,7 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 110 "$PY" benchmarks/gpu.py --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 100 "$PY" benchmarks/gpu.py --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
 fi
 
 # 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)
@@ -110,9 +113,56 @@ for precision in fp16 bf16; do
     failed="$failed, inference $precision"
     continue
   fi
-  step "inference $precision" 35 "$PY" -m hpcngd eval "$OUT/inference.toml" --checkpoint "$checkpoint" \
+  step "inference $precision" 30 "$PY" -m hpcngd eval "$OUT/inference.toml" --checkpoint "$checkpoint" \
     --precision "$precision" --per-layer --json "$OUT/inference_$precision.json" --max-batches 4
 done
+
+# 5. Two ranks on the GPU (both on GPU 0 when there is one: the log warns that they share it)
+MPIEXEC=${MPIEXEC:-$(command -v mpiexec || command -v mpirun || true)}
+if [ -z "$MPIEXEC" ] || lacks $needed; then
+  skip "two ranks" "needs an mpiexec on PATH (or MPIEXEC) and $needed"
+else
+  if lacks pytest; then
+    skip "two ranks: staged buckets test" "needs pytest"
+  else
+    with_mpi=""  # pytest-mpi, when present, skips MPI-marked tests unless asked to run them
+    lacks pytest_mpi || with_mpi=--with-mpi
+    step "two ranks: staged buckets test" 30 "$MPIEXEC" -n 2 "$PY" -m pytest -q -p no:cacheprovider \
+      $with_mpi tests/mpi/test_collectives.py -k staged
+  fi
+  cat >"$OUT/two_ranks.toml" <<EOF
+[run]
+device = "cuda"
+precision = "fp16"
+output_dir = "$OUT"
+name = "two_ranks"
+max_steps = 6
+[model]
+arch = "resnet20"
+[data]
+source = "synthetic"
+batch_size = 64
+[optim]
+name = "spngd"
+[comm]
+ranks_per_node = 1     # two simulated nodes: the hierarchical path's leaders talk too
+[checkpoint]
+at_end = false
+resume = "never"
+[log]
+every_steps = 2
+EOF
+  aware=$("$PY" -c 'from hpcngd.comm.gpu import mpi_cuda_support; print(str(mpi_cuda_support()[0]).lower())')
+  for setting in false true; do
+    if [ "$setting" = true ] && [ "$aware" != true ]; then
+      skip "two ranks: training, comm.cuda_aware=true" "this MPI reports no CUDA support"
+      continue
+    fi
+    rm -rf "$OUT/two_ranks"
+    step "two ranks: training, comm.cuda_aware=$setting" 30 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
+      "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting"
+  done
+fi
 
 printf '\n==== done in %ss; results in %s ====\n' "$((SECONDS - started))" "$OUT"
 if [ -n "$failed" ]; then

@@ -33,7 +33,7 @@ def _loaded_mpi_libraries() -> list[str]:
 def mpi_cuda_support() -> tuple[bool, str]:
     """(supported, how it was found out) for the MPI library this process runs with."""
     kinds = MPI.INFO_ENV.Get("mpi_memory_alloc_kinds") if MPI.INFO_ENV != MPI.INFO_NULL else None
-    if kinds and "cuda" in kinds:
+    if kinds and any(kind.strip() in ("cuda", "cuda:device") for kind in kinds.split(",")):
         return True, f"MPI_INFO_ENV mpi_memory_alloc_kinds = {kinds!r}"
     for path in _loaded_mpi_libraries():
         lib = ctypes.CDLL(path)

@@ -139,7 +139,7 @@ class WireReducer:
             return mine
         scale = self.scales([mine])[0]
         wire = mine if self.native else (mine * scale).to(self.dtype)
-        out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device)
+        out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device, pin_memory=self.pinned)
         displs = [sum(counts[:r]) for r in range(len(counts))]
         if self.native:
             world.Allgatherv(self._msg(wire), [_memory(out), (counts, displs), self._msg(wire)[1]])

@@ -22,6 +22,7 @@ TINY = """
 name = "tiny"
 output_dir = "{out}"
 epochs = 2
+device = "cpu"
 [model]
 arch = "resnet8"
 num_classes = 10

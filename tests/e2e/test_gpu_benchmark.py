@@ -73,7 +73,7 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.Monke
     monkeypatch.setattr(bench, "measure", out_of_memory)
     args = argparse.Namespace(
         arch="resnet8", num_classes=10, image_size=32, batch=96, steps=2, ngd_steps=2, warmup=1,
-        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None,
+        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
     )  # fmt: skip
     result = bench.run_config(args, "spngd_refresh", (torch.zeros(1), torch.zeros(1)))
     assert result["status"] == "oom" and result["message"] == "OOM at batch 96"

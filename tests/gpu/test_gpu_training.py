@@ -101,9 +101,11 @@ def learn(precision: str, optim: str) -> tuple[Trainer, list[float], int]:
     with make_trainer(MPI.COMM_WORLD, overrides, learnable=True) as trainer:
         skipped = 0
         losses = []
+        trainer.scales = []  # type: ignore[attr-defined]  # the loss scale after each step
         for loss in steps(trainer, LEARNING_STEPS):
             losses.append(loss)
             skipped += trainer.scaler.take_skipped()
+            trainer.scales.append(trainer.scaler.scale)  # type: ignore[attr-defined]
         assert next(trainer.model.parameters()).is_cuda
         return trainer, losses, skipped
 
@@ -120,7 +122,8 @@ def test_fp16_learns_with_a_dynamic_loss_scale(optim: str) -> None:
     assert mean(losses[-5:]) < 0.6 * mean(losses[:5]), losses
     scaler = trainer.scaler
     assert scaler.enabled and math.isfinite(scaler.scale) and scaler.scale >= 1.0
-    assert scaler.scale != trainer.cfg.run.loss_scale_init  # it grew (every 4 good steps) or backed off
+    # it grew (every 4 good steps) or backed off at some step (the last step may land on the first value)
+    assert len(set(trainer.scales)) > 1, trainer.scales  # type: ignore[attr-defined]
     assert skipped < LEARNING_STEPS // 3, f"{skipped} of {LEARNING_STEPS} steps skipped for overflow"
 
 

@@ -19,6 +19,7 @@ RUN = """
 [run]
 seed = 11
 epochs = 4
+device = "cpu"           # also on a GPU machine: these compare bits with CPU references
 [model]
 arch = "resnet8"
 num_classes = 5

@@ -129,6 +129,27 @@ def test_overrides_are_typed_by_the_schema() -> None:
     assert cfg.optim.milestones == (1.0, 2.0)
 
 
+def test_a_key_that_may_be_a_string_or_a_boolean() -> None:
+    """comm.cuda_aware = "auto" | true | false, from the file and from --set."""
+    assert config.loads("").comm.cuda_aware == "auto"
+    assert config.loads("[comm]\ncuda_aware = true").comm.cuda_aware is True
+    assert config.loads("", overrides=["comm.cuda_aware=false"]).comm.cuda_aware is False
+    assert config.loads("", overrides=["comm.cuda_aware=auto"]).comm.cuda_aware == "auto"
+    for bad in ('"yes"', "1"):
+        with pytest.raises(ConfigError, match=r"comm.cuda_aware = .*: must be"):
+            config.loads(f"[comm]\ncuda_aware = {bad}")
+
+
+def test_moved_keys_of_older_run_files_still_read() -> None:
+    """data.channels_last became run.channels_last: older run files (and the run files stored in older
+    checkpoints) still load, with the value in its new place; a contradiction is refused."""
+    old = config.loads("[data]\nchannels_last = true\nbatch_size = 64")
+    assert old.run.channels_last is True and old.data.batch_size == 64
+    assert config.loads("[run]\nchannels_last = true\n[data]\nchannels_last = true").run.channels_last
+    with pytest.raises(ConfigError, match=r"data.channels_last = true: moved to run.channels_last"):
+        config.loads("[run]\nchannels_last = false\n[data]\nchannels_last = true")
+
+
 @pytest.mark.parametrize(
     ("item", "needle"),
     [
