@@ -272,8 +272,7 @@ class Trainer:
         """Phase 3: invert the refreshed factors this rank owns, precondition, share the results."""
         assert self.ngd is not None
         damping = self.damping_at_step(self.step)
-        factor_seconds = self.ngd.capture.seconds
-        self.ngd.capture.seconds = 0.0
+        factor_seconds = self.ngd.capture.take_seconds()
         report = self.ngd.step(self.step, damping, fresh)
         self.timer.add("factors", factor_seconds)
         self.timer.add("fwd_bwd", -factor_seconds)  # hooks ran inside forward/backward

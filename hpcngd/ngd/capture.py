@@ -16,7 +16,6 @@ a hook registered before an in-place change receives the gradient w.r.t. the val
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,20 +33,21 @@ class Capture:
     Args:
         layers: name -> Conv2d, Linear or BatchNorm2d module.
         dtype: dtype of the factors (fp32 or fp64), whatever the activations' dtype.
-        sync: called around each hook's work so that ``seconds`` holds the kernels' time (GPU).
+
+    :meth:`take_seconds` is the time spent in the hooks: host time on a CPU; on a GPU the time of the
+    hooks' kernels, measured with CUDA events where they run, so that timing never makes the host wait
+    and forward and backward keep flowing.
     """
 
-    def __init__(
-        self, layers: dict[str, nn.Module], dtype: torch.dtype, sync: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype) -> None:
         self.layers = layers
         self.dtype = dtype
-        self.sync = sync or (lambda: None)
         self.want: set[Key] = set()
         self.collect_grads = True
         self.grad_scale = 1.0
         self.sums: dict[Key, FactorSum] = {}
-        self.seconds = 0.0
+        self._seconds = 0.0  # host-timed hooks
+        self._spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # GPU-timed hooks
         self._bn_inputs: dict[str, list[Tensor]] = {}
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in layers.items()]
 
@@ -79,8 +79,8 @@ class Capture:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.want or not torch.is_grad_enabled():
                 return
-            t0 = self._clock()
             x = inputs[0]
+            t0 = self._start(x)
             if isinstance(module, nn.BatchNorm2d):
                 if (name, "F") in self.want:
                     self._bn_inputs.setdefault(name, []).append(x.detach())
@@ -91,17 +91,17 @@ class Capture:
                         self._add((name, "A"), factors.a_sum(module, x, self.dtype))
                 if (name, "G") in self.want:
                     output.register_hook(self._g_hook(name, module))
-            self.seconds += self._clock() - t0
+            self._stop(t0)
 
         return hook
 
     def _g_hook(self, name: str, module: nn.Module) -> Any:
         def hook(grad: Tensor) -> None:
             if self.collect_grads and (name, "G") in self.want:
-                t0 = self._clock()
+                t0 = self._start(grad)
                 with _full_precision(grad):
                     self._add((name, "G"), factors.g_sum(module, grad, self.grad_scale, self.dtype))
-                self.seconds += self._clock() - t0
+                self._stop(t0)
 
         return hook
 
@@ -112,16 +112,35 @@ class Capture:
                 return
             x = stack.pop(0)  # micro-batches are backpropagated in forward order
             if self.collect_grads and (name, "F") in self.want:
-                t0 = self._clock()
+                t0 = self._start(grad)
                 with _full_precision(grad):
                     self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
-                self.seconds += self._clock() - t0
+                self._stop(t0)
 
         return hook
 
-    def _clock(self) -> float:
-        self.sync()
-        return time.perf_counter()
+    def _start(self, t: Tensor) -> float | torch.cuda.Event:
+        if not t.is_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _stop(self, start: float | torch.cuda.Event) -> None:
+        if isinstance(start, float):
+            self._seconds += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._spans.append((start, end))
+
+    def take_seconds(self) -> float:
+        """Seconds spent in the hooks since the last call (waits for the GPU-timed hooks' kernels)."""
+        if self._spans:
+            self._spans[-1][1].synchronize()  # the last end event: every span before it is done too
+        seconds = self._seconds + sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
+        self._seconds, self._spans = 0.0, []
+        return seconds
 
     def remove(self) -> None:
         """Detach the hooks from the model."""

@@ -85,6 +85,8 @@ class Preconditioner:
         owned: the layers this rank inverts and preconditions (model-parallel inversion, see
             :mod:`hpcngd.ngd.plan`); None = all. Factors and refresh intervals are kept for every layer,
             identical on all ranks, so that all ranks agree on which statistics are due.
+        sync: waits for queued device work before the inversion and preconditioning times are read
+            (``torch.cuda.synchronize`` on a GPU; the capture times its hooks with CUDA events instead).
     """
 
     def __init__(
@@ -99,7 +101,7 @@ class Preconditioner:
         self.layers = select_layers(model, cfg.exclude)
         self.owned = set(self.layers) if owned is None else owned
         self.sync = sync or (lambda: None)  # before reading the clock (GPU: wait for queued kernels)
-        self.capture = Capture(self.layers, self.dtype, sync)
+        self.capture = Capture(self.layers, self.dtype)
         self.stats = {
             key: Statistic(StaleInterval(cfg.stale_threshold, cfg.stale_max_interval))
             for key in statistic_keys(self.layers)
