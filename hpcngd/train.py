@@ -50,13 +50,14 @@ from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, use
 from hpcngd.errors import UserError
-from hpcngd.metrics import NGD_COUNTS, MetricsLog, PhaseTimer
+from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner
 from hpcngd.ngd.plan import layer_costs, make_plan
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 from hpcngd.precision import LossScaler, autocast, unscale_
+from hpcngd.records import log_eval, log_train
 from hpcngd.stopping import StopSignals
 
 
@@ -339,11 +340,11 @@ class Trainer:
             self.pending_losses.append(self.train_step(images, labels))
             epoch_done = step_in_epoch + 1 == spe
             if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps or epoch_done:
-                last = self._log_train(epoch + (step_in_epoch + 1) / spe, self.pending_losses)
+                last = log_train(self, epoch + (step_in_epoch + 1) / spe, self.pending_losses)
                 self.pending_losses = []
             every = cfg.log.eval_every_epochs
             if self.step == self.total_steps or (epoch_done and every and (epoch + 1) % every == 0):
-                last.update(self._log_eval(epoch + (step_in_epoch + 1) / spe))
+                last.update(log_eval(self, epoch + (step_in_epoch + 1) / spe))
                 self.timer.take()  # evaluation time is not training throughput
             reason = self._save_reason()
             if reason:
@@ -385,60 +386,6 @@ class Trainer:
             )
         self.timer.take()  # checkpoint time is not training throughput
         return path
-
-    def _log_train(self, epoch: float, losses: list[float]) -> dict[str, Any]:
-        steps, wall, ms = self.timer.take()
-        rec = {
-            "kind": "train",
-            "step": self.step,
-            "epoch": round(epoch, 4),
-            "loss": _mean_finite(losses),
-            "lr": self.lr_at(self.step - 1),
-            "images_per_s": steps * self.cfg.data.batch_size / max(wall, 1e-9),
-            "step_ms": 1e3 * wall / max(steps, 1),
-            **{f"{k}_ms": v for k, v in ms.items()},
-            "comm_bytes": sum(self.wire.bytes_sent.values()),
-            "comm_calls": sum(self.wire.calls.values()),
-            **{f"comm_bytes_{level}": n for level, n in sorted(self.wire.bytes_sent.items())},
-        }
-        if self.scaler.enabled:
-            rec["loss_scale"] = self.scaler.scale
-            rec["amp_skipped"] = self.scaler.take_skipped()
-        if self.ngd is not None:
-            # Each rank counts the inversions it did; the record holds the whole job's.
-            done = allreduce_sum([self.ngd_counts[k] for k in NGD_COUNTS[1:]], self.topo.world)
-            rec["ngd_refreshed"] = self.ngd_counts["refreshed"]
-            rec.update({f"ngd_{k}": int(v) for k, v in zip(NGD_COUNTS[1:], done, strict=True)})
-            rec["ngd_damping"] = self.damping_at_step(self.step - 1)
-            self.ngd_counts.clear()
-        self.log.record(**rec)
-        phases = " ".join(
-            f"{k} {v:.0f}ms" for k, v in ms.items() if v or k in ("data", "fwd_bwd", "comm", "update")
-        )
-        if self.scaler.enabled:
-            phases += f" | loss scale {rec['loss_scale']:g} skipped {rec['amp_skipped']}"
-        if self.ngd is not None:
-            phases += f" | factors refreshed {rec['ngd_refreshed']} inverted {rec['ngd_inverted']}"
-        self.log.say(
-            f"epoch {epoch:6.2f}/{self.cfg.run.epochs} step {self.step}/{self.total_steps} "
-            f"loss {rec['loss']:.4f} lr {rec['lr']:.4g} img/s {rec['images_per_s']:.0f} | {phases}"
-        )
-        return rec
-
-    def _log_eval(self, epoch: float) -> dict[str, float]:
-        res = self.evaluate()
-        self.log.record(kind="eval", step=self.step, epoch=round(epoch, 4), **res)
-        self.log.say(
-            f"eval  epoch {epoch:6.2f} step {self.step}: loss {res['val_loss']:.4f} "
-            f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
-        )
-        return res
-
-
-def _mean_finite(losses: list[float]) -> float:
-    """Mean of the finite losses (an fp16 step skipped for overflow may have none), NaN if none."""
-    finite = [v for v in losses if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
