@@ -12,7 +12,9 @@
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
 #   5. with an mpiexec (MPIEXEC, else found on PATH): two ranks on the GPU, so that the communication
 #      from GPU memory runs (a single rank never communicates): the staged-bucket test, then SP-NGD
-#      fp16 training steps with pinned staging, and (where MPI reports CUDA support) with GPU buffers.
+#      fp16 training steps with pinned staging, and (where MPI reports CUDA support) with GPU buffers;
+#   6. where NVIDIA DALI is installed: ResNet-50 steps fed by DALI's GPU pipeline (SGD, then SP-NGD;
+#      adds about a minute; a machine without DALI skips it).
 # Every step runs whatever the ones before did; the exit status is 1 when any step failed (the summary
 # names them), 0 otherwise.
 
@@ -49,7 +51,10 @@ skip() {
 
 # Which modules this Python lacks (found without importing them).
 missing=$("$PY" -c 'import importlib.util as u
-print(" ".join(m for m in ("torch", "mpi4py", "h5py", "numpy", "pytest", "pytest_mpi") if u.find_spec(m) is None))') || exit 1
+mods = ("torch", "mpi4py", "h5py", "numpy", "pytest", "pytest_mpi", "PIL", "nvidia")
+gone = [m for m in mods if u.find_spec(m) is None]
+gone += [] if "nvidia" in gone or u.find_spec("nvidia.dali") else ["nvidia.dali"]
+print(" ".join(m for m in gone if m != "nvidia") + (" nvidia.dali" if "nvidia" in gone else ""))') || exit 1
 lacks() {  # lacks MODULE...: true when any of them is missing
   local m
   for m in "$@"; do
@@ -161,6 +166,44 @@ EOF
     rm -rf "$OUT/two_ranks"
     step "two ranks: training, comm.cuda_aware=$setting" 30 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
       "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting"
+  done
+fi
+
+# 6. DALI's GPU pipeline feeding training steps (the DALI issue's GPU check), where DALI is installed:
+#    a generated JPEG set, decoded with nvJPEG and augmented on the GPU, ResNet-50 with SGD, then SP-NGD.
+if lacks $needed PIL nvidia.dali; then
+  skip "DALI GPU training" "needs NVIDIA DALI and Pillow (missing: $missing)"
+else
+  step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$OUT/dali_data" --size 320 \
+    --train-per-class 40 --val-per-class 4
+  cat >"$OUT/dali.toml" <<EOF
+[run]
+device = "cuda"
+precision = "fp16"
+channels_last = true
+output_dir = "$OUT"
+name = "dali"
+max_steps = 12
+[model]
+arch = "resnet50"
+num_classes = 10
+[data]
+source = "dali"
+dali_device = "gpu"
+path = "$OUT/dali_data"
+image_size = 224
+batch_size = 32
+workers = 4
+[checkpoint]
+at_end = false
+resume = "never"
+[log]
+every_steps = 4
+eval_every_epochs = 0
+EOF
+  for optim in sgd spngd; do
+    rm -rf "$OUT/dali"
+    step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" --set "optim.name=$optim"
   done
 fi
 
