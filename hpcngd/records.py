@@ -72,5 +72,6 @@ def log_eval(t: Trainer, epoch: float) -> dict[str, float]:
     t.log.say(
         f"eval  epoch {epoch:6.2f} step {t.step}: loss {res['val_loss']:.4f} "
         f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
+        + (f"; {res['val_nonfinite_images']} with inf/NaN logits" if res["val_nonfinite_images"] else "")
     )
     return res

@@ -308,7 +308,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, top-1 and top-5 (%) on the whole validation set, summed over ranks."""
+        """Loss, top-1 and top-5 (%) on the whole validation set, summed over ranks, and the number of
+        images whose logits hold inf or NaN (an fp16 forward can overflow; their loss is then not finite)."""
         self.buffer_reducer.average_(self.float_buffers)  # BN running statistics, same on every rank
         self.model.eval()
         found = evaluation_batches(
@@ -318,15 +319,15 @@ class Trainer:
             self.model, (self._to_device(x, y) for x, y in found), self.cfg.run.precision, self.device
         )
         self.model.train()
-        count, loss_sum, top1, top5 = allreduce_sum(
-            [mine.images, mine.loss_sum, mine.top1_hits, mine.top5_hits], self.topo.world
-        )
+        sums = [mine.images, mine.loss_sum, mine.top1_hits, mine.top5_hits, mine.nonfinite_images]
+        count, loss_sum, top1, top5, nonfinite = allreduce_sum(sums, self.topo.world)
         n = max(count, 1.0)
         return {
             "val_loss": loss_sum / n,
             "val_top1": 100 * top1 / n,
             "val_top5": 100 * top5 / n,
             "val_images": count,
+            "val_nonfinite_images": int(nonfinite),
         }
 
     def train(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_fp16_factors_do_not_depend_on_the_loss_scale() -> None:
         assert worst(factors(["run.precision=fp16", f"run.loss_scale_init={scale}"]), unscaled) < 5e-3
     # measured: A <= 6.4e-4, G <= 3.9e-2, BatchNorm F <= 5.2e-2 (sums of gh * xhat cancel)
     assert worst(unscaled, factors([])) < 0.1
+
+
+def test_an_fp16_evaluation_that_overflows_says_so() -> None:
+    """A weight above fp16's largest value (65504) is inf once autocast casts it: every image's logits
+    overflow under fp16, none under fp32, and the eval figures count them."""
+    with make_trainer(MPI.COMM_SELF, ["model.arch=resnet8"]) as t:
+        with torch.no_grad():
+            t.model.fc.weight[0, 0] = 7e4
+        fp32 = t.evaluate()
+        assert fp32["val_nonfinite_images"] == 0 and math.isfinite(fp32["val_loss"])
+    with make_trainer(MPI.COMM_SELF, ["model.arch=resnet8", "run.precision=fp16"]) as t:
+        with torch.no_grad():
+            t.model.fc.weight[0, 0] = 7e4
+        fp16 = t.evaluate()
+        assert fp16["val_nonfinite_images"] == fp16["val_images"] == 20
+        assert not math.isfinite(fp16["val_loss"])
