@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import io
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -201,15 +201,9 @@ class DaliTrainLoader(TrainLoader):
                 flips.append(np.array(int(flip), dtype=np.int32))
             yield paths, encoded, labels, anchors, shapes, flips
 
-    def batches(
-        self, start_epoch: int, start_step: int, num_epochs: int
-    ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
-        order = self.order(start_epoch, start_step, num_epochs)
-        pipeline = _Pipeline(
-            self.cfg, self.batch_size // self.world_size, self._feed(order), True, self.channels_last
-        )
-        for (epoch, step), (images, labels) in zip(order, pipeline, strict=True):
-            yield epoch, step, images, labels
+    def _decoded(self, order: list[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
+        batch = self.batch_size // self.world_size
+        return iter(_Pipeline(self.cfg, batch, self._feed(order), True, self.channels_last))
 
 
 def dali_eval_batches(

@@ -103,10 +103,13 @@ class TrainLoader:
     ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
         """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
         order = self.order(start_epoch, start_step, num_epochs)
-        plans = [self.keys(e, s) for e, s in order]
-        loaded = _load(self.dataset, plans, self.workers, self.pin_memory)
-        for (epoch, step), (images, labels) in zip(order, loaded, strict=True):
+        for (epoch, step), (images, labels) in zip(order, self._decoded(order), strict=True):
             yield epoch, step, images, labels
+
+    def _decoded(self, order: list[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's (images, labels) of each (epoch, step) in ``order``, decoded and augmented."""
+        plans = [self.keys(e, s) for e, s in order]
+        return _load(self.dataset, plans, self.workers, self.pin_memory)
 
 
 def eval_batches(
