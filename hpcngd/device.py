@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from hpcngd.errors import UserError
 
@@ -71,6 +72,16 @@ def use(device: torch.device) -> None:
     """Make ``device`` torch's current CUDA device (streams, events and DALI follow it); CPU: nothing."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def to_device(
+    images: Tensor, labels: Tensor, device: torch.device, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    """A batch on ``device``: images as fp32 (DALI may hand float16; autocast casts them again) in the
+    model's memory format, labels as they are. Copies from pinned host memory are not waited for."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device=device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
+    return images, labels.to(device, non_blocking=True)
 
 
 def placement(device: torch.device) -> tuple[str, str, str]:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from hpcngd.checkpoint import Reader
 from hpcngd.config import Config, ModelConfig
 from hpcngd.data import build_datasets, evaluation_batches
-from hpcngd.device import bind
+from hpcngd.device import bind, to_device
 from hpcngd.errors import UserError
 from hpcngd.models.resnet import build
 from hpcngd.precision import autocast
@@ -296,8 +296,7 @@ def study(
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         found = evaluation_batches(cfg.data, val_set, batch_size, rank=0, world_size=1)
         for x, y in itertools.islice(found, max_batches or None):
-            # fp32 as training feeds them (DALI may hand fp16; autocast casts), in the model's format
-            yield x.to(device=device, dtype=torch.float32, memory_format=fmt), y.to(device)
+            yield to_device(x, y, device, cfg.run.channels_last)  # as training feeds them
 
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "arch": cfg.model.arch, "precision": precision}
     out.update(device=str(device), device_name=device_name(device), threads=torch.get_num_threads())

@@ -48,7 +48,7 @@ from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
 from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
-from hpcngd.device import bind, use
+from hpcngd.device import bind, to_device, use
 from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
@@ -91,6 +91,7 @@ class Trainer:
         self.device = device if device is not None else bind(run.device, topo.local_rank)
         use(self.device)
         on_gpu = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if on_gpu else None  # phase times hold their own kernels
         self.loader = train_loader(data, train_set, topo.rank, topo.size, run.seed, run.channels_last, on_gpu)
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
@@ -113,7 +114,6 @@ class Trainer:
             # Model-parallel inversion: the plan gives each layer one owner rank (ngd/plan.py).
             self.plan = make_plan(layer_costs(select_layers(self.model, cfg.ngd.exclude)), topo.size)
             owned = set(self.plan.owned_by(topo.rank))
-            sync = torch.cuda.synchronize if on_gpu else None  # phase times hold their kernels
             self.ngd = Preconditioner(self.model, cfg.ngd, owned, sync)
             self.owner_grads = [
                 [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
@@ -140,7 +140,7 @@ class Trainer:
             [b.shape for b in self.float_buffers],
             cfg.comm.bucket_mb,
         )
-        self.timer = PhaseTimer(torch.cuda.synchronize if on_gpu else None)  # see Preconditioner sync
+        self.timer = PhaseTimer(sync)
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
         self.stop_requested = self.save_due = False
@@ -213,10 +213,7 @@ class Trainer:
         return loss_value
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch on the model's device, images in its dtype (DALI may hand float16) and memory format."""
-        fmt = torch.channels_last if self.cfg.run.channels_last else torch.contiguous_format
-        images = images.to(device=self.device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
-        return images, labels.to(self.device, non_blocking=True)
+        return to_device(images, labels, self.device, self.cfg.run.channels_last)
 
     def _stop_seen(self) -> float:
         return float(self.stop is not None and self.stop.received is not None)

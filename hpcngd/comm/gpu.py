@@ -15,6 +15,7 @@ The 16-bit wires reduce with a Python operation that reads host memory, so they 
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def _loaded_mpi_libraries() -> list[str]:
     return sorted(p for p in paths if Path(p).name.startswith(("libmpi.", "libmpi_")))
 
 
+@functools.cache  # the library does not change within a process; the trainer asks for each wire
 def mpi_cuda_support() -> tuple[bool, str]:
     """(supported, how it was found out) for the MPI library this process runs with."""
     kinds = MPI.INFO_ENV.Get("mpi_memory_alloc_kinds") if MPI.INFO_ENV != MPI.INFO_NULL else None

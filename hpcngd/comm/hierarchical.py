@@ -116,15 +116,15 @@ class WireReducer:
         node, leaders = topo.node, topo.leaders
         wire = self._to_wire(flat, topo.local_size)
         if node.rank == 0:
-            node.Reduce(MPI.IN_PLACE, self._msg(wire), op=self._op(), root=0)
+            node.Reduce(MPI.IN_PLACE, _msg(wire), op=self._op(), root=0)
         else:
-            node.Reduce(self._msg(wire), None, op=self._op(), root=0)
+            node.Reduce(_msg(wire), None, op=self._op(), root=0)
         self._count("node", wire)
         if leaders is not None:
             self._from_wire(wire, flat)
             self._allreduce(flat, leaders, "leaders")
             wire = flat if self.native else flat.to(self.dtype)  # exact: the same bits
-        node.Bcast(self._msg(wire), root=0)
+        node.Bcast(_msg(wire), root=0)
         self._count("node_bcast", wire)
         self._from_wire(wire, flat)
 
@@ -142,15 +142,15 @@ class WireReducer:
         out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device, pin_memory=self.pinned)
         displs = [sum(counts[:r]) for r in range(len(counts))]
         if self.native:
-            world.Allgatherv(self._msg(wire), [_memory(out), (counts, displs), self._msg(wire)[1]])
+            world.Allgatherv(_msg(wire), [_memory(out), (counts, displs), _msg(wire)[1]])
         else:
-            world.Allgatherv(self._msg(wire), [_memory(out.view(torch.int16)), (counts, displs), MPI.INT16_T])
+            world.Allgatherv(_msg(wire), [_memory(out.view(torch.int16)), (counts, displs), MPI.INT16_T])
         self._count("allgatherv", wire)
         return out if self.native else out.to(mine.dtype).div_(scale)
 
     def _allreduce(self, flat: Tensor, comm: MPI.Comm, level: str) -> None:
         wire = self._to_wire(flat, comm.size)
-        comm.Allreduce(MPI.IN_PLACE, self._msg(wire), op=self._op())
+        comm.Allreduce(MPI.IN_PLACE, _msg(wire), op=self._op())
         self._count(level, wire)
         self._from_wire(wire, flat)
 
@@ -163,9 +163,6 @@ class WireReducer:
     def _from_wire(self, wire: Tensor, flat: Tensor) -> None:
         if wire is not flat:
             flat.copy_(wire)
-
-    def _msg(self, t: Tensor) -> list[object]:
-        return _msg(t)
 
     def _op(self) -> MPI.Op:
         return MPI.SUM if self.native else _sum16_op(self.dtype)
