@@ -2,8 +2,13 @@
 # The GPU checks of issue #8 in one command, for a machine with one GPU and no network:
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh      # default OUT: out/gpu_check
+#   CHECK_DEVICE=cpu OUT=/tmp/dry bash scripts/gpu_check.sh
 #
-# Needs a Python (PYTHON, default python) with a CUDA torch, mpi4py, h5py and numpy; pytest is optional.
+# CHECK_DEVICE=cpu is a dry run of the script itself: every step, on the CPU, with tiny models and bf16
+# in place of fp16 (tests/e2e runs it, so the script cannot rot between the rare GPU sessions); its
+# figures mean nothing.
+# Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
+# pytest is optional.
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
 # under `timeout` (their limits add up to under 5 minutes; about 2 expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
@@ -20,8 +25,9 @@
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-out/gpu_check}
+DEVICE=${CHECK_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # containers run as root
 mkdir -p "$OUT" || exit 1
@@ -64,8 +70,34 @@ lacks() {  # lacks MODULE...: true when any of them is missing
 }
 needed="torch mpi4py h5py numpy"
 
+# What each step runs: ResNet-50 at 224 px with fp16 on the GPU; tiny models with bf16 in a dry run.
+case $DEVICE in
+  cuda)
+    amp=fp16 bench_args=() model="resnet50" classes=1000 size=224 batch=128
+    ranks_model="resnet20" ranks_batch=64 dali_size=320 dali_images=40 dali_batch=32
+    ;;
+  cpu)
+    amp=bf16 model="resnet8" classes=10 size=32 batch=8 ranks_model="resnet8" ranks_batch=16
+    dali_size=48 dali_images=4 dali_batch=8
+    bench_args=(--device cpu --arch "$model" --num-classes "$classes" --image-size "$size" --batch "$batch"
+      --steps 2 --ngd-steps 2 --warmup 1 --amp "$amp")
+    ;;
+  *)
+    echo "CHECK_DEVICE must be cuda or cpu, not '$DEVICE'"
+    exit 2
+    ;;
+esac
+echo "device: $DEVICE | python: $PY | out: $OUT"
+# SP-NGD settings that learn at the small batches below (the run-file defaults, SGD's lr 0.1 and
+# damping 1e-3, make the loss climb within 6 steps there)
+spngd_learning=(--set optim.lr=0.02 --set optim.weight_rescaling=true --set ngd.damping=0.1)
+
 # 1. The machine
-step "GPUs (nvidia-smi -L)" 10 nvidia-smi -L
+if [ "$DEVICE" = cuda ]; then
+  step "GPUs (nvidia-smi -L)" 10 nvidia-smi -L
+else
+  skip "GPUs (nvidia-smi -L)" "a dry run on the CPU"
+fi
 echo "modules missing from $PY: ${missing:-none}"
 if lacks torch; then
   skip "versions" "torch is not importable"
@@ -93,23 +125,23 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 100 "$PY" benchmarks/gpu.py --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 100 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
 fi
 
 # 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)
 cat >"$OUT/inference.toml" <<EOF
 [run]
-device = "cuda"
+device = "$DEVICE"
 output_dir = "$OUT"
 name = "inference"
 [model]
-arch = "resnet50"
-num_classes = 1000
+arch = "$model"
+num_classes = $classes
 [data]
 source = "synthetic"
-image_size = 224
-batch_size = 128
-synthetic_val_samples = 512
+image_size = $size
+batch_size = $batch
+synthetic_val_samples = $((batch * 4))
 EOF
 checkpoint="$OUT/ckpt/$(cat "$OUT/ckpt/latest" 2>/dev/null)"
 for precision in fp16 bf16; do
@@ -137,16 +169,16 @@ else
   fi
   cat >"$OUT/two_ranks.toml" <<EOF
 [run]
-device = "cuda"
-precision = "fp16"
+device = "$DEVICE"
+precision = "$amp"
 output_dir = "$OUT"
 name = "two_ranks"
 max_steps = 6
 [model]
-arch = "resnet20"
+arch = "$ranks_model"
 [data]
 source = "synthetic"
-batch_size = 64
+batch_size = $ranks_batch
 [optim]
 name = "spngd"
 [comm]
@@ -165,7 +197,7 @@ EOF
     fi
     rm -rf "$OUT/two_ranks"
     step "two ranks: training, comm.cuda_aware=$setting" 30 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
-      "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting"
+      "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
 fi
 
@@ -174,25 +206,25 @@ fi
 if lacks $needed PIL nvidia.dali; then
   skip "DALI GPU training" "needs NVIDIA DALI and Pillow (missing: $missing)"
 else
-  step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$OUT/dali_data" --size 320 \
-    --train-per-class 40 --val-per-class 4
+  step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$OUT/dali_data" --size "$dali_size" \
+    --train-per-class "$dali_images" --val-per-class 4
   cat >"$OUT/dali.toml" <<EOF
 [run]
-device = "cuda"
-precision = "fp16"
+device = "$DEVICE"
+precision = "$amp"
 channels_last = true
 output_dir = "$OUT"
 name = "dali"
 max_steps = 12
 [model]
-arch = "resnet50"
+arch = "$model"
 num_classes = 10
 [data]
 source = "dali"
-dali_device = "gpu"
+dali_device = "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)"
 path = "$OUT/dali_data"
-image_size = 224
-batch_size = 32
+image_size = $size
+batch_size = $dali_batch
 workers = 4
 [checkpoint]
 at_end = false
@@ -202,8 +234,10 @@ every_steps = 4
 eval_every_epochs = 0
 EOF
   for optim in sgd spngd; do
+    sets=(--set "optim.name=$optim")
+    [ "$optim" = sgd ] || sets+=("${spngd_learning[@]}")
     rm -rf "$OUT/dali"
-    step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" --set "optim.name=$optim"
+    step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
   done
 fi
 

@@ -1,5 +1,5 @@
-"""The GPU benchmark and check script stay runnable: the benchmark on the CPU with a tiny model, the
-script's syntax (it needs a GPU to run, see scripts/gpu_check.sh)."""
+"""The GPU benchmark and check script stay runnable: the benchmark, and every step of
+scripts/gpu_check.sh, on the CPU with tiny models."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import ENV, ROOT
+from helpers import ENV, MPIEXEC, ROOT
 
 from hpcngd.metrics import PHASES
 
 BENCHMARK = ROOT / "benchmarks" / "gpu.py"
+CHECK = ROOT / "scripts" / "gpu_check.sh"
 CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", "spngd_amortized")
 
 
@@ -85,5 +86,48 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.Monke
     bench.print_table(results, goals)  # a table of failures prints
 
 
-def test_the_gpu_check_script_parses() -> None:
-    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True, timeout=30)
+def gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(CHECK)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHON": sys.executable, "MPIEXEC": str(MPIEXEC), "OUT": str(out), **env},
+        timeout=400,
+        cwd=ROOT,
+    )
+
+
+def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """CHECK_DEVICE=cpu: the script's every step, with tiny models, so that the one command a GPU
+    session gets is known to work up to the device itself."""
+    out = tmp_path / "check"
+    proc = gpu_check(out, CHECK_DEVICE="cpu")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "every step passed" in proc.stdout, log
+    steps = [
+        "versions", "MPI CUDA support", "GPU tests", "benchmark", "inference fp16", "inference bf16",
+        "two ranks: staged buckets test", "two ranks: training, comm.cuda_aware=false",
+    ]  # fmt: skip
+    if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
+        steps += ["DALI GPU training: data", "DALI GPU training: sgd", "DALI GPU training: spngd"]
+    for name in steps:
+        assert f"---- {name}: exit 0 after" in proc.stdout, (name, log)
+    assert "9 skipped" in proc.stdout  # the GPU tests are collected (and skip without CUDA)
+    assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
+    report = json.loads((out / "gpu_benchmark.json").read_text())
+    assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16"
+    assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]
+    for precision in ("fp16", "bf16"):
+        study = json.loads((out / f"inference_{precision}.json").read_text())
+        assert study["precision"] == precision and study["checkpoint"] == report["checkpoint"]
+        assert study["accuracy"]["fp32"]["images"] == study["accuracy"][precision]["images"] == 32
+        assert len(study["layers"]) > 10 and study["total"]["forward"]["low_ms"] > 0
+    # two SP-NGD ranks learn: the last logged loss is below the first
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in proc.stdout.splitlines()
+              if line.startswith("epoch") and "/6 loss" in line]  # fmt: skip
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+def test_the_gpu_check_script_rejects_an_unknown_device(tmp_path: Path) -> None:
+    proc = gpu_check(tmp_path, CHECK_DEVICE="tpu")
+    assert proc.returncode == 2 and "CHECK_DEVICE must be cuda or cpu, not 'tpu'" in proc.stdout
