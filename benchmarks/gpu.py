@@ -191,7 +191,8 @@ def run_config(
 
 
 def goals(results: dict[str, dict[str, Any]], device_name: str) -> dict[str, dict[str, Any]]:
-    amp, ngd = results["sgd_amp"].get("images_per_s"), results["spngd_amortized"].get("images_per_s")
+    amp = results.get("sgd_amp", {}).get("images_per_s")
+    ngd = results.get("spngd_amortized", {}).get("images_per_s")
     h100 = "H100" in device_name
     out = {
         "sgd_amp_images_per_s": {
@@ -276,6 +277,23 @@ def print_table(results: dict[str, dict[str, Any]], goal: dict[str, dict[str, An
         print(f"  {g['goal']}: {value} -> {'met' if g['met'] else 'NOT met'}")
 
 
+def write_report(
+    args: argparse.Namespace, env: dict[str, Any], results: dict[str, dict[str, Any]], complete: bool
+) -> None:
+    """Every figure so far, to ``args.json``: after each configuration, so that a run stopped at a time
+    limit still leaves the figures it measured (``complete`` says whether every configuration ran)."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings.update(amortization_interval=INTERVAL, batch_on_device=True)
+    report = {"benchmark": "gpu", **env, "settings": settings, "complete": complete, "configs": results}
+    report.update(
+        goals=goals(results, env["device"]["name"]), checkpoint=results.get("sgd_amp", {}).get("checkpoint")
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.json.with_name(args.json.name + ".part")
+    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial.replace(args.json)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
@@ -339,18 +357,15 @@ def main() -> int:
         results[key] = r = run_config(args, key, batch)
         figure = f"{r['images_per_s']:.1f} img/s" if r["status"] == "ok" else r["message"]
         print(f"  {figure} in {r['elapsed_s']:.1f} s", flush=True)
+        if args.json:
+            write_report(args, env, results, complete=False)
     goal = goals(results, env["device"]["name"])
     print_table(results, goal)
     checkpoint = results["sgd_amp"].get("checkpoint")
     if checkpoint:
         print(f"checkpoint of the SGD AMP model: {checkpoint}")
     if args.json:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        settings.update(amortization_interval=INTERVAL, batch_on_device=True)
-        report = {"benchmark": "gpu", **env, "settings": settings, "configs": results, "goals": goal}
-        report["checkpoint"] = checkpoint
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report(args, env, results, complete=True)
         print(f"wrote {args.json}")
     return 0
 

@@ -10,10 +10,12 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional.
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout` (their limits add up to under 5 minutes; about 2 expected on one H100):
+# under `timeout`, with limits that add up to 400 s without DALI and 580 s with it (upper bounds: the
+# script has not yet run on a GPU; 2-3 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
-#   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json, and a checkpoint of its SGD AMP model in $OUT/ckpt;
+#   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
+#      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in $OUT/ckpt;
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
 #   5. with an mpiexec (MPIEXEC, else found on PATH): two ranks on the GPU, so that the communication
 #      from GPU memory runs (a single rank never communicates): the staged-bucket test, then SP-NGD
@@ -125,7 +127,7 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 100 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 150 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
 fi
 
 # 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)

@@ -37,7 +37,7 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["device"]["type"] == "cpu" and report["versions"]["torch"] == torch.__version__
     assert report["settings"]["batch"] == 8 and report["settings"]["amortization_interval"] == 20
-    assert list(report["configs"]) == list(CONFIGS)
+    assert list(report["configs"]) == list(CONFIGS) and report["complete"] is True
     for key, r in report["configs"].items():
         assert r["status"] == "ok", (key, r)
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["timed_steps"] >= 1, key
@@ -86,6 +86,29 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.Monke
     bench.print_table(results, goals)  # a table of failures prints
 
 
+def test_figures_measured_before_a_crash_are_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JSON is rewritten after each configuration: a run killed at the check script's time limit
+    (or crashing) keeps what it measured."""
+    bench = load_benchmark(monkeypatch)
+
+    def first_only(args: argparse.Namespace, key: str, batch: object) -> dict[str, object]:
+        if key != "sgd_fp32":
+            raise RuntimeError(f"{key} crashed")
+        return {"label": key, "status": "ok", "images_per_s": 123.0, "elapsed_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_config", first_only)
+    out = tmp_path / "bench.json"
+    argv = ["gpu.py", "--device", "cpu", "--arch", "resnet8", "--image-size", "8", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(RuntimeError, match="sgd_amp crashed"):
+        bench.main()
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and list(report["configs"]) == ["sgd_fp32"]
+    assert report["configs"]["sgd_fp32"]["images_per_s"] == 123.0
+    assert report["goals"]["sgd_amp_images_per_s"]["value"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no partial file left behind
+
+
 def gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(CHECK)],
@@ -115,7 +138,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     assert "9 skipped" in proc.stdout  # the GPU tests are collected (and skip without CUDA)
     assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
     report = json.loads((out / "gpu_benchmark.json").read_text())
-    assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16"
+    assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]
     assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]
     for precision in ("fp16", "bf16"):
         study = json.loads((out / f"inference_{precision}.json").read_text())
