@@ -10,7 +10,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 400 s without DALI and 580 s with it (upper bounds: the
+# under `timeout`, with limits that add up to 485 s without DALI and 665 s with it (upper bounds: the
 # script has not yet run on a GPU; 2-3 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
@@ -144,7 +144,7 @@ fi
 if lacks pytest $needed; then
   skip "GPU tests" "needs pytest $needed (missing: $missing)"
 else
-  step "GPU tests" 50 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  step "GPU tests" 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 fi
 
 # 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized)
@@ -191,7 +191,7 @@ else
   else
     with_mpi=""  # pytest-mpi, when present, skips MPI-marked tests unless asked to run them
     lacks pytest_mpi || with_mpi=--with-mpi
-    step "two ranks: staged buckets test" 30 "$MPIEXEC" -n 2 "$PY" -m pytest -q -p no:cacheprovider \
+    step "two ranks: staged buckets test" 45 "$MPIEXEC" -n 2 "$PY" -m pytest -q -p no:cacheprovider \
       $with_mpi tests/mpi/test_collectives.py -k staged
   fi
   cat >"$OUT/two_ranks.toml" <<EOF
@@ -223,7 +223,7 @@ EOF
       continue
     fi
     rm -rf "$OUT/two_ranks"
-    step "two ranks: training, comm.cuda_aware=$setting" 30 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
+    step "two ranks: training, comm.cuda_aware=$setting" 45 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
       "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
 fi
