@@ -175,7 +175,11 @@ def run_config(
     if failure:
         return {**result, "status": "oom" if failure.startswith("OOM") else "error", "message": failure}
     timed = [r for r in rows if r.index >= max(1, args.warmup) and not r.skipped]
-    result.update(status="ok", skipped_steps=sum(r.skipped for r in rows), checkpoint=path or None)
+    result.update(skipped_steps=sum(r.skipped for r in rows), checkpoint=path or None)
+    if not timed:
+        skipped = "every step after the warm-up was skipped for an fp16 overflow"
+        return {**result, "status": "error", "message": skipped}
+    result["status"] = "ok"
     if key != "spngd_amortized":
         return {**result, **summary(timed, args.batch)}
     pre = summary([r for r in timed if not r.refreshed], args.batch)

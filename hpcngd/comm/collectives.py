@@ -66,10 +66,11 @@ class FusedAllreduce:
 
 def _copy_done(buf: Tensor, sources: Sequence[Tensor]) -> torch.cuda.Event | None:
     """An event recorded after queued GPU-to-host copies into ``buf`` (None: nothing was queued)."""
-    if buf.is_cuda or not any(t.is_cuda for t in sources):
+    gpu = next((t.device for t in sources if t.is_cuda), None)
+    if buf.is_cuda or gpu is None:
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(gpu))  # the copies' stream, whatever the current device
     return event
 
 

@@ -42,7 +42,7 @@ def curvature(
         fisher: "empirical" (gradients of the loss at ``targets``) or "mc" (labels drawn from the model's
             softmax, one sample per example).
         dtype: dtype of the factors.
-        generator: RNG for the "mc" labels.
+        generator: CPU RNG for the "mc" labels (they are drawn on the CPU and moved to the model's device).
     """
     if fisher not in ("empirical", "mc"):
         raise ValueError(f"fisher = {fisher!r}: must be 'empirical' or 'mc'")
@@ -53,7 +53,8 @@ def curvature(
         logits = model(inputs)
         if fisher == "mc":
             probs = torch.softmax(logits.detach().float(), dim=1)
-            targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # drawn on the CPU, where ``generator`` lives, whatever the model's device
+            targets = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
         loss = F.cross_entropy(logits, targets)
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
         sums = capture.take()

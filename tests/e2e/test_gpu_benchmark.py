@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,27 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.Monke
     bench.print_table(results, goals)  # a table of failures prints
 
 
+def test_a_configuration_whose_every_timed_step_overflowed_is_an_error_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = load_benchmark(monkeypatch)
+
+    def all_skipped(cfg: object, batch: object, num_steps: int) -> tuple[list[object], str]:
+        return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], ""
+
+    monkeypatch.setattr(bench, "measure", all_skipped)
+    args = argparse.Namespace(
+        arch="resnet8", num_classes=10, image_size=32, batch=8, steps=3, ngd_steps=2, warmup=1,
+        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
+    )  # fmt: skip
+    for key in CONFIGS:
+        result = bench.run_config(args, key, (torch.zeros(1), torch.zeros(1)))
+        assert result["status"] == "error" and "skipped for an fp16 overflow" in result["message"], key
+        assert result["skipped_steps"] == result["steps_run"] - 1
+    results = {k: bench.run_config(args, k, (torch.zeros(1), torch.zeros(1))) for k in CONFIGS}
+    bench.print_table(results, bench.goals(results, "cpu"))  # prints, no KeyError
+
+
 def test_figures_measured_before_a_crash_are_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The JSON is rewritten after each configuration: a run killed at the check script's time limit
     (or crashing) keeps what it measured."""
@@ -138,7 +160,8 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
         steps += ["DALI GPU training: data", "DALI GPU training: sgd", "DALI GPU training: spngd"]
     for name in steps:
         assert f"---- {name}: exit 0 after" in proc.stdout, (name, log)
-    assert "9 skipped" in proc.stdout  # the GPU tests are collected (and skip without CUDA)
+    # the GPU tests are collected and every one skips without CUDA (no error, no failure)
+    assert re.search(r"^\d+ skipped in [\d.]+s$", proc.stdout, re.MULTILINE), log
     assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]

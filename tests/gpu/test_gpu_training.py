@@ -16,6 +16,7 @@ from mpi4py import MPI
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))  # the MPI tests' run files
+from hpcngd.ngd import curvature
 from hpcngd.train import Trainer
 from runs import SPNGD_LEARNING, make_trainer
 
@@ -160,3 +161,22 @@ def test_channels_last_fp16_steps_run(optim: str) -> None:
         assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
         if optim == "spngd":
             assert trainer.ngd is not None and all(s.inverse is not None for s in trainer.ngd.stats.values())
+
+
+def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None:
+    """The reference curvature with sampled labels: the same CPU generator draws the same labels
+    whatever device the model is on, so the factors agree to fp64 rounding."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(5, (8,))
+    on = {
+        dev: curvature(
+            model.to(dev), x.to(dev), y.to(dev), "mc", torch.float64, torch.Generator().manual_seed(1)
+        )
+        for dev in ("cpu", "cuda")
+    }
+    for name, cpu_c in on["cpu"].items():
+        gpu_c = on["cuda"][name]
+        assert gpu_c.A is not None and gpu_c.G is not None and gpu_c.A.is_cuda
+        torch.testing.assert_close(gpu_c.A.cpu(), cpu_c.A, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
