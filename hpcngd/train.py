@@ -52,7 +52,7 @@ from hpcngd.device import bind, to_device, use
 from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.resnet import build
-from hpcngd.ngd import Preconditioner
+from hpcngd.ngd import Preconditioner, mc_labels
 from hpcngd.ngd.plan import layer_costs, make_plan
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
@@ -119,7 +119,7 @@ class Trainer:
                 [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
                 for r in range(topo.size)
             ]
-        self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)  # CPU: see _mc_backward
+        self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)  # CPU: see ngd.mc_labels
         self.scaler = LossScaler(run.loss_scale_init, run.loss_scale_growth_interval, run.precision == "fp16")
         self.ngd_counts: Counter[str] = Counter()
         alpha = cfg.data.mixup_alpha
@@ -243,12 +243,7 @@ class Trainer:
     def _mc_backward(self, logits: Tensor, scale: float) -> None:
         """Monte Carlo Fisher: G from gradients at labels sampled from the model (one extra backward)."""
         assert self.ngd is not None
-        # Sampled on the CPU from a CPU generator: the same labels on any device, and a generator state
-        # that a checkpoint restores on any device. Overflowed (fp16) rows sample uniformly, so every rank
-        # still captures the same statistics; the overflow skips the step anyway.
-        probs = torch.softmax(logits.detach().float(), 1).cpu()
-        probs = torch.where(torch.isfinite(probs), probs, 1.0)
-        sampled = torch.multinomial(probs, 1, generator=self.mc_rng).squeeze(1).to(logits.device)
+        sampled = mc_labels(logits, self.mc_rng)
         # the loss in fp32: fp16 would overflow once multiplied by the loss scale
         mc_loss = nn.functional.cross_entropy(logits.float(), sampled) * scale
         self.ngd.capture.collect_grads = True

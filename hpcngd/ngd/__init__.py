@@ -26,6 +26,18 @@ class LayerCurvature:
     blocks: Tensor | None = None
 
 
+def mc_labels(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One class index per row drawn from ``softmax(logits)`` (Monte Carlo Fisher), on ``logits``' device.
+
+    Drawn on the CPU from a CPU ``generator``: the same labels on any device, and a generator state that
+    a checkpoint restores on any device. Rows with inf/NaN probabilities (an fp16 overflow) draw
+    uniformly, so every rank still captures the same statistics (the overflow skips the step anyway).
+    """
+    probs = torch.softmax(logits.detach().float(), 1).cpu()
+    probs = torch.where(torch.isfinite(probs), probs, 1.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
 def curvature(
     model: nn.Module,
     inputs: Tensor,
@@ -42,7 +54,7 @@ def curvature(
         fisher: "empirical" (gradients of the loss at ``targets``) or "mc" (labels drawn from the model's
             softmax, one sample per example).
         dtype: dtype of the factors.
-        generator: CPU RNG for the "mc" labels (they are drawn on the CPU and moved to the model's device).
+        generator: CPU RNG for the "mc" labels (:func:`mc_labels`).
     """
     if fisher not in ("empirical", "mc"):
         raise ValueError(f"fisher = {fisher!r}: must be 'empirical' or 'mc'")
@@ -52,9 +64,7 @@ def curvature(
         capture.arm(set(statistic_keys(layers)), grad_scale=len(inputs))
         logits = model(inputs)
         if fisher == "mc":
-            probs = torch.softmax(logits.detach().float(), dim=1)
-            # drawn on the CPU, where ``generator`` lives, whatever the model's device
-            targets = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+            targets = mc_labels(logits, generator)
         loss = F.cross_entropy(logits, targets)
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
         sums = capture.take()

@@ -16,6 +16,8 @@ a hook registered before an in-place change receives the gradient w.r.t. the val
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,28 +82,24 @@ class Capture:
             if not self.want or not torch.is_grad_enabled():
                 return
             x = inputs[0]
-            t0 = self._start(x)
-            if isinstance(module, nn.BatchNorm2d):
-                if (name, "F") in self.want:
-                    self._bn_inputs.setdefault(name, []).append(x.detach())
-                    output.register_hook(self._bn_grad_hook(name, module))
-            else:
-                if (name, "A") in self.want:
-                    with _full_precision(x):
+            with self._hook_work(x):
+                if isinstance(module, nn.BatchNorm2d):
+                    if (name, "F") in self.want:
+                        self._bn_inputs.setdefault(name, []).append(x.detach())
+                        output.register_hook(self._bn_grad_hook(name, module))
+                else:
+                    if (name, "A") in self.want:
                         self._add((name, "A"), factors.a_sum(module, x, self.dtype))
-                if (name, "G") in self.want:
-                    output.register_hook(self._g_hook(name, module))
-            self._stop(t0)
+                    if (name, "G") in self.want:
+                        output.register_hook(self._g_hook(name, module))
 
         return hook
 
     def _g_hook(self, name: str, module: nn.Module) -> Any:
         def hook(grad: Tensor) -> None:
             if self.collect_grads and (name, "G") in self.want:
-                t0 = self._start(grad)
-                with _full_precision(grad):
+                with self._hook_work(grad):
                     self._add((name, "G"), factors.g_sum(module, grad, self.grad_scale, self.dtype))
-                self._stop(t0)
 
         return hook
 
@@ -112,25 +110,25 @@ class Capture:
                 return
             x = stack.pop(0)  # micro-batches are backpropagated in forward order
             if self.collect_grads and (name, "F") in self.want:
-                t0 = self._start(grad)
-                with _full_precision(grad):
+                with self._hook_work(grad):
                     self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
-                self._stop(t0)
 
         return hook
 
-    def _start(self, t: Tensor) -> float | torch.cuda.Event:
+    @contextmanager
+    def _hook_work(self, t: Tensor) -> Iterator[None]:
+        """A hook's work on ``t``'s device: with autocast off (factor arithmetic in fp32/fp64), timed by
+        the host clock, or on a GPU by CUDA events that the host does not wait for."""
         if not t.is_cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _stop(self, start: float | torch.cuda.Event) -> None:
-        if isinstance(start, float):
-            self._seconds += time.perf_counter() - start
+            t0 = time.perf_counter()
+            with torch.autocast(t.device.type, enabled=False):
+                yield
+            self._seconds += time.perf_counter() - t0
             return
-        end = torch.cuda.Event(enable_timing=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast(t.device.type, enabled=False):
+            yield
         end.record()
         self._spans.append((start, end))
 
@@ -147,8 +145,3 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _full_precision(t: Tensor) -> torch.autocast:
-    """Autocast off on ``t``'s device for the factor arithmetic."""
-    return torch.autocast(t.device.type, enabled=False)
