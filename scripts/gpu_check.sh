@@ -101,11 +101,11 @@ needed="torch mpi4py h5py numpy"
 case $DEVICE in
   cuda)
     amp=fp16 bench_args=() model="resnet50" classes=1000 size=224 batch=128
-    ranks_model="resnet20" ranks_batch=64 dali_size=320 dali_images=40 dali_batch=32
+    ranks_model="resnet20" ranks_batch=64 dali_device=gpu dali_size=320 dali_images=40 dali_batch=32
     ;;
   cpu)
     amp=bf16 model="resnet8" classes=10 size=32 batch=8 ranks_model="resnet8" ranks_batch=16
-    dali_size=48 dali_images=4 dali_batch=8
+    dali_device=cpu dali_size=48 dali_images=4 dali_batch=8
     bench_args=(--device cpu --arch "$model" --num-classes "$classes" --image-size "$size" --batch "$batch"
       --steps 2 --ngd-steps 2 --warmup 1 --amp "$amp")
     ;;
@@ -248,7 +248,7 @@ arch = "$model"
 num_classes = 10
 [data]
 source = "dali"
-dali_device = "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)"
+dali_device = "$dali_device"
 path = "$OUT/dali_data"
 image_size = $size
 batch_size = $dali_batch

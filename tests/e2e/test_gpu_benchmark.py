@@ -66,6 +66,16 @@ def load_benchmark(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
+def tiny_args(**changes: object) -> argparse.Namespace:
+    """benchmarks/gpu.py's parsed arguments for resnet8 on the CPU, as run_config takes them."""
+    args = argparse.Namespace(
+        arch="resnet8", num_classes=10, image_size=32, batch=8, steps=2, ngd_steps=2, warmup=1,
+        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
+    )  # fmt: skip
+    vars(args).update(changes)
+    return args
+
+
 def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     bench = load_benchmark(monkeypatch)
 
@@ -73,10 +83,7 @@ def test_out_of_memory_is_reported_and_the_run_goes_on(monkeypatch: pytest.Monke
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(bench, "measure", out_of_memory)
-    args = argparse.Namespace(
-        arch="resnet8", num_classes=10, image_size=32, batch=96, steps=2, ngd_steps=2, warmup=1,
-        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
-    )  # fmt: skip
+    args = tiny_args(batch=96)
     result = bench.run_config(args, "spngd_refresh", (torch.zeros(1), torch.zeros(1)))
     assert result["status"] == "oom" and result["message"] == "OOM at batch 96"
     results = {
@@ -96,10 +103,7 @@ def test_a_configuration_whose_every_timed_step_overflowed_is_an_error_row(
         return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], ""
 
     monkeypatch.setattr(bench, "measure", all_skipped)
-    args = argparse.Namespace(
-        arch="resnet8", num_classes=10, image_size=32, batch=8, steps=3, ngd_steps=2, warmup=1,
-        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
-    )  # fmt: skip
+    args = tiny_args(steps=3)
     for key in CONFIGS:
         result = bench.run_config(args, key, (torch.zeros(1), torch.zeros(1)))
         assert result["status"] == "error" and "skipped for an fp16 overflow" in result["message"], key
