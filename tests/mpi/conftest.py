@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from mpi4py import MPI
@@ -19,3 +22,13 @@ def comm() -> Iterator[MPI.Comm]:
     dup = MPI.COMM_WORLD.Dup()
     yield dup
     dup.Free()
+
+
+@pytest.fixture
+def folder(comm: MPI.Comm) -> Iterator[Path]:
+    """One temporary folder that every rank sees."""
+    path = comm.bcast(tempfile.mkdtemp(prefix="hpcngd-ckpt-") if comm.rank == 0 else None)
+    yield Path(path)
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path)

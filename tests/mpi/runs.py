@@ -66,6 +66,11 @@ SPNGD_LEARNING = [
 ]
 
 
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` in one vector (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 class Prototypes:
     """A learnable set: an image of class c is c's fixed random image (its prototype) plus as much noise."""
 

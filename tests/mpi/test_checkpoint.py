@@ -7,9 +7,6 @@ import hashlib
 import itertools
 import json
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from hpcngd import state
 from hpcngd.errors import AgreedError
 from hpcngd.metrics import MetricsLog
 from hpcngd.train import Trainer
-from runs import AUGMENT, SPNGD, make_trainer
+from runs import AUGMENT, SPNGD, flat, make_trainer
 
 SAVE = ["checkpoint.every_steps=5", "checkpoint.keep_last=10", "log.every_steps=4"]
 # 56 images / batch 16 = 3 steps an epoch, 4 epochs: 12 steps; step 5 is in the middle of epoch 1.
@@ -50,16 +47,6 @@ COMPARED = (
 )
 
 
-@pytest.fixture
-def folder(comm: MPI.Comm) -> Iterator[Path]:
-    """One temporary folder that every rank sees."""
-    path = comm.bcast(tempfile.mkdtemp(prefix="hpcngd-ckpt-") if comm.rank == 0 else None)
-    yield Path(path)
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path)
-
-
 def run(
     comm: MPI.Comm, overrides: list[str], folder: Path, name: str, resume: str = "auto"
 ) -> dict[str, Any]:
@@ -70,7 +57,7 @@ def run(
         resumed_from, notes = state.resume(t)
         t.train()
         t.log.close()
-        params = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        params = flat(t.model)
     comm.Barrier()
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {"records": records, "params": params, "notes": notes, "from": resumed_from}

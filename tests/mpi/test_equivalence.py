@@ -1,34 +1,115 @@
-"""A W-rank run equals a 1-rank run with the same global batch (the 1-rank run computed here too)."""
+"""A W-rank run equals a 1-rank run with the same global batch (the 1-rank run computed here too).
+
+Two kinds of comparison:
+- step by step: before each step the W-rank run's state (a checkpoint) is loaded into a 1-rank trainer,
+  and both take the step. Both start every step from the same bits, so the only differences are the
+  order of the rank sums and the wire format: tight tolerances, on any torch build.
+- whole runs: W ranks and 1 rank each train on their own for 10 or 20 steps. The rank sum's order moves
+  the fp32 weights by ~1e-7; where a ReLU input lies that close to 0, one image's gradient at one pixel
+  changes (a ReLU "flip"), and the runs part. On the learnable Prototypes set one flip parts the losses
+  by up to 5e-4 in 20 steps (torch 2.11, seeds 11 and 13: one flip at step 6 and 9); under SPNGD on
+  random labels, by 1e-3 to 6e-2 (torch 2.13, 3 of seeds 11-16). Whether a run meets a flip depends on
+  the seed and on the torch build's rounding, so whole-run tolerances allow one.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from mpi4py import MPI
 
-from runs import AUGMENT, NUM_STEPS, SPNGD, SPNGD_LEARNING, trained
+from hpcngd import state
+from hpcngd.checkpoint import Reader
+from runs import AUGMENT, NUM_STEPS, SPNGD, SPNGD_LEARNING, flat, make_trainer, trained
 
 
-def train_losses(
-    comm: MPI.Comm, overrides: list[str], num_steps: int = NUM_STEPS, learnable: bool = False
-) -> tuple[list[float], torch.Tensor, dict[str, float]]:
-    with trained(comm, overrides, num_steps, learnable) as (trainer, losses):
-        params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
-        return losses, params, trainer.evaluate()
+def stepwise(
+    comm: MPI.Comm, folder: Path, overrides: list[str], reference: list[str], num_steps: int
+) -> tuple[float, float]:
+    """``num_steps`` steps on ``comm``, each also taken on one rank (run file ``reference``) from the
+    W-rank run's state before it, saved and restored as a checkpoint. Returns the worst relative loss
+    difference and the worst relative difference of the parameter update (its norm)."""
+    worst_loss = worst_update = 0.0
+    with make_trainer(comm, overrides) as dist, make_trainer(MPI.COMM_SELF, reference) as ref:
+        mine = dist.loader.batches(0, 0, dist.cfg.run.epochs)
+        full = ref.loader.batches(0, 0, ref.cfg.run.epochs)  # the global batches
+        for (_, _, x, y), (_, _, gx, gy) in itertools.islice(zip(mine, full, strict=True), num_steps):
+            with Reader(state.save(dist, folder, keep_last=1)) as reader:
+                state.restore(ref, reader)
+            before = flat(dist.model)
+            loss, ref_loss = dist.train_step(x, y), ref.train_step(gx, gy)
+            update, ref_update = flat(dist.model) - before, flat(ref.model) - before
+            worst_loss = max(worst_loss, abs(loss - ref_loss) / abs(ref_loss))
+            worst_update = max(worst_update, float((update - ref_update).norm() / ref_update.norm()))
+        mine.close()
+        full.close()
+    return worst_loss, worst_update
+
+
+TWO_LEVELS = ["comm.hierarchical=true"]
+NUM_STEPS_ALL = 12  # RUN's 4 epochs of 3 steps
 
 
 @pytest.mark.parametrize(
-    "overrides", [[], SPNGD, SPNGD + AUGMENT], ids=["sgd", "spngd", "spngd-mixup-erasing"]
+    ("overrides", "wire", "loss_tol", "update_tol"),
+    [  # measured worst at 2 and 4 ranks, torch 2.11 and 2.13: fp32 1.1e-7 and 5.3e-6; fp16 8.8e-4 and
+        # 7.9e-4; bf16 5.2e-3 and 6.4e-3. Statistics off by 1e-4 on W ranks (A * 1.0001) give 2.7e-5.
+        ([], "fp32", 1e-6, 2e-5),
+        ([*SPNGD, *AUGMENT], "fp32", 1e-6, 2e-5),
+        ([*SPNGD, *TWO_LEVELS], "fp32", 1e-6, 2e-5),
+        ([*SPNGD, *TWO_LEVELS], "fp16", 2e-3, 4e-3),
+        ([*SPNGD, *TWO_LEVELS], "bf16", 1.6e-2, 3e-2),
+    ],
+    ids=["sgd", "spngd-mixup-erasing", *(f"spngd-2-levels-{w}" for w in ("fp32", "fp16", "bf16"))],
+)
+def test_each_step_matches_single_rank_from_the_same_state(
+    comm: MPI.Comm, folder: Path, overrides: list[str], wire: str, loss_tol: float, update_tol: float
+) -> None:
+    """All 12 steps of RUN each equal one rank's step (SPNGD on random labels: damping 1e-2, statistics
+    going stale; with TWO_LEVELS, 2 ranks a node when the count is even). The loss travels in the wire
+    format too, so fp16 and bf16 round it (2^-11, 2^-8 relative)."""
+    nodes = [f"comm.ranks_per_node={2 if comm.size % 2 == 0 else 1}"] if TWO_LEVELS[0] in overrides else []
+    wired = [*overrides, *nodes, f"comm.dtype={wire}"]
+    worst_loss, worst_update = stepwise(comm, folder, wired, overrides, NUM_STEPS_ALL)
+    if comm.size == 1:  # nothing travels: exact
+        assert worst_loss == worst_update == 0.0
+    assert worst_loss <= loss_tol, (wire, worst_loss)
+    assert worst_update <= update_tol, (wire, worst_update)
+
+
+def train_losses(
+    comm: MPI.Comm, overrides: list[str], num_steps: int = NUM_STEPS
+) -> tuple[list[float], torch.Tensor, dict[str, float]]:
+    """Losses, final parameters and evaluation of ``num_steps`` steps on the learnable Prototypes set."""
+    with trained(comm, overrides, num_steps, learnable=True) as (trainer, losses):
+        return losses, flat(trainer.model), trainer.evaluate()
+
+
+def parted(losses: list[float], ref_losses: list[float]) -> float:
+    """The largest relative difference of two runs' losses, step by step."""
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True))
+
+
+# Whole runs in fp32 on the Prototypes set: measured <= 2.2e-7 with no ReLU flip, <= 4.7e-4 with one
+# (torch 2.11 and 2.13, seeds 11-16, 2 and 4 ranks); a step computed wrongly shows in the step-wise test.
+WHOLE_RUN_FP32 = 2e-3
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], SPNGD_LEARNING, SPNGD_LEARNING + AUGMENT],
+    ids=["sgd", "spngd", "spngd-mixup-erasing"],
 )
 def test_losses_match_single_rank(comm: MPI.Comm, overrides: list[str]) -> None:
     losses, params, evaluation = train_losses(comm, overrides)
     ref_losses, ref_params, ref_eval = train_losses(MPI.COMM_SELF, overrides)  # 1 rank, 4 micro-batches
     assert len(losses) == NUM_STEPS and losses[-1] < losses[0]
-    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
-    assert max(rel) <= 1e-5, (losses, ref_losses)
-    torch.testing.assert_close(params, ref_params, rtol=1e-4, atol=1e-5)
+    assert parted(losses, ref_losses) <= WHOLE_RUN_FP32, (losses, ref_losses)
+    assert float((params - ref_params).norm() / ref_params.norm()) <= WHOLE_RUN_FP32
     assert evaluation["val_images"] == ref_eval["val_images"] == 20
 
     # The same run twice gives the same bits; every rank holds bit-identical replicas.
@@ -42,47 +123,42 @@ def test_mc_fisher_trains_with_identical_replicas(comm: MPI.Comm) -> None:
         assert trainer.ngd is not None
         assert trainer.ngd_counts["refreshed"] == 4 * len(trainer.ngd.stats)
         assert trainer.ngd_counts["failed"] == 0
-        params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+        params = flat(trainer.model)
     assert all(torch.isfinite(torch.tensor(losses)))
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1
 
 
 @pytest.mark.parametrize(
-    ("optim", "learnable", "wire", "tolerance"),
-    [
-        (SPNGD, False, "fp32", 1e-5),
-        ([], False, "fp16", 1e-2),  # SGD: measured 8.9e-3 at 2 and 4 ranks by step 20 (5e-4 after one step)
-        ([], False, "bf16", 2e-2),
-        (SPNGD_LEARNING, True, "fp16", 1e-2),  # 2.0e-3 at 2 ranks, 3.1e-3 at 4 (<= 4.4e-3, seeds 11-14)
-        (SPNGD_LEARNING, True, "bf16", 2e-2),  # 5.6e-3 at 2 ranks, 5.0e-3 at 4 (<= 7.3e-3, seeds 11-14)
+    ("optim", "wire", "tolerance"),
+    [  # measured worst over seeds 11-16, 2 and 4 ranks, torch 2.11 and 2.13, in the comments
+        (SPNGD_LEARNING, "fp32", WHOLE_RUN_FP32),
+        (SPNGD_LEARNING, "fp16", 1e-2),  # 4.4e-3
+        (SPNGD_LEARNING, "bf16", 2e-2),  # 7.3e-3
+        ([], "fp16", 2e-2),  # SGD (lr 0.2): 8.4e-3
+        ([], "bf16", 4e-2),  # 1.4e-2
     ],
-    ids=["spngd-fp32", "sgd-fp16", "sgd-bf16", "spngd-learning-fp16", "spngd-learning-bf16"],
+    ids=["spngd-fp32", "spngd-fp16", "spngd-bf16", "sgd-fp16", "sgd-bf16"],
 )
 def test_simulated_nodes_match_single_rank(
-    comm: MPI.Comm, optim: list[str], learnable: bool, wire: str, tolerance: float
+    comm: MPI.Comm, optim: list[str], wire: str, tolerance: float
 ) -> None:
-    """Two levels (2 ranks a node when the count is even) and a given wire, against one rank in fp32.
-
-    SP-NGD with a 16-bit wire runs on a learnable set (runs.SPNGD_LEARNING). Under SPNGD on random
-    labels, fp16's rounding (2e-4 to 8e-4 relative per tensor and step) grows to a loss difference of
-    several percent within 20 steps, as much on one rank that only casts to fp16 and back.
-    """
+    """20 steps on two levels (2 ranks a node when the count is even) with a given wire, against one
+    rank in fp32. A 16-bit wire rounds each tensor by 2e-4 to 8e-4 (fp16) at every step, and that grows
+    along the run (on random labels under SPNGD to several percent, as on one rank that only casts to
+    fp16 and back), so these runs use the learnable set."""
     nodes = [
         f"comm.ranks_per_node={2 if comm.size % 2 == 0 else 1}",
         "comm.hierarchical=true",
         "run.epochs=7",
     ]
-    overrides = [*optim, *nodes, f"comm.dtype={wire}"]
-    losses, params, _ = train_losses(comm, overrides, 20, learnable)
-    ref_losses, _, _ = train_losses(MPI.COMM_SELF, [*optim, "run.epochs=7"], 20, learnable)
-    if learnable:
-        assert ref_losses[-1] < 0.5 * ref_losses[0]  # it learns (1.75 -> 0.71)
+    losses, params, _ = train_losses(comm, [*optim, *nodes, f"comm.dtype={wire}"], 20)
+    ref_losses, _, _ = train_losses(MPI.COMM_SELF, [*optim, "run.epochs=7"], 20)
+    assert ref_losses[-1] < 0.7 * ref_losses[0]  # it learns (1.75 -> 0.71 with seed 11)
     assert len(losses) == 20
-    rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
     if comm.size == 1:  # nothing travels: exact
-        assert max(rel) == 0.0
-    assert max(rel) <= tolerance, (wire, max(rel))
+        assert parted(losses, ref_losses) == 0.0
+    assert parted(losses, ref_losses) <= tolerance, (wire, parted(losses, ref_losses))
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1
 

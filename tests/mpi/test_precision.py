@@ -10,7 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from runs import SPNGD_LEARNING, make_trainer
+from runs import SPNGD_LEARNING, flat, make_trainer
 
 OVERFLOW_STEP = 2
 STEPS = 6
@@ -34,7 +34,7 @@ def run(
             scales.append(t.scaler.scale)
         batches.close()
         assert t.scaler.skipped == (overflow_on is not None)  # counted on every rank
-        params = torch.cat([p.detach().reshape(-1) for p in t.model.parameters()])
+        params = flat(t.model)
         return losses, params, scales
 
 
@@ -51,11 +51,13 @@ def test_overflow_on_one_rank_is_skipped_by_all_and_matches_one_rank(
             expected = [1024.0] * OVERFLOW_STEP + [512.0] * (STEPS - OVERFLOW_STEP)
         assert scales == ref_scales == expected
     assert losses[-1] < losses[0]
-    # the same micro-batches in the same precision; only the order of the rank sum differs
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+    # The same micro-batches in the same precision; only the order of the rank sum differs. That moves
+    # the fp32 weights by 1e-7 and flips some fp16 roundings of activations: losses part by up to
+    # 1.02e-4 in 6 steps (fp16, seed 12; seeds 11-14, torch 2.11 and 2.13, 2 and 4 ranks).
+    rtol = 1e-3 if precision == "fp16" else 1e-4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
     drift = float((params - ref_params).norm() / ref_params.norm())
-    # measured at 2 and 4 ranks: bf16 1e-8; fp16 2.6e-4 (no overflow), 1e-6 to 6e-5 (overflow). A rank
-    # sum in another order moves the fp32 weights by 1e-7, which flips some fp16 roundings of activations.
+    # measured at 2 and 4 ranks: bf16 1e-8; fp16 2.6e-4 (no overflow), 1e-6 to 6e-5 (overflow)
     assert drift < 2e-3
     digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()
     assert len(set(comm.allgather(digest))) == 1  # replicas identical: every rank skipped the same step
