@@ -7,7 +7,7 @@ Two kinds of comparison:
 - whole runs: W ranks and 1 rank each train on their own for 10 or 20 steps. The rank sum's order moves
   the fp32 weights by ~1e-7; where a ReLU input lies that close to 0, one image's gradient at one pixel
   changes (a ReLU "flip"), and the runs part. On the learnable Prototypes set one flip parts the losses
-  by up to 5e-4 in 20 steps (torch 2.11, seeds 11 and 13: one flip at step 6 and 9); under SPNGD on
+  by up to 5e-4 in 20 steps (torch 2.11, seeds 11 and 13, from steps 6 and 9 on); under SPNGD on
   random labels, by 1e-3 to 6e-2 (torch 2.13, 3 of seeds 11-16). Whether a run meets a flip depends on
   the seed and on the torch build's rounding, so whole-run tolerances allow one.
 """
