@@ -18,7 +18,9 @@ step allocates memory and runs cuDNN's autotuning) and steps skipped for an fp16
 The batch is made once and stays on the device (as DALI's GPU pipeline hands it), so loading and
 host-to-device copies are not measured. Phases (ms per step) come from the Trainer's timer, which waits
 for queued GPU kernels at each phase boundary. A configuration that runs out of GPU memory is reported
-as "OOM at batch N" and the next one runs. Goals (issue #8): SGD AMP >= 2,500 img/s on an H100, and
+as "OOM at batch N" and the next one runs; one that fails otherwise (its loss diverges, every timed step
+overflows, or it raises: the traceback goes to stderr) is an error row with its message, the next one
+runs, and the exit status is 1. Goals (issue #8): SGD AMP >= 2,500 img/s on an H100, and
 SP-NGD amortized within 5% of SGD AMP.
 """
 
@@ -31,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,7 @@ class Step:
     ms: dict[str, float]  # per phase
     refreshed: int  # SP-NGD statistics recomputed
     skipped: bool  # fp16 overflow: no update
+    loss: float = float("nan")
 
 
 def common_overrides(args: argparse.Namespace, num_steps: int) -> list[str]:
@@ -91,8 +95,9 @@ def common_overrides(args: argparse.Namespace, num_steps: int) -> list[str]:
 
 def measure(
     cfg: config.Config, batch: tuple[torch.Tensor, torch.Tensor], num_steps: int
-) -> tuple[list[Step], str]:
-    """Every step of a fresh Trainer on ``batch``; and the checkpoint path when cfg.checkpoint.dir is set."""
+) -> tuple[list[Step], str, dict[str, int]]:
+    """Every step of a fresh Trainer on ``batch``; the checkpoint path when cfg.checkpoint.dir is set;
+    and SP-NGD's inversion counts over the run (``fp64_retries`` would make refresh steps slower)."""
     rows: list[Step] = []
     with Topology(MPI.COMM_WORLD) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
@@ -109,16 +114,17 @@ def measure(
         for i in range(num_steps):
             sync()
             t0 = time.perf_counter()
-            trainer.train_step(x, y)
+            loss = trainer.train_step(x, y)
             sync()
             seconds = time.perf_counter() - t0
             _, _, ms = trainer.timer.take()
             refreshed = trainer.ngd_counts.pop("refreshed", 0)
-            rows.append(Step(i, seconds, ms, refreshed, trainer.scaler.take_skipped() > 0))
+            rows.append(Step(i, seconds, ms, refreshed, trainer.scaler.take_skipped() > 0, loss))
         path = str(trainer.save_checkpoint("benchmark")) if cfg.checkpoint.dir else ""
+        counts = dict(trainer.ngd_counts)
         if trainer.ngd is not None:
             trainer.ngd.close()
-    return rows, path
+    return rows, path, counts
 
 
 def summary(rows: list[Step], batch: int) -> dict[str, Any]:
@@ -144,7 +150,8 @@ def amortized(pre: dict[str, Any], full: dict[str, Any], batch: int) -> dict[str
 def run_config(
     args: argparse.Namespace, key: str, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, Any]:
-    """Measure one configuration; out of memory or a diverged run is a result, not a crash."""
+    """Measure one configuration. Out of memory, a diverged run or any other exception of the training
+    code (a cuSOLVER or cuDNN error, say) is this configuration's result, and the next one runs."""
     label, overrides = CONFIGS[key]
     if args.amp != "fp16":  # e.g. bf16: the CPU's fast low precision
         label = label.replace("fp16", args.amp)
@@ -160,11 +167,14 @@ def run_config(
     t0 = time.perf_counter()
     failure = ""
     try:
-        rows, path = measure(config.loads("", overrides=overrides), batch, num_steps)
+        rows, path, counts = measure(config.loads("", overrides=overrides), batch, num_steps)
     except torch.cuda.OutOfMemoryError:
         failure = f"OOM at batch {args.batch}"
     except FloatingPointError as exc:  # a diverged run (NaN loss, fp16 overflowing every step)
         failure = f"diverged: {exc}"
+    except Exception as exc:  # noqa: BLE001 -- reported in the JSON and the exit status, traceback on stderr
+        traceback.print_exc()
+        failure = f"{type(exc).__name__}: {exc}"
     # Out of the except block: the traceback (and the tensors its frames hold) is gone.
     result["elapsed_s"] = time.perf_counter() - t0
     if cuda:
@@ -176,6 +186,7 @@ def run_config(
         return {**result, "status": "oom" if failure.startswith("OOM") else "error", "message": failure}
     timed = [r for r in rows if r.index >= max(1, args.warmup) and not r.skipped]
     result.update(skipped_steps=sum(r.skipped for r in rows), checkpoint=path or None)
+    result.update(first_loss=rows[0].loss, last_loss=rows[-1].loss, ngd_counts=counts)
     if not timed:
         skipped = "every step after the warm-up was skipped for an fp16 overflow"
         return {**result, "status": "error", "message": skipped}
@@ -371,6 +382,9 @@ def main() -> int:
     if args.json:
         write_report(args, env, results, complete=True)
         print(f"wrote {args.json}")
+    if errors := [k for k, r in results.items() if r["status"] == "error"]:
+        print(f"failed: {', '.join(errors)}", file=sys.stderr)
+        return 1
     return 0
 
 

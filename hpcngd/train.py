@@ -195,6 +195,10 @@ class Trainer:
         skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
         if self.scaler.enabled:
             self.scaler.update(skip)
+        if self.ngd is not None:  # the hooks ran inside forward/backward, on a skipped step too
+            hooks = self.ngd.capture.take_seconds()
+            self.timer.add("factors", hooks)
+            self.timer.add("fwd_bwd", -hooks)
         if not skip:
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -265,10 +269,7 @@ class Trainer:
         """Phase 3: invert the refreshed factors this rank owns, precondition, share the results."""
         assert self.ngd is not None
         damping = self.damping_at_step(self.step)
-        factor_seconds = self.ngd.capture.take_seconds()
         report = self.ngd.step(self.step, damping, fresh)
-        self.timer.add("factors", factor_seconds)
-        self.timer.add("fwd_bwd", -factor_seconds)  # hooks ran inside forward/backward
         self.timer.add("inverse", report.inverse_seconds)
         t0 = time.perf_counter()
         self._share_preconditioned()

@@ -10,16 +10,18 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 485 s without DALI and 665 s with it (upper bounds: the
+# under `timeout`, with limits that add up to 655 s without DALI and 835 s with it (upper bounds: the
 # script has not yet run on a GPU; 2-3 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
 #      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in $OUT/ckpt;
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
-#   5. with an mpiexec (MPIEXEC, else found on PATH): two ranks on the GPU, so that the communication
-#      from GPU memory runs (a single rank never communicates): the staged-bucket test, then SP-NGD
-#      fp16 training steps with pinned staging, and (where MPI reports CUDA support) with GPU buffers;
+#   5. with an mpiexec (MPIEXEC, else found on PATH): ranks sharing the GPU, so that the communication
+#      from GPU memory runs (a single rank never communicates): the staged-bucket test on two ranks, then
+#      SP-NGD fp16 training steps on four ranks as two simulated nodes of two (the two-level allreduce:
+#      node reduce, leaders, node broadcast), with pinned staging, and (where MPI reports CUDA support)
+#      with GPU buffers;
 #   6. where NVIDIA DALI is installed: ResNet-50 steps fed by DALI's GPU pipeline (SGD, then SP-NGD;
 #      adds about a minute; a machine without DALI skips it).
 # Every step runs whatever the ones before did; the exit status is 1 when any step failed (the summary
@@ -32,6 +34,8 @@ OUT=${OUT:-out/gpu_check}
 DEVICE=${CHECK_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # containers run as root
+# Open MPI 5: four ranks may start where fewer cores are free
+export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
 mkdir -p "$OUT" || exit 1
 started=$SECONDS
 failed=""
@@ -66,8 +70,9 @@ if [ -n "${WHEELS:-}" ]; then
   else
     prefix=$(mktemp -d) || exit 1
     trap 'rm -rf "$prefix"' EXIT
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix "$prefix" \
-      "$WHEELS"/*.whl || exit 1
+    # --ignore-installed: this Python's own mpi4py (if any) would otherwise count as the carried one
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --ignore-installed --no-compile --no-cache-dir \
+      --prefix "$prefix" "$WHEELS"/*.whl || exit 1
     site=$("$PY" -c 'import sys, sysconfig
 print(sysconfig.get_path("purelib", vars={"base": sys.argv[1], "platbase": sys.argv[1]}))' "$prefix")
     # the MPI library is found through LD_LIBRARY_PATH (a venv's mpi4py looks only in its own prefix)
@@ -79,7 +84,7 @@ print(sysconfig.get_path("purelib", vars={"base": sys.argv[1], "platbase": sys.a
 fi
 
 # Which modules this Python lacks (mpi4py counts as missing when it cannot load an MPI library).
-missing=$("$PY" -c 'import importlib.util as u
+missing=$(timeout 120 "$PY" -c 'import importlib.util as u
 mods = ("torch", "mpi4py", "h5py", "numpy", "pytest", "pytest_mpi", "PIL", "nvidia")
 gone = [m for m in mods if u.find_spec(m) is None]
 try:
@@ -129,14 +134,14 @@ echo "modules missing from $PY: ${missing:-none}"
 if lacks torch; then
   skip "versions" "torch is not importable"
 else
-  step "versions" 20 "$PY" -c 'import platform, torch
+  step "versions" 60 "$PY" -c 'import platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| cudnn", torch.backends.cudnn.version(), "| GPUs visible", torch.cuda.device_count())'
 fi
 if lacks torch mpi4py; then
   skip "MPI CUDA support" "needs torch and mpi4py"
 else
-  step "MPI CUDA support" 20 "$PY" -c 'from mpi4py import MPI; from hpcngd.comm.gpu import mpi_cuda_support
+  step "MPI CUDA support" 60 "$PY" -c 'from mpi4py import MPI; from hpcngd.comm.gpu import mpi_cuda_support
 print(MPI.Get_library_version().strip("\0 \n").splitlines()[0]); print(mpi_cuda_support())'
 fi
 
@@ -181,10 +186,10 @@ for precision in fp16 bf16; do
     --precision "$precision" --per-layer --json "$OUT/inference_$precision.json" --max-batches 4
 done
 
-# 5. Two ranks on the GPU (both on GPU 0 when there is one: the log warns that they share it)
+# 5. Ranks on the GPU (all on GPU 0 when there is one: the log warns that they share it)
 MPIEXEC=${MPIEXEC:-$(command -v mpiexec || command -v mpirun || true)}
 if [ -z "$MPIEXEC" ] || lacks $needed; then
-  skip "two ranks" "needs an mpiexec on PATH (or MPIEXEC) and $needed"
+  skip "ranks on the GPU" "needs an mpiexec on PATH (or MPIEXEC) and $needed"
 else
   if lacks pytest; then
     skip "two ranks: staged buckets test" "needs pytest"
@@ -194,12 +199,12 @@ else
     step "two ranks: staged buckets test" 45 "$MPIEXEC" -n 2 "$PY" -m pytest -q -p no:cacheprovider \
       $with_mpi tests/mpi/test_collectives.py -k staged
   fi
-  cat >"$OUT/two_ranks.toml" <<EOF
+  cat >"$OUT/ranks.toml" <<EOF
 [run]
 device = "$DEVICE"
 precision = "$amp"
 output_dir = "$OUT"
-name = "two_ranks"
+name = "ranks"
 max_steps = 6
 [model]
 arch = "$ranks_model"
@@ -209,22 +214,22 @@ batch_size = $ranks_batch
 [optim]
 name = "spngd"
 [comm]
-ranks_per_node = 1     # two simulated nodes: the hierarchical path's leaders talk too
+ranks_per_node = 2     # four ranks as two simulated nodes: the two-level allreduce runs
 [checkpoint]
 at_end = false
 resume = "never"
 [log]
 every_steps = 2
 EOF
-  aware=$("$PY" -c 'from hpcngd.comm.gpu import mpi_cuda_support; print(str(mpi_cuda_support()[0]).lower())')
+  aware=$(timeout 60 "$PY" -c 'from hpcngd.comm.gpu import mpi_cuda_support; print(str(mpi_cuda_support()[0]).lower())')
   for setting in false true; do
     if [ "$setting" = true ] && [ "$aware" != true ]; then
-      skip "two ranks: training, comm.cuda_aware=true" "this MPI reports no CUDA support"
+      skip "four ranks: training, comm.cuda_aware=true" "this MPI reports no CUDA support"
       continue
     fi
-    rm -rf "$OUT/two_ranks"
-    step "two ranks: training, comm.cuda_aware=$setting" 45 "$MPIEXEC" -n 2 "$PY" -m hpcngd \
-      "$OUT/two_ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
+    rm -rf "$OUT/ranks"
+    step "four ranks: training, comm.cuda_aware=$setting" 90 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
+      "$OUT/ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
 fi
 

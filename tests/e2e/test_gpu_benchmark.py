@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 from helpers import ENV, MPIEXEC, ROOT
 
+from hpcngd import config
 from hpcngd.metrics import PHASES
 
 BENCHMARK = ROOT / "benchmarks" / "gpu.py"
@@ -99,8 +101,8 @@ def test_a_configuration_whose_every_timed_step_overflowed_is_an_error_row(
 ) -> None:
     bench = load_benchmark(monkeypatch)
 
-    def all_skipped(cfg: object, batch: object, num_steps: int) -> tuple[list[object], str]:
-        return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], ""
+    def all_skipped(cfg: object, batch: object, num_steps: int) -> tuple[list[object], str, dict[str, int]]:
+        return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], "", {}
 
     monkeypatch.setattr(bench, "measure", all_skipped)
     args = tiny_args(steps=3)
@@ -110,6 +112,42 @@ def test_a_configuration_whose_every_timed_step_overflowed_is_an_error_row(
         assert result["skipped_steps"] == result["steps_run"] - 1
     results = {k: bench.run_config(args, k, (torch.zeros(1), torch.zeros(1))) for k in CONFIGS}
     bench.print_table(results, bench.goals(results, "cpu"))  # prints, no KeyError
+
+
+def test_an_exception_in_one_configuration_is_its_error_row_and_the_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failure the benchmark cannot foresee (a cuSOLVER error, say) ends that configuration only: the
+    others run, the JSON has them all, the exit status is 1."""
+    bench = load_benchmark(monkeypatch)
+    measure = bench.measure
+
+    def solver_fails(cfg: config.Config, batch: object, num_steps: int) -> object:
+        if cfg.optim.name == "spngd" and cfg.ngd.stale_threshold == 0:
+            raise RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED")
+        return measure(cfg, batch, num_steps)
+
+    monkeypatch.setattr(bench, "measure", solver_fails)
+    out = tmp_path / "bench.json"
+    # fmt: off
+    argv = [
+        "gpu.py", "--device", "cpu", "--arch", "resnet8", "--image-size", "16", "--num-classes", "10",
+        "--batch", "4", "--steps", "2", "--ngd-steps", "1", "--warmup", "1", "--json", str(out),
+    ]
+    # fmt: on
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 1
+    assert "CUSOLVER_STATUS_EXECUTION_FAILED" in capsys.readouterr().err  # the traceback
+    configs = json.loads(out.read_text())["configs"]
+    assert [r["status"] for r in configs.values()] == ["ok", "ok", "error", "ok"]
+    failure = configs["spngd_refresh"]["message"]
+    assert failure == "RuntimeError: cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED"
+    for key in ("sgd_fp32", "spngd_amortized"):  # the losses and inversion counts are recorded
+        r = configs[key]
+        assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]), key
+    assert configs["sgd_fp32"]["ngd_counts"] == {}
+    assert configs["spngd_amortized"]["ngd_counts"]["inverted"] > 0
+    assert configs["spngd_amortized"]["ngd_counts"]["failed"] == 0
 
 
 def test_figures_measured_before_a_crash_are_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +196,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     assert f"WHEELS={wheels}: not installed, this Python's mpi4py loads and mpiexec is on PATH" in log
     steps = [
         "versions", "MPI CUDA support", "GPU tests", "benchmark", "inference fp16", "inference bf16",
-        "two ranks: staged buckets test", "two ranks: training, comm.cuda_aware=false",
+        "two ranks: staged buckets test", "four ranks: training, comm.cuda_aware=false",
     ]  # fmt: skip
     if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
         steps += ["DALI GPU training: data", "DALI GPU training: sgd", "DALI GPU training: spngd"]
@@ -175,7 +213,9 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
         assert study["precision"] == precision and study["checkpoint"] == report["checkpoint"]
         assert study["accuracy"]["fp32"]["images"] == study["accuracy"][precision]["images"] == 32
         assert len(study["layers"]) > 10 and study["total"]["forward"]["low_ms"] > 0
-    # two SP-NGD ranks learn: the last logged loss is below the first
+    # four SP-NGD ranks as two simulated nodes (the two-level allreduce ran) learn: the last logged loss
+    # is below the first
+    assert "4 ranks on 2 node(s) of 2" in proc.stdout, log
     losses = [float(line.split(" loss ")[1].split()[0]) for line in proc.stdout.splitlines()
               if line.startswith("epoch") and "/6 loss" in line]  # fmt: skip
     assert len(losses) == 3 and losses[-1] < losses[0], losses
