@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hpcngd.config import OptimConfig
 
@@ -82,29 +82,42 @@ class SPNGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, prev = group["lr"], group["prev_lr"]
             momentum = group["momentum"] * (lr / prev if prev and lr < prev else 1.0)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p)
-                v = state["velocity"]
-                v.mul_(momentum).add_(p.grad, alpha=-lr)
-                p.add_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params if p.grad is not None]
+            velocity = [self._velocity(p) for p in params]
+            # multi-tensor operations: on a GPU a few kernels for the whole group, not one per parameter
+            # (elementwise, so the same result as the per-parameter loop)
+            if params:
+                torch._foreach_mul_(velocity, momentum)
+                torch._foreach_add_(velocity, grads, alpha=-lr)
+                torch._foreach_add_(params, velocity)
                 if group["weight_decay"]:
-                    p.mul_(1.0 - lr * group["weight_decay"])
+                    torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
             group["prev_lr"] = lr
+
+    def _velocity(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "velocity" not in state:
+            state["velocity"] = torch.zeros_like(p)
+        v: Tensor = state["velocity"]
+        return v
 
 
 @torch.no_grad()
 def rescale_weights(model: nn.Module) -> None:
-    """Scale each conv/fc weight with ``||W||_F > sqrt(2 c_out)`` down to that norm."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            limit = math.sqrt(2.0 * m.weight.shape[0])
-            norm = float(torch.linalg.vector_norm(m.weight))
-            if norm > limit:
-                m.weight.mul_(limit / norm)
+    """Scale each conv/fc weight with ``||W||_F > sqrt(2 c_out)`` down to that norm.
+
+    The norms come to the host together (one wait for the device, not one a layer) and the weights over
+    their limit are scaled by one multi-tensor operation.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not weights:
+        return
+    norms = torch.stack(torch._foreach_norm(weights)).tolist()
+    limits = [math.sqrt(2.0 * w.shape[0]) for w in weights]
+    over = [(w, limit / norm) for w, norm, limit in zip(weights, norms, limits, strict=True) if norm > limit]
+    if over:
+        torch._foreach_mul_([w for w, _ in over], [factor for _, factor in over])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

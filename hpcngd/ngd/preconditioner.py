@@ -146,9 +146,11 @@ class Preconditioner:
                 self._invert(key, damping, report)
         self.sync()
         t2 = time.perf_counter()
-        for name, module in self.layers.items():  # d
-            if name in self.owned:
+        owned = [(name, m) for name, m in self.layers.items() if name in self.owned]  # d
+        for name, module in owned:
+            if not isinstance(module, nn.BatchNorm2d):
                 self._precondition(name, module)
+        self._precondition_bn([(name, m) for name, m in owned if isinstance(m, nn.BatchNorm2d)])
         report.inverse_seconds = t2 - t1
         self.sync()
         report.precondition_seconds = time.perf_counter() - t2
@@ -182,21 +184,33 @@ class Preconditioner:
         stat.inverse = inv
 
     def _precondition(self, name: str, module: nn.Module) -> None:
-        if isinstance(module, nn.BatchNorm2d):
-            inv = self.stats[(name, "F")].inverse
-            if inv is None or module.weight.grad is None or module.bias.grad is None:
-                return
-            grads = torch.stack([module.weight.grad, module.bias.grad], dim=1).to(inv.dtype)  # (C, 2)
-            out = torch.einsum("cij,cj->ci", inv, grads)
-            module.weight.grad.copy_(out[:, 0])
-            module.bias.grad.copy_(out[:, 1])
-            return
         assert isinstance(module, (nn.Conv2d, nn.Linear))
         a_inv, g_inv = self.stats[(name, "A")].inverse, self.stats[(name, "G")].inverse
         if a_inv is None or g_inv is None or module.weight.grad is None:
             return  # no curvature yet: the plain gradient is used
         grad = factors.grad_matrix(module).to(a_inv.dtype)
         factors.set_grad_matrix(module, g_inv @ grad @ a_inv)
+
+    def _precondition_bn(self, layers: list[tuple[str, nn.Module]]) -> None:
+        """The channels of all these BatchNorm layers together (a few kernels on a GPU, not four a layer):
+        each channel's ``(dgamma, dbeta)`` becomes ``inverse_c (dgamma, dbeta)``."""
+        invs: list[Tensor] = []
+        d_gamma: list[Tensor] = []
+        d_beta: list[Tensor] = []
+        for name, m in layers:
+            inv = self.stats[(name, "F")].inverse
+            assert isinstance(m, nn.BatchNorm2d)
+            if inv is not None and m.weight.grad is not None and m.bias.grad is not None:
+                invs.append(inv)
+                d_gamma.append(m.weight.grad)
+                d_beta.append(m.bias.grad)
+        if not invs:
+            return
+        inv = torch.cat(invs)  # (channels, 2, 2)
+        grads = torch.stack([torch.cat(d_gamma), torch.cat(d_beta)], 1).to(inv.dtype)  # (channels, 2)
+        out = torch.einsum("cij,cj->ic", inv, grads).contiguous()  # (2, channels)
+        sizes = [len(g) for g in d_gamma]
+        torch._foreach_copy_(d_gamma + d_beta, [*out[0].split(sizes), *out[1].split(sizes)])
 
     def close(self) -> None:
         self.capture.remove()

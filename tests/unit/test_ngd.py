@@ -4,13 +4,16 @@ patches, explicit Kronecker systems, hand-computed updates."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpcngd.config import NgdConfig, OptimConfig
+from hpcngd.models import resnet
 from hpcngd.ngd import Preconditioner, curvature, inverse
 from hpcngd.ngd.stale import StaleInterval, relative_change
 from hpcngd.optim import SPNGD, damping_at, param_groups, rescale_weights
@@ -154,21 +157,71 @@ def test_preconditioned_gradient_solves_damped_kronecker_system() -> None:
 
 
 def test_bn_preconditioning_uses_damped_block_inverse() -> None:
+    """Two BatchNorm layers of different widths, preconditioned together: each channel by its own block."""
     torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Flatten(),
+        nn.Linear(3 * 4, 3),
+    )  # fmt: skip
     x, y = torch.randn(5, 1, 4, 4), torch.randint(3, (5,))
-    pre = Preconditioner(model, NgdConfig(dtype="fp64", bn_damping=0.2, exclude=("0", "3")))
-    assert set(pre.layers) == {"1"}
+    pre = Preconditioner(model, NgdConfig(dtype="fp64", bn_damping=0.2, exclude=("0", "2", "5")))
+    assert set(pre.layers) == {"1", "3"}
     pre.begin(0, grad_scale=5)
     F.cross_entropy(model(x), y).backward()
-    bn = model[1]
-    before = torch.stack([bn.weight.grad.clone(), bn.bias.grad.clone()], 1)
+    before = {n: torch.stack([model[n].weight.grad.clone(), model[n].bias.grad.clone()], 1) for n in (1, 3)}
     pre.step(0, damping=1e-3)
-    blocks = pre.stats[("1", "F")].value
-    expected = torch.stack([torch.linalg.solve(blocks[c] + 0.2 * torch.eye(2), before[c]) for c in range(2)])
-    torch.testing.assert_close(
-        torch.stack([bn.weight.grad, bn.bias.grad], 1), expected, rtol=1e-10, atol=1e-14
-    )
+    for n in (1, 3):
+        blocks, bn = pre.stats[(str(n), "F")].value, model[n]
+        expected = torch.stack(
+            [torch.linalg.solve(blocks[c] + 0.2 * torch.eye(2), before[n][c]) for c in range(len(blocks))]
+        )
+        got = torch.stack([bn.weight.grad, bn.bias.grad], 1)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def kernel_ops(fn: Callable[[], object]) -> int:
+    """How many operators that compute (views left out) ``fn`` runs: on a GPU, about its kernel launches."""
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_the_update_runs_a_fixed_number_of_kernels_and_bn_layers_add_none() -> None:
+    """SP-NGD's extra work on a step without refresh costs host time per operator on a GPU: the update
+    and the weight rescaling are multi-tensor operations (the same number of operators for 10 or 22
+    layers), and all BatchNorm layers are preconditioned together (each conv/fc layer adds its two
+    matrix products and the copy back, each BatchNorm layer nothing)."""
+    counts = {}
+    for arch in ("resnet8", "resnet20"):
+        torch.manual_seed(3)
+        model = resnet.build(arch, 10).float()  # as the factors (this module's default dtype is fp64)
+        x, y = torch.randn(4, 3, 8, 8, dtype=torch.float32), torch.randint(10, (4,))
+        pre = Preconditioner(model, NgdConfig())
+        pre.begin(0, grad_scale=4)
+        F.cross_entropy(model(x), y).backward()
+        pre.step(0, damping=1e-3)  # every inverse exists
+        opt = SPNGD(param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+        opt.step()  # the velocities exist
+        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        counts[arch] = (
+            len(layers),
+            kernel_ops(lambda pre=pre: pre.step(1, damping=1e-3, fresh={})),
+            kernel_ops(opt.step),
+            kernel_ops(lambda model=model: rescale_weights(model)),
+        )
+        pre.close()
+    (layers8, pre8, opt8, rescale8), (layers20, pre20, opt20, rescale20) = counts.values()
+    assert layers20 - layers8 == 12
+    assert pre20 - pre8 == 3 * (layers20 - layers8)
+    assert opt8 == opt20 < 10 and rescale8 == rescale20 < 5
 
 
 def test_bn_block_inverse_closed_form() -> None:
