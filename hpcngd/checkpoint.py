@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -49,6 +50,9 @@ LATEST = "latest"
 # Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets.
 CRASH_HOOK = "HPCNGD_TEST_CRASH_IN_SAVE"
 _WRITE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)  # what h5py raises on failure
+# What h5py raises reading a damaged file; which one depends on the damaged structure (KeyError for a
+# group whose metadata fails its checksum, SystemError when HDF5 fails inside a visiting callback).
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SystemError)
 
 
 def _crash_after(step: int) -> int:
@@ -95,8 +99,10 @@ def resume_order(directory: Path) -> list[Path]:
     from an older checkpoint, or with another batch size, writes lower step numbers).
     """
     found = candidates(directory)
-    pointer = directory / LATEST
-    name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    try:
+        name = (directory / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):  # none, or damaged: the highest step comes first
+        name = ""
     first = [p for p in found if p.name == name]
     return first + [p for p in found if p.name != name]
 
@@ -121,7 +127,9 @@ class Writer:
     and report the failure collectively; :meth:`commit` raises it.
     """
 
-    def __init__(self, directory: Path, step: int, attrs: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, step: int, attrs: dict[str, Any], expected_bytes: int = 0) -> None:
+        """``expected_bytes``: about what the arrays will take; with less space free nothing is written
+        (HDF5 meeting a full disk mid-file can crash the process when it closes the file)."""
         self.directory = directory
         self.step = step
         self.final = directory / file_name(step)
@@ -134,6 +142,14 @@ class Writer:
             directory.mkdir(parents=True, exist_ok=True)
             for old in directory.glob(".ckpt-*.h5.tmp"):  # left by a writer that died
                 old.unlink()
+            free = shutil.disk_usage(directory).free
+            needed = int(1.02 * expected_bytes) + 2**20  # with HDF5's metadata and checksums
+            if free < needed:
+                self.error = (
+                    f"cannot write checkpoint {self.final}: {free / 2**20:,.1f} MiB free there, it needs "
+                    f"about {needed / 2**20:,.1f} MiB"
+                )
+                return
             self.file = h5py.File(self.tmp, "w", locking=False, libver="latest")
             self.file.attrs.update(
                 {"format": FORMAT, "schema_version": SCHEMA_VERSION, "step": step, "created": time.time()}
@@ -267,7 +283,7 @@ class Reader:
         try:
             fmt = _plain(self.file.attrs.get("format"))
             version = _plain(self.file.attrs.get("schema_version"))
-        except (OSError, ValueError, TypeError) as exc:
+        except (*_READ_ERRORS, TypeError) as exc:
             raise self.fail(f"unreadable header: {exc}", corrupt=True) from None
         if fmt != FORMAT:
             raise self.fail(f"not an hpcngd checkpoint (format attribute {fmt!r})")
@@ -297,7 +313,7 @@ class Reader:
         try:
             problems.extend(f"/@{a}" for a in _bad_attrs(self.file))
             self.file.visititems_links(visit)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except _READ_ERRORS as exc:
             raise self.fail(f"corrupted structure: {exc}", corrupt=True) from None
         if problems:
             raise self.fail(
@@ -313,14 +329,22 @@ class Reader:
     def names(self, group: str) -> list[str]:
         """Dataset names under ``group`` (recursive, full paths)."""
         found: list[str] = []
-        root = self.file[group] if group else self.file
-        root.visititems(
-            lambda n, o: found.append(f"{root.name}/{n}".lstrip("/")) if isinstance(o, h5py.Dataset) else None
-        )
+        try:
+            root = self.file[group] if group else self.file
+            root.visititems(
+                lambda n, o: (
+                    found.append(f"{root.name}/{n}".lstrip("/")) if isinstance(o, h5py.Dataset) else None
+                )
+            )
+        except _READ_ERRORS as exc:
+            raise self.fail(f"corrupted structure under /{group}: {exc}", corrupt=True) from None
         return found
 
     def has(self, name: str) -> bool:
-        return name in self.file
+        try:
+            return name in self.file
+        except _READ_ERRORS as exc:
+            raise self.fail(f"corrupted structure at {name}: {exc}", corrupt=True) from None
 
     def array(self, name: str) -> np.ndarray:
         return self.rows(name, None, None)
@@ -330,17 +354,13 @@ class Reader:
         try:
             ds = self.file[name]
             return np.asarray(ds[()] if first is None and stop is None else ds[first:stop])
-        except KeyError:
-            raise self.fail(f"has no entry {name}") from None
-        except (OSError, ValueError, RuntimeError) as exc:
+        except _READ_ERRORS as exc:  # a missing entry too: this format and version always write it
             raise self.fail(f"corrupted data in {name}: {exc}", corrupt=True) from None
 
     def group_attrs(self, name: str) -> dict[str, Any]:
         try:
             return {k: _plain(v) for k, v in self.file[name].attrs.items()}
-        except KeyError:
-            raise self.fail(f"has no entry {name}") from None
-        except (OSError, ValueError) as exc:
+        except _READ_ERRORS as exc:
             raise self.fail(f"corrupted attributes of {name}: {exc}", corrupt=True) from None
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcngd.errors import ConfigError
+from hpcngd.errors import ConfigError, InvalidToml
 from hpcngd.schema import Section, opt, show, toml_value
 
 if sys.version_info >= (3, 11):
@@ -426,7 +426,7 @@ def loads(text: str, source: str = "<run file>", overrides: typing.Sequence[str]
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        raise InvalidToml(f"{source}: not valid TOML: {exc}") from None
     try:
         return from_dict(raw, overrides)
     except ConfigError as exc:

@@ -21,6 +21,10 @@ class ConfigError(UserError):
     """A run-file value that is unknown, of the wrong type, out of range or inconsistent."""
 
 
+class InvalidToml(ConfigError):
+    """A run file that is not TOML at all (a syntax error)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: unreadable, corrupted, of another schema or another model."""
 

@@ -33,7 +33,7 @@ import torch
 
 from hpcngd import __version__, config
 from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, resume_order, set_aside
-from hpcngd.errors import AgreedError, CheckpointError, agree
+from hpcngd.errors import AgreedError, CheckpointError, InvalidToml, agree
 from hpcngd.metrics import NGD_COUNTS
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         raise AgreedError(
             f"checkpoint at step {trainer.step} refused: {bad[0]} holds NaN or Inf (earlier checkpoints kept)"
         )
-    w = Writer(directory, trainer.step, _header(trainer)) if rank == 0 else None
+    w = Writer(directory, trainer.step, _header(trainer), _expected_bytes(trainer)) if rank == 0 else None
     if w is not None:
         for name, t in trainer.model.state_dict().items():
             w.put(f"model/{name}", _np(t))
@@ -152,7 +152,7 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
                 if inv is not None:
                     w.put(f"{base}/inverse", inv)
     if trainer.mixup is not None and trainer.mixup.prev is not None:
-        mib = sum(t.nelement() * t.element_size() for t in trainer.mixup.prev) * trainer.topo.size / 2**20
+        mib = _mixup_bytes(trainer) / 2**20
         if mib <= trainer.cfg.checkpoint.mixup_max_mib:
             _gather_rows(trainer, w, trainer.mixup.prev)
         elif w is not None:
@@ -172,6 +172,25 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
     if error:
         raise AgreedError(error)
     return Path(path)
+
+
+def _expected_bytes(trainer: Trainer) -> int:
+    """About what :func:`save`'s arrays take (those of rank 0, with every rank's mixup rows and an inverse
+    the size of each statistic); the small per-rank states are left to the writer's margin."""
+    tensors = [*trainer.model.state_dict().values(), *trainer.optimizer_tensors()]
+    total = sum(t.nelement() * t.element_size() for t in tensors)
+    if trainer.ngd is not None:
+        values = [s.value for s in trainer.ngd.stats.values() if s.value is not None]
+        total += 2 * sum(v.nelement() * v.element_size() for v in values)
+    mixup = _mixup_bytes(trainer)
+    return total + (mixup if mixup <= trainer.cfg.checkpoint.mixup_max_mib * 2**20 else 0)
+
+
+def _mixup_bytes(trainer: Trainer) -> int:
+    """Running mixup's previous batch over all ranks (0 when there is none)."""
+    if trainer.mixup is None or trainer.mixup.prev is None:
+        return 0
+    return sum(t.nelement() * t.element_size() for t in trainer.mixup.prev) * trainer.topo.size
 
 
 def _gather_rows(trainer: Trainer, w: Writer | None, prev: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -260,7 +279,9 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
     a, cfg = reader.attrs, trainer.cfg
     try:
         saved = config.loads(str(a["run_file"]), f"run file stored in {reader.path}")
-    except config.ConfigError as exc:
+    except InvalidToml as exc:  # hpcngd wrote it as TOML: the text (not checksummed) is damaged
+        raise reader.fail(f"its stored run file is damaged: {exc}", corrupt=True) from None
+    except config.ConfigError as exc:  # e.g. written by another hpcngd version
         raise reader.fail(f"its stored run file is not valid here: {exc}") from None
     notes = []
     changed = [(k, o, n) for k, o, n in config.differences(saved, cfg) if not k.startswith("checkpoint.")]

@@ -234,14 +234,14 @@ class Trainer:
         averaged only before evaluation.
         """
         digest = hashlib.sha256()
-        for t in [*self.model.parameters(), *self._optimizer_tensors()]:
+        for t in [*self.model.parameters(), *self.optimizer_tensors()]:
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests = self.topo.world.allgather(digest.hexdigest())
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         if differ:
             raise RuntimeError(f"replicas diverged at step {self.step}: ranks {differ} differ from rank 0")
 
-    def _optimizer_tensors(self) -> list[Tensor]:
+    def optimizer_tensors(self) -> list[Tensor]:
         return [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
 
     def _mc_backward(self, logits: Tensor, scale: float) -> None:
@@ -383,11 +383,19 @@ class Trainer:
 
 
 def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
-    """Create the run directory and write the resolved run file (rank 0 only)."""
+    """Create the run directory and write the resolved run file (rank 0 only); create the checkpoint
+    folder too, so that one that cannot be made stops the run now, not at its first checkpoint."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(resolved_toml, encoding="utf-8")
+        if (run_dir / "metrics.jsonl").is_dir():
+            raise IsADirectoryError(f"{run_dir / 'metrics.jsonl'} is a folder")
     except OSError as exc:
         raise UserError(f"run.output_dir = {cfg.run.output_dir!r}: cannot write {run_dir}: {exc}") from None
+    try:
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir"
+        raise UserError(f"{key}: cannot make the checkpoint folder {cfg.checkpoint_dir}: {exc}") from None
     return run_dir

@@ -7,6 +7,7 @@ of workers.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Generator, Iterator, Sequence
 from typing import Protocol
 
@@ -15,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hpcngd.data import sharding
+from hpcngd.errors import UserError
+from hpcngd.stopping import STOP_SIGNALS
 
 Keys = list[tuple[int, int]]
 
@@ -49,8 +52,33 @@ def _load(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
     )
-    yield from loader
+    # Workers start with the stop signals blocked (a signal mask is inherited), so that one arriving
+    # before they ignore them cannot kill them; this process gets a signal sent meanwhile on unblocking.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        started = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        yield from started
+    except UserError as exc:
+        if not workers:
+            raise
+        # torch re-raises a worker's error here with the worker's traceback as its text; its last line
+        # is "module.Class: message"
+        last = str(exc).rstrip().splitlines()[-1]
+        raise UserError(last.split(": ", 1)[-1]) from None
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A decoding worker ignores SIGTERM and SIGUSR1: a scheduler signals every process of the job, and
+    torch's workers die of SIGTERM, which would end the run before it can write its checkpoint (the
+    workers end with their loader, or when they see that the training process is gone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class TrainLoader:

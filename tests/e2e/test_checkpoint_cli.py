@@ -29,7 +29,7 @@ def records(tmp_path: Path) -> list[dict[str, object]]:
 
 
 def rank_pids(launcher: int) -> list[int]:
-    """Processes started by the launcher (the ranks)."""
+    """Processes started by ``launcher`` (for mpiexec: the ranks; for a rank: its decoding workers)."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -69,6 +69,32 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
     assert f"resuming from {tmp_path}/out/tiny/checkpoints/ckpt-{step:09d}.h5 (step {step})" in again.stdout
     steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
     assert steps == list(range(1, step + 3))  # one record a step, none lost, none twice
+
+
+def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
+    """What Slurm does at the time limit or on scancel: SIGTERM to every process of the job, the ranks'
+    decoding workers too (they ignore it and end with their loader)."""
+    run_file = write_run(tmp_path, demo, workers=2, extra="\n[checkpoint]\nevery_steps = 0\n")
+    args = [str(run_file), "--set", "run.epochs=500", "--set", "log.every_steps=1"]
+    job = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+    metrics = tmp_path / "out/tiny/metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    ranks = rank_pids(job.pid)
+    workers = [w for r in ranks for w in rank_pids(r)]
+    assert len(ranks) == 2 and len(workers) >= 4, (ranks, workers)
+    for pid in ranks + workers:
+        os.kill(pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=90)
+    assert job.returncode == 3, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    stopped = [r for r in records(tmp_path) if r["kind"] == "checkpoint"]
+    assert len(stopped) == 1 and stopped[0]["reason"] == "stop signal"
+    assert checkpoints(tmp_path) == [f"ckpt-{stopped[0]['step']:09d}.h5", "latest"]
+    assert "stopped by SIGTERM at step" in out
 
 
 def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
@@ -112,6 +138,22 @@ def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:
     bad = hpcngd(str(run_file), "--set", "run.epochs=4", ranks=2)
     assert bad.returncode == 2
     assert len(error_lines(bad.stderr)) == 1 and "refusing to load it" in bad.stderr
+
+
+def test_damaged_run_file_attribute_and_latest_pointer(tmp_path: Path, demo: Path) -> None:
+    """The run file a checkpoint stores is an attribute without a checksum: text that is not TOML (hpcngd
+    wrote TOML) is damage, set aside like a bad checksum. A ``latest`` that is not text is ignored."""
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0
+    folder = tmp_path / "out/tiny/checkpoints"
+    with h5py.File(folder / "ckpt-000000004.h5", "a") as f:
+        f.attrs["run_file"] = str(f.attrs["run_file"]).replace("[model]", "[mod\x05el")
+    (folder / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    res = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "its stored run file is damaged" in res.stdout
+    assert "set aside as ckpt-000000004.h5.corrupt, trying the previous one" in res.stdout
+    assert "ckpt-000000002.h5 (step 2)" in res.stdout and "done: 6 steps" in res.stdout
 
 
 def test_changed_run_file_and_resume_never(tmp_path: Path, demo: Path) -> None:

@@ -135,18 +135,20 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert last["comm_bytes"] == last["comm_bytes_world"] + last["comm_bytes_allgatherv"]
 
 
-def test_unreadable_image_during_training_ends_the_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_during_training_ends_the_job(tmp_path: Path, workers: int) -> None:
+    """One line naming the image, whether it was decoded in the rank or in a decoding worker."""
     data = tmp_path / "data"
     generate(data, train_per_class=4, val_per_class=1, size=24)
     for image in (data / "train" / "ring").iterdir():
         image.write_bytes(b"\xff\xd8 truncated")
     t0 = time.monotonic()
-    res = hpcngd(str(write_run(tmp_path, data)), ranks=2, timeout=60)
+    res = hpcngd(str(write_run(tmp_path, data, workers=workers)), ranks=2, timeout=60)
     assert time.monotonic() - t0 < 30
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "cannot read image" in line]
     assert lines and "hpcngd: error on rank" in lines[0] and "/train/ring/ring_0000" in lines[0]
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and "worker" not in res.stderr
 
 
 def test_exception_on_one_rank_ends_the_job(tmp_path: Path) -> None:
@@ -190,3 +192,23 @@ def test_mixed_precision_run_reports_its_loss_scale(tmp_path: Path, demo: Path) 
     for r, before in zip(train, [65536.0, *(t["loss_scale"] for t in train)], strict=False):
         assert r["loss_scale"] == before * 4 / 4 ** r["amp_skipped"], r
     assert "loss scale" in res.stdout and "skipped" in res.stdout
+
+
+def test_folders_that_cannot_be_written_stop_the_run_before_any_step(tmp_path: Path, demo: Path) -> None:
+    """An output folder, checkpoint folder or metrics file that is in the way: one line naming the key
+    on rank 0, exit 2 on every rank, before the first step (not at the first checkpoint)."""
+    run_file = write_run(tmp_path, demo)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    (tmp_path / "out/tiny/metrics.jsonl").mkdir(parents=True)
+    cases = {
+        "checkpoint.dir": ["--set", f"checkpoint.dir={blocker}", "--set", "run.name=ckpt"],
+        "run.output_dir": ["--set", f"run.output_dir={blocker}"],
+        "metrics.jsonl": [],
+    }
+    for key, sets in cases.items():
+        res = hpcngd(str(run_file), *sets, ranks=2)
+        assert res.returncode == 2, (key, res.stderr)
+        (line,) = error_lines(res.stderr)
+        assert key in line and "Traceback" not in res.stderr, (key, res.stderr)
+        assert "step 2/" not in res.stdout, key  # no step ran

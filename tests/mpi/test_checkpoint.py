@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,25 @@ def test_a_failed_write_is_agreed_while_other_ranks_send(comm: MPI.Comm, folder:
         with pytest.raises(AgreedError, match="cannot write checkpoint"):
             t.train()  # rank 0 cannot write; the others still send it inverses and mixup rows
         assert t.step == 1
+
+
+def test_a_checkpoint_that_would_not_fit_is_not_started(
+    comm: MPI.Comm, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HDF5 meeting a full disk mid-file can crash the writing rank; so rank 0 compares the free space
+    with the checkpoint's size first: too little, and every rank stops with one message, nothing written."""
+    overrides = [*SPNGD, *AUGMENT, f"run.output_dir={folder}", "run.name=full", "run.max_steps=2"]
+    with make_trainer(comm, overrides, checkpoints=True) as t:
+        t.train()
+        files = sorted(p.name for p in t.cfg.checkpoint_dir.iterdir())
+        assert files == ["ckpt-000000002.h5", "latest"]
+        expected = state._expected_bytes(t)
+        size = (t.cfg.checkpoint_dir / files[0]).stat().st_size
+        assert 0.9 * size <= expected <= size, (expected, size)  # the writer adds 2% and 1 MiB
+        usage = shutil.disk_usage(folder)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=expected))
+        t.step += 1
+        with pytest.raises(AgreedError, match=r"ckpt-000000003.h5: [\d.]+ MiB free there, it needs about"):
+            t.save_checkpoint("test")
+        comm.Barrier()
+        assert sorted(p.name for p in t.cfg.checkpoint_dir.iterdir()) == files

@@ -114,6 +114,37 @@ def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
 
 
+@pytest.mark.parametrize("error", [OSError, KeyError, ValueError, RuntimeError, SystemError])
+def test_any_error_of_h5py_reading_a_damaged_file_marks_it_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    """Which exception h5py raises for damaged metadata depends on what is damaged: flipping bits of a
+    checkpoint's header found KeyError, RuntimeError and SystemError besides OSError. Each marks the file
+    corrupt (resume = auto sets it aside and takes the previous one) wherever the reader meets it."""
+    path = write(tmp_path, 2)
+
+    def damaged(*args: object, **kwargs: object) -> None:
+        raise error("damaged metadata")
+
+    for cls, method in ((h5py.AttributeManager, "get"), (h5py.Group, "visititems_links")):
+        with monkeypatch.context() as m, pytest.raises(CorruptCheckpoint, match=str(path)):
+            m.setattr(cls, method, damaged)
+            Reader(path)
+    with Reader(path) as r:
+        reads = {
+            "visititems": lambda: r.names("model"),
+            "__contains__": lambda: r.has("model/w"),
+            "__getitem__": lambda: r.array("model/w"),
+        }
+        for method, read in reads.items():
+            with monkeypatch.context() as m, pytest.raises(CorruptCheckpoint, match=str(path)):
+                m.setattr(h5py.Group, method, damaged)
+                read()
+        with monkeypatch.context() as m, pytest.raises(CorruptCheckpoint, match="ngd/l/A"):
+            m.setattr(h5py.AttributeManager, "items", damaged)
+            r.group_attrs("ngd/l/A")
+
+
 @pytest.mark.parametrize(
     "kind", ["opaque", "object", "string", "attribute", "softlink", "external", "external-data", "filter"]
 )
