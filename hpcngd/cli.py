@@ -60,10 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("train", parents=[overrides], help="train (the default command)")
     val = sub.add_parser("validate", parents=[overrides], help="check a run file and print it resolved")
-    val.add_argument("--world-size", type=int, default=0, help="also check against this rank count")
+    val.add_argument("--world-size", type=_positive, default=0, help="also check against this rank count")
     plan = sub.add_parser("plan", parents=[overrides], help="print the layer-to-rank plan (no MPI needed)")
-    plan.add_argument("--world-size", type=int, required=True)
-    plan.add_argument("--ranks-per-node", type=int, default=0, help="default: comm.ranks_per_node or 1")
+    plan.add_argument("--world-size", type=_positive, required=True)
+    plan.add_argument("--ranks-per-node", type=_positive, default=0, help="default: comm.ranks_per_node or 1")
     inspect = sub.add_parser("inspect", help="print what a checkpoint file holds")
     inspect.add_argument("checkpoint")
     ev = sub.add_parser("eval", parents=[overrides], help="evaluate a checkpoint at fp32/fp16/bf16 (no MPI)")
@@ -158,7 +158,10 @@ def _plan(args: argparse.Namespace) -> None:
 
     cfg = config.load(args.run_file, args.overrides)
     config.check_world_size(cfg, args.world_size)
-    print_plan(cfg, args.world_size, args.ranks_per_node or cfg.comm.ranks_per_node or 1)
+    ranks_per_node = args.ranks_per_node or cfg.comm.ranks_per_node or 1
+    if args.world_size % ranks_per_node:
+        raise UserError(f"--ranks-per-node {ranks_per_node}: must divide the {args.world_size} ranks")
+    print_plan(cfg, args.world_size, ranks_per_node)
 
 
 def _eval(args: argparse.Namespace) -> None:
