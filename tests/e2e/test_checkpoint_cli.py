@@ -18,6 +18,8 @@ from helpers import ENV, ROOT, command, error_lines, hpcngd, write_run
 from hpcngd.checkpoint import CRASH_HOOK
 
 SAVE = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 5\n"  # tiny: 2 steps an epoch, 2 epochs
+NO_SAVE = "\n[checkpoint]\nevery_steps = 0\n"
+LONG = ["--set", "run.epochs=500", "--set", "log.every_steps=1"]  # a record a step until stopped
 
 
 def checkpoints(tmp_path: Path) -> list[str]:
@@ -41,16 +43,20 @@ def rank_pids(launcher: int) -> list[int]:
     return sorted(children)
 
 
-def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
-    run_file = write_run(tmp_path, demo, extra="\n[checkpoint]\nevery_steps = 0\n")
-    args = [str(run_file), "--set", "run.epochs=500", "--set", "log.every_steps=1"]
-    job = subprocess.Popen(
-        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
-    )
+def start_long_run(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    """A 2-rank run of ``args`` (with LONG), once it has logged 3 records."""
+    cmd = command(*args, ranks=2)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     metrics = tmp_path / "out/tiny/metrics.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
+    return job
+
+
+def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
+    args = [str(write_run(tmp_path, demo, extra=NO_SAVE)), *LONG]
+    job = start_long_run(args, tmp_path)
     ranks = rank_pids(job.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGTERM)
@@ -74,15 +80,7 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
 def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
     """What Slurm does at the time limit or on scancel: SIGTERM to every process of the job, the ranks'
     decoding workers too (they ignore it and end with their loader)."""
-    run_file = write_run(tmp_path, demo, workers=2, extra="\n[checkpoint]\nevery_steps = 0\n")
-    args = [str(run_file), "--set", "run.epochs=500", "--set", "log.every_steps=1"]
-    job = subprocess.Popen(
-        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
-    )
-    metrics = tmp_path / "out/tiny/metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
+    job = start_long_run([str(write_run(tmp_path, demo, workers=2, extra=NO_SAVE)), *LONG], tmp_path)
     ranks = rank_pids(job.pid)
     workers = [w for r in ranks for w in rank_pids(r)]
     assert len(ranks) == 2 and len(workers) >= 4, (ranks, workers)
