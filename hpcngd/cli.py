@@ -156,12 +156,10 @@ def _validate(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from hpcngd.report import print_plan
 
-    cfg = config.load(args.run_file, args.overrides)
-    config.check_world_size(cfg, args.world_size)
-    ranks_per_node = args.ranks_per_node or cfg.comm.ranks_per_node or 1
-    if args.world_size % ranks_per_node:
-        raise UserError(f"--ranks-per-node {ranks_per_node}: must divide the {args.world_size} ranks")
-    print_plan(cfg, args.world_size, ranks_per_node)
+    node = [f"comm.ranks_per_node={args.ranks_per_node}"] if args.ranks_per_node else []
+    cfg = config.load(args.run_file, [*args.overrides, *node])
+    config.check_world_size(cfg, args.world_size)  # ranks_per_node must divide it
+    print_plan(cfg, args.world_size, cfg.comm.ranks_per_node or 1)
 
 
 def _eval(args: argparse.Namespace) -> None:

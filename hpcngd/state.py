@@ -152,11 +152,10 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
                 if inv is not None:
                     w.put(f"{base}/inverse", inv)
     if trainer.mixup is not None and trainer.mixup.prev is not None:
-        mib = _mixup_bytes(trainer) / 2**20
-        if mib <= trainer.cfg.checkpoint.mixup_max_mib:
+        if _mixup_saved(trainer):
             _gather_rows(trainer, w, trainer.mixup.prev)
         elif w is not None:
-            w.set_attrs("mixup", not_saved_mib=mib)
+            w.set_attrs("mixup", not_saved_mib=_mixup_bytes(trainer) / 2**20)
     ranks = comm.gather(_rank_state(trainer), root=0)
     if w is not None:
         for r, states in enumerate(ranks or []):
@@ -182,8 +181,7 @@ def _expected_bytes(trainer: Trainer) -> int:
     if trainer.ngd is not None:
         values = [s.value for s in trainer.ngd.stats.values() if s.value is not None]
         total += 2 * sum(v.nelement() * v.element_size() for v in values)
-    mixup = _mixup_bytes(trainer)
-    return total + (mixup if mixup <= trainer.cfg.checkpoint.mixup_max_mib * 2**20 else 0)
+    return total + (_mixup_bytes(trainer) if _mixup_saved(trainer) else 0)
 
 
 def _mixup_bytes(trainer: Trainer) -> int:
@@ -191,6 +189,11 @@ def _mixup_bytes(trainer: Trainer) -> int:
     if trainer.mixup is None or trainer.mixup.prev is None:
         return 0
     return sum(t.nelement() * t.element_size() for t in trainer.mixup.prev) * trainer.topo.size
+
+
+def _mixup_saved(trainer: Trainer) -> bool:
+    """Whether the checkpoint holds running mixup's previous batch (up to ``checkpoint.mixup_max_mib``)."""
+    return _mixup_bytes(trainer) / 2**20 <= trainer.cfg.checkpoint.mixup_max_mib
 
 
 def _gather_rows(trainer: Trainer, w: Writer | None, prev: tuple[torch.Tensor, torch.Tensor]) -> None:

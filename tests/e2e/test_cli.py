@@ -55,7 +55,7 @@ def test_plan_runs_without_mpi() -> None:
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "3")
     assert bad.returncode == 2 and "data.batch_size = 128: must be divisible by the 3 ranks" in bad.stderr
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "2", "--ranks-per-node", "4")
-    assert bad.returncode == 2 and "--ranks-per-node 4: must divide the 2 ranks" in bad.stderr
+    assert bad.returncode == 2 and "comm.ranks_per_node = 4: must divide the 2 ranks" in bad.stderr
     for command in ("plan", "validate"):  # argparse's one-line usage error, not a traceback
         bad = hpcngd(command, "runs/quickstart.toml", "--world-size", "0")
         assert bad.returncode == 2 and "'0' is not a positive integer" in bad.stderr, bad.stderr
