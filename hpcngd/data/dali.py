@@ -183,11 +183,11 @@ class DaliTrainLoader(TrainLoader):
         self.cfg = cfg
         self.channels_last = channels_last
 
-    def _feed(self, order: list[tuple[int, int]]) -> Iterator[tuple[list[Any], ...]]:
+    def _feed(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[list[Any], ...]]:
         cfg = self.cfg
-        for epoch, step in order:
+        for keys in self.plans(order):
             paths, encoded, labels, anchors, shapes, flips = [], [], [], [], [], []
-            for index, _ in self.keys(epoch, step):
+            for index, epoch in keys:
                 path, label = self.folder.samples[index]
                 data, width, height = _encoded(path)
                 rng = sharding.sample_rng(self.seed, epoch, index)
@@ -201,7 +201,7 @@ class DaliTrainLoader(TrainLoader):
                 flips.append(np.array(int(flip), dtype=np.int32))
             yield paths, encoded, labels, anchors, shapes, flips
 
-    def _decoded(self, order: list[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _decoded(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
         batch = self.batch_size // self.world_size
         return iter(_Pipeline(self.cfg, batch, self._feed(order), True, self.channels_last))
 
