@@ -237,7 +237,8 @@ def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
     """Rank 0: the checkpoint ``checkpoint.resume`` asks for, opened and checked, and notes to log.
 
     ``auto``: the newest checkpoint in the checkpoint folder; a damaged one is set aside (renamed
-    ``*.corrupt``) and the next older one is tried; none at all means a fresh start. A checkpoint that
+    ``*.corrupt``) and the next older one is tried; none at all means a fresh start, unless some were
+    set aside (then the run is refused: a fresh start would overwrite the run's metrics). A checkpoint that
     is intact but does not fit this run (another model, batch or schema) is an error, never skipped.
     """
     cfg = trainer.cfg.checkpoint
@@ -260,6 +261,13 @@ def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
             notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
     if notes:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(notes))
+    aside = sorted(p.name for p in folder.glob("ckpt-*.h5.corrupt"))
+    if aside:  # a resubmission after the above: starting over would rewrite this run's metrics
+        raise CheckpointError(
+            f"{folder} holds only checkpoints set aside as damaged ({', '.join(aside[:3])}"
+            f"{', ...' if len(aside) > 3 else ''}): move them away to start this run over, "
+            "or name a checkpoint in checkpoint.resume"
+        )
     return None, notes
 
 

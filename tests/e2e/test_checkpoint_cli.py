@@ -138,6 +138,31 @@ def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:
     assert len(error_lines(bad.stderr)) == 1 and "refusing to load it" in bad.stderr
 
 
+def test_when_every_checkpoint_is_damaged_no_resubmission_starts_over(tmp_path: Path, demo: Path) -> None:
+    """The first resubmission sets every damaged file aside and fails; later ones must not start from
+    step 0 over the run's metrics: they are refused until the files are moved away."""
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0
+    folder = tmp_path / "out/tiny/checkpoints"
+    for name in ("ckpt-000000002.h5", "ckpt-000000004.h5"):
+        (folder / name).write_bytes((folder / name).read_bytes()[:5000])
+    history = (tmp_path / "out/tiny/metrics.jsonl").read_text()
+    first = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
+    assert first.returncode == 2 and "no usable checkpoint in" in first.stderr
+    again = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert error_lines(again.stderr) == [
+        f"hpcngd: error: {folder} holds only checkpoints set aside as damaged (ckpt-000000002.h5.corrupt, "
+        "ckpt-000000004.h5.corrupt): move them away to start this run over, or name a checkpoint in "
+        "checkpoint.resume"
+    ]
+    assert (tmp_path / "out/tiny/metrics.jsonl").read_text() == history
+    for path in folder.glob("*.corrupt"):
+        path.rename(tmp_path / path.name)
+    fresh = hpcngd(str(run_file), "--set", "run.epochs=3")
+    assert fresh.returncode == 0 and "done: 6 steps" in fresh.stdout and "resuming" not in fresh.stdout
+
+
 def test_damaged_run_file_attribute_and_latest_pointer(tmp_path: Path, demo: Path) -> None:
     """The run file a checkpoint stores is an attribute without a checksum: text that is not TOML (hpcngd
     wrote TOML) is damage, set aside like a bad checksum. A ``latest`` that is not text is ignored."""
