@@ -14,6 +14,12 @@ Atomicity: the writer fills a temporary file in the same folder, flushes and fsy
 its final name and fsyncs the folder; ``latest`` is replaced the same way; only then are checkpoints
 beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoint complete.
 
+Integrity: the file's first 512 bytes are an HDF5 user block (HDF5 skips it) holding the SHA-256 and
+size of the rest of the file, written after HDF5 closed it. The reader compares them before HDF5 parses
+a byte, so any damage since the write (truncation, a flipped bit anywhere, metadata included) is found,
+and HDF5 never meets a damaged header (one such bit flip made it loop forever). Files without the block
+(written by an earlier hpcngd) are read with the per-dataset checksums alone.
+
 Contents: numeric datasets (bool, integer, float; each non-empty one carries a Fletcher-32 checksum)
 and attributes (numbers, strings), in HDF5's latest file format (its object headers carry checksums).
 A file holding anything else (object, opaque or compound types, soft or external links, external or
@@ -23,6 +29,7 @@ payload is never deserialised and no other file is ever opened.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -53,6 +60,53 @@ _WRITE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)  # what
 # What h5py raises reading a damaged file; which one depends on the damaged structure (KeyError for a
 # group whose metadata fails its checksum, SystemError when HDF5 fails inside a visiting callback).
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SystemError)
+
+
+USER_BLOCK = 512  # bytes before HDF5's superblock: the seal
+_SEAL = re.compile(rb"hpcngd-checkpoint sha256 ([0-9a-f]{64}) bytes (\d+)\n\0*")
+
+
+def _sha256_after_user_block(path: Path) -> tuple[str, int]:
+    """SHA-256 (hex) and length of ``path`` past its user block."""
+    digest, size = hashlib.sha256(), 0
+    buf = bytearray(16 * 2**20)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        f.seek(USER_BLOCK)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def seal(path: Path) -> None:
+    """Write the SHA-256 and size of a closed checkpoint file into its user block."""
+    digest, size = _sha256_after_user_block(path)
+    block = f"hpcngd-checkpoint sha256 {digest} bytes {size}\n".encode().ljust(USER_BLOCK, b"\0")
+    with open(path, "r+b") as f:
+        f.write(block)
+
+
+def check_seal(path: Path) -> bool:
+    """Whether ``path`` carries a seal (False: an older hpcngd's file); CorruptCheckpoint if the file
+    is not what was sealed."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(USER_BLOCK)
+        found = _SEAL.fullmatch(block)
+        if found is None:
+            return False
+        digest, size = _sha256_after_user_block(path)
+    except OSError as exc:
+        raise CorruptCheckpoint(f"checkpoint {path}: not readable: {exc}") from None
+    written = int(found.group(2))
+    if size != written:
+        raise CorruptCheckpoint(
+            f"checkpoint {path}: truncated or extended: {size:,} bytes, {written:,} written"
+        )
+    if digest != found.group(1).decode():
+        raise CorruptCheckpoint(f"checkpoint {path}: damaged since it was written (its SHA-256 differs)")
+    return True
 
 
 def _crash_after(step: int) -> int:
@@ -150,7 +204,7 @@ class Writer:
                     f"about {needed / 2**20:,.1f} MiB"
                 )
                 return
-            self.file = h5py.File(self.tmp, "w", locking=False, libver="latest")
+            self.file = h5py.File(self.tmp, "w", locking=False, libver="latest", userblock_size=USER_BLOCK)
             self.file.attrs.update(
                 {"format": FORMAT, "schema_version": SCHEMA_VERSION, "step": step, "created": time.time()}
             )
@@ -213,6 +267,7 @@ class Writer:
                 f.close()  # HDF5 writes its metadata here: a full disk often shows now
             if self.error:
                 raise CheckpointError(self.error)
+            seal(self.tmp)
             _replace_durably(self.tmp, self.final)
             pointer = self.directory / f".{LATEST}.tmp"
             pointer.write_text(self.final.name + "\n", encoding="utf-8")
@@ -262,6 +317,7 @@ class Reader:
         self.path = path
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path}: no such file")
+        self.sealed = check_seal(path)
         try:
             self.file = h5py.File(path, "r", locking=False)
         except (OSError, ValueError) as exc:
@@ -322,7 +378,10 @@ class Reader:
             )
 
     def verify(self) -> None:
-        """Read every dataset once, so that a checksum or truncation error shows before any use."""
+        """Read every dataset once, so that a checksum or truncation error shows before any use (a
+        sealed file's bytes were all checked when it was opened)."""
+        if self.sealed:
+            return
         for name in self.names(""):
             self.array(name)
 
@@ -403,7 +462,8 @@ def describe(path: Path) -> str:
             *(f"{g:<10} {n:>7} {b / 2**20:>10.2f}" for g, (n, b) in sorted(sizes.items())),
             f"{'total':<10} {sum(n for n, _ in sizes.values()):>7} "
             f"{sum(b for _, b in sizes.values()) / 2**20:>10.2f}"
-            f"   (file {path.stat().st_size / 2**20:.2f} MiB)",
+            f"   (file {path.stat().st_size / 2**20:.2f} MiB, "
+            + ("SHA-256 checked)" if r.sealed else "no SHA-256 seal: written by an earlier hpcngd)"),
             "run file:",
             str(a.get("run_file", "")).rstrip(),
         ]

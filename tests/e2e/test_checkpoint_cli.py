@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import ENV, ROOT, command, error_lines, hpcngd, write_run
 
-from hpcngd.checkpoint import CRASH_HOOK
+from hpcngd.checkpoint import CRASH_HOOK, USER_BLOCK, seal
 
 SAVE = "\n[checkpoint]\nevery_steps = 2\nkeep_last = 5\n"  # tiny: 2 steps an epoch, 2 epochs
 NO_SAVE = "\n[checkpoint]\nevery_steps = 0\n"
@@ -120,10 +120,8 @@ def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:
 
     explicit = hpcngd(str(run_file), "--set", f"checkpoint.resume={newest}", ranks=2)
     assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
-    assert error_lines(explicit.stderr) == [
-        f"hpcngd: error: checkpoint {newest}: not readable (truncated or not HDF5): "
-        + error_lines(explicit.stderr)[0].split("(truncated or not HDF5): ")[1]
-    ]
+    (line,) = error_lines(explicit.stderr)
+    assert line.startswith(f"hpcngd: error: checkpoint {newest}: truncated or extended: 4,488 bytes, ")
 
     longer = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)  # resume = auto
     assert longer.returncode == 0, longer.stderr
@@ -133,6 +131,7 @@ def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:
 
     with h5py.File(folder / "ckpt-000000006.h5", "a") as f:  # a pickled payload slipped in
         f["model/payload"] = np.void(b"\x80\x04\x95 pickle")
+    seal(folder / "ckpt-000000006.h5")  # and sealed again: the seal finds damage, not intent
     bad = hpcngd(str(run_file), "--set", "run.epochs=4", ranks=2)
     assert bad.returncode == 2
     assert len(error_lines(bad.stderr)) == 1 and "refusing to load it" in bad.stderr
@@ -164,13 +163,16 @@ def test_when_every_checkpoint_is_damaged_no_resubmission_starts_over(tmp_path: 
 
 
 def test_damaged_run_file_attribute_and_latest_pointer(tmp_path: Path, demo: Path) -> None:
-    """The run file a checkpoint stores is an attribute without a checksum: text that is not TOML (hpcngd
-    wrote TOML) is damage, set aside like a bad checksum. A ``latest`` that is not text is ignored."""
+    """In a file without the SHA-256 seal (an earlier hpcngd's), the run file a checkpoint stores is an
+    attribute without a checksum: text that is not TOML (hpcngd wrote TOML) is damage, set aside like a
+    bad checksum. A ``latest`` that is not text is ignored."""
     run_file = write_run(tmp_path, demo, extra=SAVE)
     assert hpcngd(str(run_file)).returncode == 0
     folder = tmp_path / "out/tiny/checkpoints"
     with h5py.File(folder / "ckpt-000000004.h5", "a") as f:
         f.attrs["run_file"] = str(f.attrs["run_file"]).replace("[model]", "[mod\x05el")
+    with open(folder / "ckpt-000000004.h5", "r+b") as f:
+        f.write(bytes(USER_BLOCK))
     (folder / "latest").write_bytes(b"\xff\xfe\x00garbage")
     res = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
     assert res.returncode == 0, res.stderr

@@ -83,12 +83,43 @@ def test_truncated_file_is_corrupt(tmp_path: Path) -> None:
     path = write(tmp_path, 2)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CorruptCheckpoint, match=str(path)):
-        Reader(path).verify()
+    sizes = f"{len(data) // 2 - checkpoint.USER_BLOCK:,} bytes, {len(data) - checkpoint.USER_BLOCK:,} written"
+    with pytest.raises(CorruptCheckpoint, match=f"{path}: truncated or extended: {sizes}"):
+        Reader(path)
 
 
-def test_flipped_byte_fails_its_checksum(tmp_path: Path) -> None:
+def unsealed(path: Path) -> Path:
+    """``path`` as an earlier hpcngd wrote it: an empty user block."""
+    with open(path, "r+b") as f:
+        f.write(bytes(checkpoint.USER_BLOCK))
+    return path
+
+
+def test_any_flipped_bit_is_found_before_hdf5_reads_the_file(tmp_path: Path) -> None:
+    """Past the seal, every bit counts: HDF5's header too (one flip there made HDF5 loop forever)."""
     path = write(tmp_path, 2)
+    data = path.read_bytes()
+    rng = np.random.default_rng(0)
+    # the first byte of HDF5's superblock, the byte whose flip hung HDF5 (offset 2072 of HDF5's bytes),
+    # and 40 more anywhere
+    offsets = [checkpoint.USER_BLOCK, checkpoint.USER_BLOCK + 2072, *rng.integers(512, len(data), 40)]
+    for at in offsets:
+        flipped = bytearray(data)
+        flipped[at] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptCheckpoint, match="damaged since it was written"):
+            Reader(path)
+    path.write_bytes(data)
+    with Reader(path) as r:
+        assert r.sealed and r.array("model/count") == 7
+
+
+def test_unsealed_file_is_read_and_a_flipped_byte_fails_its_checksum(tmp_path: Path) -> None:
+    path = unsealed(write(tmp_path, 2))
+    with Reader(path) as r:
+        assert not r.sealed
+        r.verify()
+    assert "no SHA-256 seal" in checkpoint.describe(path)
     data = bytearray(path.read_bytes())
     at = data.find(PATTERN[:2].tobytes()) + 100
     assert at > 100
@@ -109,6 +140,7 @@ def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     path = write(tmp_path, 2)
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 99
+    checkpoint.seal(path)  # as another hpcngd version would have written it
     with pytest.raises(CheckpointError, match="schema version 99") as info:
         Reader(path)
     assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
@@ -173,6 +205,7 @@ def test_entries_that_are_not_numbers_are_refused_unread(tmp_path: Path, kind: s
             f["model/link"] = h5py.SoftLink("/model/w")
         else:
             f["model/link"] = h5py.ExternalLink("elsewhere.h5", "/x")
+    checkpoint.seal(path)  # the seal finds damage, not intent: the content check must hold on its own
     with pytest.raises(CheckpointError, match="refusing to load"):
         Reader(path)
 
@@ -180,6 +213,7 @@ def test_entries_that_are_not_numbers_are_refused_unread(tmp_path: Path, kind: s
 def test_describe(tmp_path: Path) -> None:
     text = checkpoint.describe(write(tmp_path, 12))
     assert "step 12" in text and "model" in text and "data" in text and "[run]" in text
+    assert "SHA-256 checked" in text
 
 
 def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> None:
