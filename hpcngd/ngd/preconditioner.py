@@ -9,7 +9,8 @@ then :meth:`Preconditioner.step`:
   c. optional running average (``ema_decay``: weight on the new value), stale-interval bookkeeping,
      damping and inversion of the refreshed statistics of the layers this rank owns (a failed
      inversion keeps the previous inverse);
-  d. every owned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` and every
+  d. every owned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` (with TF32 tensor
+     cores on a GPU when ``precondition_tf32``) and every
      BatchNorm channel's ``(dgamma, dbeta)`` becomes ``(F_c + lambda_bn I)^-1 (dgamma, dbeta)``, with the
      cached inverses (computed at the statistic's last refresh).
 Damping enters at inversion time: a statistic is re-damped only when it is refreshed. Sharing the
@@ -22,7 +23,8 @@ import fnmatch
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,19 @@ from hpcngd.ngd.stale import StaleInterval, relative_change
 
 log = logging.getLogger(__name__)
 PRECONDITIONED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+@contextmanager
+def tf32_matmuls(on: bool) -> Iterator[None]:
+    """fp32 matrix products on CUDA use TF32 tensor cores inside the block when ``on`` (the flag is
+    global to the process: it is restored on leaving)."""
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_tf32
+    flags.allow_tf32 = on or before
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = before
 
 
 @dataclass
@@ -147,9 +162,10 @@ class Preconditioner:
         self.sync()
         t2 = time.perf_counter()
         owned = [(name, m) for name, m in self.layers.items() if name in self.owned]  # d
-        for name, module in owned:
-            if not isinstance(module, nn.BatchNorm2d):
-                self._precondition(name, module)
+        with tf32_matmuls(self.cfg.precondition_tf32):
+            for name, module in owned:
+                if not isinstance(module, nn.BatchNorm2d):
+                    self._precondition(name, module)
         self._precondition_bn([(name, m) for name, m in owned if isinstance(m, nn.BatchNorm2d)])
         report.inverse_seconds = t2 - t1
         self.sync()

@@ -22,7 +22,7 @@ from hpcngd.metrics import PHASES
 
 BENCHMARK = ROOT / "benchmarks" / "gpu.py"
 CHECK = ROOT / "scripts" / "gpu_check.sh"
-CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", "spngd_amortized")
+CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", "spngd_amortized", "spngd_amortized_tf32")
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
@@ -46,13 +46,19 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["timed_steps"] >= 1, key
         assert set(r["phases_ms"]) == set(PHASES) and r["phases_ms"]["fwd_bwd"] > 0, key
     assert report["configs"]["spngd_refresh"]["phases_ms"]["inverse"] > 0
-    amortized = report["configs"]["spngd_amortized"]
-    pre, full = amortized["precondition_only"], amortized["refresh"]
-    assert pre["timed_steps"] >= 1 and full["timed_steps"] >= 1
-    assert amortized["step_ms"] == pytest.approx(pre["step_ms"] + (full["step_ms"] - pre["step_ms"]) / 20)
-    assert pre["phases_ms"]["factors"] == 0 < full["phases_ms"]["factors"]
-    assert set(report["goals"]) == {"sgd_amp_images_per_s", "spngd_amortized_over_sgd_amp"}
-    assert report["goals"]["spngd_amortized_over_sgd_amp"]["value"] > 0
+    for key in ("spngd_amortized", "spngd_amortized_tf32"):
+        amortized = report["configs"][key]
+        pre, full = amortized["precondition_only"], amortized["refresh"]
+        assert pre["timed_steps"] >= 1 and full["timed_steps"] >= 1
+        assert amortized["step_ms"] == pytest.approx(pre["step_ms"] + (full["step_ms"] - pre["step_ms"]) / 20)
+        assert pre["phases_ms"]["factors"] == 0 < full["phases_ms"]["factors"]
+        assert report["goals"][f"{key}_over_sgd_amp"]["value"] > 0
+    assert "ngd.precondition_tf32=true" in report["configs"]["spngd_amortized_tf32"]["overrides"]
+    assert set(report["goals"]) == {
+        "sgd_amp_images_per_s",
+        "spngd_amortized_over_sgd_amp",
+        "spngd_amortized_tf32_over_sgd_amp",
+    }
     checkpoint = Path(report["checkpoint"])
     assert checkpoint.is_file() and checkpoint.parent == tmp_path / "ckpt"
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == checkpoint.name
@@ -139,7 +145,7 @@ def test_an_exception_in_one_configuration_is_its_error_row_and_the_exit_status(
     assert bench.main() == 1
     assert "CUSOLVER_STATUS_EXECUTION_FAILED" in capsys.readouterr().err  # the traceback
     configs = json.loads(out.read_text())["configs"]
-    assert [r["status"] for r in configs.values()] == ["ok", "ok", "error", "ok"]
+    assert [r["status"] for r in configs.values()] == ["ok", "ok", "error", "ok", "ok"]
     failure = configs["spngd_refresh"]["message"]
     assert failure == "RuntimeError: cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED"
     for key in ("sgd_fp32", "spngd_amortized"):  # the losses and inversion counts are recorded

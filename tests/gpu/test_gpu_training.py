@@ -4,6 +4,7 @@ MPI world (mpi4py initializes a singleton), so neither mpiexec nor pytest-mpi is
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import sys
@@ -180,3 +181,28 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
         assert gpu_c.A is not None and gpu_c.G is not None and gpu_c.A.is_cuda
         torch.testing.assert_close(gpu_c.A.cpu(), cpu_c.A, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
+
+
+def test_tf32_preconditioning_is_close_to_fp32_and_not_equal(no_tf32: None) -> None:
+    """ngd.precondition_tf32 on a GPU: the preconditioned gradient of a wide layer moves by about TF32's
+    rounding (10 mantissa bits) from the fp32 one, which matches fp64; with the flag off nothing is TF32."""
+    from hpcngd.config import NgdConfig
+    from hpcngd.ngd import Preconditioner
+
+    torch.manual_seed(4)
+    x, y = torch.randn(256, 1024).cuda(), torch.randint(512, (256,)).cuda()
+    start = nn.Linear(1024, 512).cuda()
+    grads = {}
+    for mode, tf32 in (("fp64", False), ("fp32", False), ("tf32", True)):
+        layer = copy.deepcopy(start)
+        dtype = "fp64" if mode == "fp64" else "fp32"
+        pre = Preconditioner(layer, NgdConfig(dtype=dtype, precondition_tf32=tf32))
+        assert pre.begin(0, grad_scale=256)
+        nn.functional.cross_entropy(layer(x), y).backward()
+        pre.step(0, damping=1e-3)
+        grads[mode] = layer.weight.grad.double().cpu()
+    scale = grads["fp64"].norm()
+    assert (grads["fp32"] - grads["fp64"]).norm() / scale < 1e-4
+    tf32_error = float((grads["tf32"] - grads["fp64"]).norm() / scale)
+    assert 1e-5 < tf32_error < 3e-2, tf32_error
+    assert not torch.backends.cuda.matmul.allow_tf32

@@ -156,6 +156,31 @@ def test_preconditioned_gradient_solves_damped_kronecker_system() -> None:
         torch.testing.assert_close(got, solved, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_on_for_the_preconditioning_products_only(
+    monkeypatch: pytest.MonkeyPatch, tf32: bool
+) -> None:
+    """ngd.precondition_tf32 lets CUDA's fp32 products of the conv/fc layers use TF32 (the CPU ignores
+    the flag), and leaves the process-wide flag as it found it."""
+    from hpcngd.ngd import factors
+
+    seen: list[bool] = []
+    set_grad_matrix = factors.set_grad_matrix
+
+    def recorded(module: nn.Module, matrix: torch.Tensor) -> None:
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        set_grad_matrix(module, matrix)
+
+    monkeypatch.setattr(factors, "set_grad_matrix", recorded)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4))
+    pre = Preconditioner(model, NgdConfig(precondition_tf32=tf32))
+    assert pre.begin(0, grad_scale=6) and not torch.backends.cuda.matmul.allow_tf32
+    F.cross_entropy(model(torch.randn(6, 2, 4, 4)), torch.randint(4, (6,))).backward()
+    pre.step(0, damping=0.03)
+    assert seen == [tf32, tf32] and not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_bn_preconditioning_uses_damped_block_inverse() -> None:
     """Two BatchNorm layers of different widths, preconditioned together: each channel by its own block."""
     torch.manual_seed(6)
