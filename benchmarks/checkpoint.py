@@ -6,8 +6,9 @@
 
 One training step at 32 px fills every piece of state (momentum, all factors and inverses, at the
 model's real sizes; the image size does not change them), then the checkpoint is written --repeats
-times and read back (checked, verified and restored) as many times into a fresh trainer. Prints the
-file size per group and the median wall time of save and restore (the slowest rank's).
+times and read back (SHA-256 seal checked, then checked and restored) as many times into a fresh
+trainer. Prints the file size per group and the median wall time of save and restore (the slowest
+rank's).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main() -> None:
         print(
             f"{args.arch} SP-NGD, {world.size} rank(s), batch {args.batch}: "
             f"save {statistics.median(saves):.2f} s, restore {statistics.median(loads):.2f} s "
-            f"(median of {args.repeats}; restore = open, verify checksums, check, broadcast, load)"
+            f"(median of {args.repeats}; restore = open and check the SHA-256, check, broadcast, load)"
         )
         shutil.rmtree(folder)
 

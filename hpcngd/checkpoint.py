@@ -17,8 +17,9 @@ beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoi
 Integrity: the file's first 512 bytes are an HDF5 user block (HDF5 skips it) holding the SHA-256 and
 size of the rest of the file, written after HDF5 closed it. The reader compares them before HDF5 parses
 a byte, so any damage since the write (truncation, a flipped bit anywhere, metadata included) is found,
-and HDF5 never meets a damaged header (one such bit flip made it loop forever). Files without the block
-(written by an earlier hpcngd) are read with the per-dataset checksums alone.
+and HDF5 never meets a damaged header (one such bit flip made it loop forever). A file that starts with
+neither a seal nor HDF5's signature is damaged. Files that start with the signature (written by an
+earlier hpcngd, without the block) are read with the per-dataset checksums alone.
 
 Contents: numeric datasets (bool, integer, float; each non-empty one carries a Fletcher-32 checksum)
 and attributes (numbers, strings), in HDF5's latest file format (its object headers carry checksums).
@@ -63,6 +64,7 @@ _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SystemError)
 
 
 USER_BLOCK = 512  # bytes before HDF5's superblock: the seal
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # a file without a user block starts with it
 _SEAL = re.compile(rb"hpcngd-checkpoint sha256 ([0-9a-f]{64}) bytes (\d+)\n\0*")
 
 
@@ -88,14 +90,20 @@ def seal(path: Path) -> None:
 
 
 def check_seal(path: Path) -> bool:
-    """Whether ``path`` carries a seal (False: an older hpcngd's file); CorruptCheckpoint if the file
-    is not what was sealed."""
+    """Whether ``path`` carries a seal (False: an earlier hpcngd's file, HDF5 from its first byte);
+    CorruptCheckpoint if the file is not what was sealed, or if neither a seal nor HDF5 starts it (a
+    damaged seal must not let HDF5 parse a file that may be damaged elsewhere too)."""
     try:
         with open(path, "rb") as f:
             block = f.read(USER_BLOCK)
+        if block.startswith(HDF5_SIGNATURE):
+            return False
         found = _SEAL.fullmatch(block)
         if found is None:
-            return False
+            raise CorruptCheckpoint(
+                f"checkpoint {path}: not an hpcngd checkpoint, or its seal (the first {USER_BLOCK} bytes) "
+                "is damaged"
+            )
         digest, size = _sha256_after_user_block(path)
     except OSError as exc:
         raise CorruptCheckpoint(f"checkpoint {path}: not readable: {exc}") from None

@@ -284,7 +284,8 @@ def _open_checked(path: Path, trainer: Trainer) -> tuple[Reader, list[str]]:
 def check(reader: Reader, trainer: Trainer) -> list[str]:
     """Whether ``reader``'s checkpoint can resume ``trainer``; raises CheckpointError, else notes to log.
 
-    Reads everything once (checksums), compares the run files and the model's names and shapes.
+    Its bytes were checked when it was opened (the SHA-256 seal; an unsealed file is read once here for
+    its checksums); compares the run files and the model's names and shapes.
     """
     reader.verify()
     a, cfg = reader.attrs, trainer.cfg

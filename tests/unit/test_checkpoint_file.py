@@ -89,29 +89,50 @@ def test_truncated_file_is_corrupt(tmp_path: Path) -> None:
 
 
 def unsealed(path: Path) -> Path:
-    """``path`` as an earlier hpcngd wrote it: an empty user block."""
-    with open(path, "r+b") as f:
-        f.write(bytes(checkpoint.USER_BLOCK))
+    """``path`` as an earlier hpcngd wrote it: HDF5 from the first byte (HDF5 addresses are relative to
+    its superblock, so the file without its user block is the same HDF5 file)."""
+    data = path.read_bytes()
+    assert data[checkpoint.USER_BLOCK :].startswith(checkpoint.HDF5_SIGNATURE)
+    path.write_bytes(data[checkpoint.USER_BLOCK :])
     return path
 
 
 def test_any_flipped_bit_is_found_before_hdf5_reads_the_file(tmp_path: Path) -> None:
-    """Past the seal, every bit counts: HDF5's header too (one flip there made HDF5 loop forever)."""
+    """Every bit counts: HDF5's header (one flip there made HDF5 loop forever) and the seal itself (a
+    damaged seal must not pass the file, maybe damaged elsewhere too, to HDF5 unchecked)."""
     path = write(tmp_path, 2)
     data = path.read_bytes()
     rng = np.random.default_rng(0)
-    # the first byte of HDF5's superblock, the byte whose flip hung HDF5 (offset 2072 of HDF5's bytes),
-    # and 40 more anywhere
-    offsets = [checkpoint.USER_BLOCK, checkpoint.USER_BLOCK + 2072, *rng.integers(512, len(data), 40)]
+    block = checkpoint.USER_BLOCK
+    # the seal's first byte, a digest digit, its newline and padding, 10 more bytes of the seal; HDF5's
+    # first byte, the byte whose flip hung HDF5 (offset 2072 of HDF5's bytes), and 40 more anywhere
+    newline = data.index(b"\n")
+    in_seal = [0, 30, newline, newline + 1, block - 1, *rng.integers(0, block, 10)]
+    offsets = [*in_seal, block, block + 2072, *rng.integers(block, len(data), 40)]
     for at in offsets:
-        flipped = bytearray(data)
-        flipped[at] ^= 1 << int(rng.integers(8))
-        path.write_bytes(bytes(flipped))
-        with pytest.raises(CorruptCheckpoint, match="damaged since it was written"):
-            Reader(path)
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[at] ^= 1 << bit
+            path.write_bytes(bytes(flipped))
+            with pytest.raises(CorruptCheckpoint, match=str(path)) as info:
+                Reader(path)
+            if at >= block:
+                assert "damaged since it was written" in str(info.value)
     path.write_bytes(data)
     with Reader(path) as r:
         assert r.sealed and r.array("model/count") == 7
+
+
+def test_a_file_that_fails_to_seal_is_not_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, 2)
+
+    def disk_error(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "seal", disk_error)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ckpt-000000004\.h5: OSError"):
+        write(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000002.h5", "latest"]
 
 
 def test_unsealed_file_is_read_and_a_flipped_byte_fails_its_checksum(tmp_path: Path) -> None:
