@@ -3,7 +3,7 @@
     python benchmarks/gpu.py --json out/gpu_benchmark.json --save-checkpoint out/ckpt
     python benchmarks/gpu.py --device cpu --arch resnet8 --image-size 32 --batch 8 --steps 2 --warmup 1
 
-One process, one device (no mpiexec). Five configurations, each a fresh Trainer:
+One process, one device (no mpiexec). Six configurations, each a fresh Trainer:
   sgd_fp32         momentum SGD, fp32 (cuDNN's default TF32 convolutions on a GPU: see the JSON's settings)
   sgd_amp          momentum SGD, autocast fp16 with dynamic loss scaling
   spngd_refresh    SP-NGD, AMP fp16, every statistic recomputed, averaged and inverted every step
@@ -13,9 +13,10 @@ One process, one device (no mpiexec). Five configurations, each a fresh Trainer:
                    0, 1, 3, 7, 15, ... and none in between; the figure is ``precondition_only + (refresh -
                    precondition_only) / D`` with D = ngd.stale_max_interval's run-file default (20), i.e.
                    the cost of a step when each statistic is refreshed once every D steps.
-  spngd_amortized_tf32  the same with ngd.precondition_tf32 = true: the products G^-1 dW A^-1 (about
-                   156 GFLOP a step for ResNet-50 on one GPU, which preconditions every layer) on TF32
-                   tensor cores instead of fp32 units.
+  spngd_amortized_tf32    the same with ngd.precondition_precision = "tf32": the products G^-1 dW A^-1
+                   (about 156 GFLOP a step for ResNet-50 on one GPU, which preconditions every layer) on
+                   TF32 tensor cores instead of fp32 units;
+  spngd_amortized_tf32x3  ... = "tf32x3": three TF32 products of split operands (fp32's accuracy).
 Every figure is a median over timed steps: the first ``--warmup`` steps (never fewer than one: the first
 step allocates memory and runs cuDNN's autotuning) and steps skipped for an fp16 overflow are not timed.
 The batch is made once and stays on the device (as DALI's GPU pipeline hands it), so loading and
@@ -66,10 +67,15 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     ),
     "spngd_amortized": (f"SP-NGD AMP fp16, amortized D={INTERVAL}", AMORTIZED),
     "spngd_amortized_tf32": (
-        f"SP-NGD AMP fp16, amort. D={INTERVAL}, TF32 precond",
-        [*AMORTIZED, "ngd.precondition_tf32=true"],
+        f"SP-NGD AMP fp16, amort. D={INTERVAL}, tf32 precond",
+        [*AMORTIZED, "ngd.precondition_precision=tf32"],
+    ),
+    "spngd_amortized_tf32x3": (
+        f"SP-NGD AMP fp16, amort. D={INTERVAL}, tf32x3 prec.",
+        [*AMORTIZED, "ngd.precondition_precision=tf32x3"],
     ),
 }
+AMORTIZED_KEYS = [k for k in CONFIGS if k.startswith("spngd_amortized")]
 
 
 @dataclass
@@ -221,7 +227,8 @@ def goals(results: dict[str, dict[str, Any]], device_name: str) -> dict[str, dic
             "met": amp is not None and amp >= SGD_AMP_GOAL,
         },
     }
-    for key, how in (("spngd_amortized", ""), ("spngd_amortized_tf32", ", TF32 preconditioning")):
+    for key in AMORTIZED_KEYS:
+        how = key.removeprefix("spngd_amortized").replace("_", ", preconditioning in ")
         ngd = results.get(key, {}).get("images_per_s")
         out[f"{key}_over_sgd_amp"] = {
             "goal": f"SP-NGD amortized (D={INTERVAL}{how}) within 5% of SGD AMP: ratio >= {AMORTIZED_GOAL}",
@@ -283,7 +290,7 @@ def print_table(results: dict[str, dict[str, Any]], goal: dict[str, dict[str, An
             phases = " ".join(f"{k} {ms[k]:.1f}" for k in shown if ms[k] or k == "fwd_bwd")
             figures = f"{row['images_per_s']:8.1f} {row['step_ms']:8.1f} {row['timed_steps']:5d}"
             print(f"{label:42s} {figures} {extra} | {phases}")
-    for key in ("spngd_amortized", "spngd_amortized_tf32"):
+    for key in AMORTIZED_KEYS:
         ngd = results[key]
         if ngd["status"] == "ok":
             pre, full = ngd["precondition_only"]["step_ms"], ngd["refresh"]["step_ms"]

@@ -4,9 +4,9 @@
     python benchmarks/precondition_precision.py --device cuda      # the GPU's own TF32 tensor cores
 
 One SP-NGD step on synthetic images computes every layer's factors and fp32 inverses; then each layer's
-product ``G^-1 dW A^-1`` is formed three ways from the same fp32 inverses and gradient: in fp64 (the
-reference), in fp32, and in TF32 (what ``ngd.precondition_tf32`` does; on the CPU, which has no TF32,
-each product's inputs are rounded to TF32's 10 mantissa bits and summed in fp32). Prints each
+product ``G^-1 dW A^-1`` is formed from the same fp32 inverses and gradient in fp64 (the reference) and
+as each ``ngd.precondition_precision`` does it: fp32, tf32 and tf32x3. On the CPU, which has no TF32,
+each TF32 product's inputs are rounded to TF32's 10 mantissa bits and summed in fp32. Prints each
 precision's relative error ``|P - P_fp64| / |P_fp64|`` (median and largest over layers), the worst
 layers, and the products' GFLOP a step.
 """
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hpcngd.config import NgdConfig
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner, factors
-from hpcngd.ngd.preconditioner import tf32_matmuls
+from hpcngd.ngd.preconditioner import matmul_tf32x3, split_tf32, tf32_matmuls
 
 
 def rounded_to_tf32(t: Tensor) -> Tensor:
@@ -38,6 +38,15 @@ def tf32_product(g_inv: Tensor, grad: Tensor, a_inv: Tensor) -> Tensor:
             return g_inv @ grad @ a_inv
     t = rounded_to_tf32
     return t(t(g_inv) @ t(grad)) @ t(a_inv)
+
+
+def tf32x3_product(g_inv: Tensor, grad: Tensor, a_inv: Tensor) -> Tensor:
+    def split(x: Tensor) -> tuple[Tensor, Tensor]:
+        hi, lo = split_tf32(x)
+        return hi, lo if x.is_cuda else rounded_to_tf32(lo)  # the tensor cores round lo
+
+    with tf32_matmuls(True):
+        return matmul_tf32x3(split(matmul_tf32x3(split(g_inv), split(grad))), split(a_inv))
 
 
 def main() -> None:
@@ -69,6 +78,7 @@ def main() -> None:
         errors[name] = {
             "fp32": float(((g_inv @ grad @ a_inv).double() - ref).norm() / scale),
             "tf32": float((tf32_product(g_inv, grad, a_inv).double() - ref).norm() / scale),
+            "tf32x3": float((tf32x3_product(g_inv, grad, a_inv).double() - ref).norm() / scale),
         }
         o, d = grad.shape
         gflop += 2 * (o * o * d + o * d * d) / 1e9
@@ -77,7 +87,7 @@ def main() -> None:
         f"{args.arch}, {len(errors)} conv/fc layers, batch {args.batch} of {args.image_size} px, "
         f"damping {args.damping}: the products take {gflop:.0f} GFLOP a step; TF32 = {how}"
     )
-    for kind in ("fp32", "tf32"):
+    for kind in ("fp32", "tf32", "tf32x3"):
         values = [e[kind] for e in errors.values()]
         print(
             f"{kind}: relative error median {statistics.median(values):.1e}, largest {max(values):.1e}, "
@@ -86,7 +96,8 @@ def main() -> None:
     print("largest TF32 errors:")
     for name in sorted(errors, key=lambda n: -errors[n]["tf32"])[:5]:
         e = errors[name]
-        print(f"  {name:16s} {tuple(grads[name].shape)!s:14s} tf32 {e['tf32']:.1e}  fp32 {e['fp32']:.1e}")
+        figures = "  ".join(f"{k} {v:.1e}" for k, v in e.items())
+        print(f"  {name:16s} {tuple(grads[name].shape)!s:14s} {figures}")
 
 
 if __name__ == "__main__":

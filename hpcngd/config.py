@@ -224,10 +224,12 @@ class NgdConfig(Section):
     stale_max_interval: int = opt(20, "Stale statistics: longest refresh interval in steps.", ge=1)
     exclude: tuple[str, ...] = opt((), "Layer name patterns (fnmatch) left unpreconditioned, e.g. fc.")
     dtype: str = opt("fp32", "Precision of factors and inverses.", choices=("fp32", "fp64"))
-    precondition_tf32: bool = opt(
-        False,
-        "On a GPU, the products G^-1 dW A^-1 of fp32 factors use TF32 tensor cores (inputs rounded to "
-        "10 mantissa bits, as on the fp16 wire; fp32 sums). No effect on CPU or with ngd.dtype = fp64.",
+    precondition_precision: str = opt(
+        "fp32",
+        "Products G^-1 dW A^-1 of fp32 factors on a GPU: fp32 units; tf32 (tensor cores, inputs rounded "
+        "to 10 mantissa bits: errors up to 16% where the product cancels); or tf32x3 (each operand split "
+        "in two TF32 parts, three tensor-core products: fp32's accuracy). CPU: always fp32.",
+        choices=("fp32", "tf32", "tf32x3"),
     )
 
     def check(self) -> None:

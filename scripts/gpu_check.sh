@@ -10,7 +10,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 685 s without DALI and 865 s with it (upper bounds: the
+# under `timeout`, with limits that add up to 705 s without DALI and 885 s with it (upper bounds: the
 # script has not yet run on a GPU; 2-3 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
@@ -153,12 +153,12 @@ else
 fi
 
 # 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized, amortized with
-#    TF32 preconditioning)
+#    TF32 and with TF32x3 preconditioning)
 if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 180 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 200 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
 fi
 
 # 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)

@@ -9,8 +9,8 @@ then :meth:`Preconditioner.step`:
   c. optional running average (``ema_decay``: weight on the new value), stale-interval bookkeeping,
      damping and inversion of the refreshed statistics of the layers this rank owns (a failed
      inversion keeps the previous inverse);
-  d. every owned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` (with TF32 tensor
-     cores on a GPU when ``precondition_tf32``) and every
+  d. every owned layer's gradient ``[dW | db]`` becomes ``G_d^-1 [dW | db] A_d^-1`` (on a GPU with TF32
+     tensor cores, plain or split in three, as ``precondition_precision`` says) and every
      BatchNorm channel's ``(dgamma, dbeta)`` becomes ``(F_c + lambda_bn I)^-1 (dgamma, dbeta)``, with the
      cached inverses (computed at the statistic's last refresh).
 Damping enters at inversion time: a statistic is re-damped only when it is refreshed. Sharing the
@@ -41,15 +41,45 @@ PRECONDITIONED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 @contextmanager
 def tf32_matmuls(on: bool) -> Iterator[None]:
-    """fp32 matrix products on CUDA use TF32 tensor cores inside the block when ``on`` (the flag is
-    global to the process: it is restored on leaving)."""
+    """fp32 matrix products on CUDA use TF32 tensor cores inside the block when ``on``; off, nothing is
+    touched. The setting is the process's: it is restored on leaving (torch's ``fp32_precision`` where
+    it has one; torch refuses reads of its older ``allow_tf32`` while that is set)."""
     flags = torch.backends.cuda.matmul
-    before = flags.allow_tf32
-    flags.allow_tf32 = on or before
+    if not on:
+        yield
+        return
+    name, value = ("fp32_precision", "tf32") if hasattr(flags, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(flags, name)
+    setattr(flags, name, value)
     try:
         yield
     finally:
-        flags.allow_tf32 = before
+        setattr(flags, name, before)
+
+
+def tf32_matmuls_on() -> bool:
+    """Whether fp32 matrix products on CUDA may use TF32 now."""
+    flags = torch.backends.cuda.matmul
+    if hasattr(flags, "fp32_precision") and flags.fp32_precision != "none":
+        return bool(flags.fp32_precision == "tf32")
+    return bool(flags.allow_tf32)
+
+
+def split_tf32(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``t`` (fp32) as ``hi + lo``: ``hi`` rounded to TF32's 10 mantissa bits (exact on tensor cores),
+    ``lo`` the exact remainder (at most 2^-11 of ``t``)."""
+    assert t.dtype == torch.float32, t.dtype
+    bits = t.contiguous().view(torch.int32)
+    hi = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return hi, t - hi
+
+
+def matmul_tf32x3(x: tuple[Tensor, Tensor], y: tuple[Tensor, Tensor]) -> Tensor:
+    """``x @ y`` from split operands in three products: ``hi hi + (hi lo + lo hi)``. On TF32 tensor
+    cores only ``lo`` is rounded, so the result has about fp32's accuracy (the dropped ``lo lo`` and the
+    rounding of ``lo`` are 2^-22 of the product)."""
+    (x_hi, x_lo), (y_hi, y_lo) = x, y
+    return x_hi @ y_hi + (x_hi @ y_lo + x_lo @ y_hi)
 
 
 @dataclass
@@ -123,6 +153,7 @@ class Preconditioner:
         }
         self.failures: Counter[str] = Counter()
         self._warned: set[str] = set()
+        self._splits: dict[Key, tuple[Tensor, Tensor, Tensor]] = {}  # tf32x3: inverse, hi, lo
 
     def due(self, step: int) -> set[Key]:
         """The statistics recomputed at ``step``."""
@@ -162,7 +193,7 @@ class Preconditioner:
         self.sync()
         t2 = time.perf_counter()
         owned = [(name, m) for name, m in self.layers.items() if name in self.owned]  # d
-        with tf32_matmuls(self.cfg.precondition_tf32):
+        with tf32_matmuls(self.cfg.precondition_precision != "fp32"):
             for name, module in owned:
                 if not isinstance(module, nn.BatchNorm2d):
                     self._precondition(name, module)
@@ -205,7 +236,18 @@ class Preconditioner:
         if a_inv is None or g_inv is None or module.weight.grad is None:
             return  # no curvature yet: the plain gradient is used
         grad = factors.grad_matrix(module).to(a_inv.dtype)
-        factors.set_grad_matrix(module, g_inv @ grad @ a_inv)
+        if self.cfg.precondition_precision == "tf32x3" and a_inv.dtype == torch.float32:
+            left = matmul_tf32x3(self._split((name, "G"), g_inv), split_tf32(grad))
+            factors.set_grad_matrix(module, matmul_tf32x3(split_tf32(left), self._split((name, "A"), a_inv)))
+        else:
+            factors.set_grad_matrix(module, g_inv @ grad @ a_inv)
+
+    def _split(self, key: Key, inv: Tensor) -> tuple[Tensor, Tensor]:
+        """The TF32 split of an inverse, made once per inversion (it costs a pass over the matrix)."""
+        cached = self._splits.get(key)
+        if cached is None or cached[0] is not inv:
+            cached = self._splits[key] = (inv, *split_tf32(inv))
+        return cached[1], cached[2]
 
     def _precondition_bn(self, layers: list[tuple[str, nn.Module]]) -> None:
         """The channels of all these BatchNorm layers together (a few kernels on a GPU, not four a layer):

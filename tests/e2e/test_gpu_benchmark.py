@@ -22,7 +22,8 @@ from hpcngd.metrics import PHASES
 
 BENCHMARK = ROOT / "benchmarks" / "gpu.py"
 CHECK = ROOT / "scripts" / "gpu_check.sh"
-CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", "spngd_amortized", "spngd_amortized_tf32")
+AMORTIZED = ("spngd_amortized", "spngd_amortized_tf32", "spngd_amortized_tf32x3")
+CONFIGS = ("sgd_fp32", "sgd_amp", "spngd_refresh", *AMORTIZED)
 
 
 def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
@@ -46,19 +47,17 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["timed_steps"] >= 1, key
         assert set(r["phases_ms"]) == set(PHASES) and r["phases_ms"]["fwd_bwd"] > 0, key
     assert report["configs"]["spngd_refresh"]["phases_ms"]["inverse"] > 0
-    for key in ("spngd_amortized", "spngd_amortized_tf32"):
+    for key in AMORTIZED:
         amortized = report["configs"][key]
         pre, full = amortized["precondition_only"], amortized["refresh"]
         assert pre["timed_steps"] >= 1 and full["timed_steps"] >= 1
         assert amortized["step_ms"] == pytest.approx(pre["step_ms"] + (full["step_ms"] - pre["step_ms"]) / 20)
         assert pre["phases_ms"]["factors"] == 0 < full["phases_ms"]["factors"]
         assert report["goals"][f"{key}_over_sgd_amp"]["value"] > 0
-    assert "ngd.precondition_tf32=true" in report["configs"]["spngd_amortized_tf32"]["overrides"]
-    assert set(report["goals"]) == {
-        "sgd_amp_images_per_s",
-        "spngd_amortized_over_sgd_amp",
-        "spngd_amortized_tf32_over_sgd_amp",
-    }
+    for how in ("tf32", "tf32x3"):
+        overrides = report["configs"][f"spngd_amortized_{how}"]["overrides"]
+        assert f"ngd.precondition_precision={how}" in overrides
+    assert set(report["goals"]) == {"sgd_amp_images_per_s", *(f"{k}_over_sgd_amp" for k in AMORTIZED)}
     checkpoint = Path(report["checkpoint"])
     assert checkpoint.is_file() and checkpoint.parent == tmp_path / "ckpt"
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == checkpoint.name
@@ -145,7 +144,7 @@ def test_an_exception_in_one_configuration_is_its_error_row_and_the_exit_status(
     assert bench.main() == 1
     assert "CUSOLVER_STATUS_EXECUTION_FAILED" in capsys.readouterr().err  # the traceback
     configs = json.loads(out.read_text())["configs"]
-    assert [r["status"] for r in configs.values()] == ["ok", "ok", "error", "ok", "ok"]
+    assert [r["status"] for r in configs.values()] == ["ok", "ok", "error", "ok", "ok", "ok"]
     failure = configs["spngd_refresh"]["message"]
     assert failure == "RuntimeError: cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED"
     for key in ("sgd_fp32", "spngd_amortized"):  # the losses and inversion counts are recorded
@@ -230,3 +229,19 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
 def test_the_gpu_check_script_rejects_an_unknown_device(tmp_path: Path) -> None:
     proc = gpu_check(tmp_path, CHECK_DEVICE="tpu")
     assert proc.returncode == 2 and "CHECK_DEVICE must be cuda or cpu, not 'tpu'" in proc.stdout
+
+
+def test_the_precondition_precision_benchmark_runs_on_the_cpu() -> None:
+    """benchmarks/precondition_precision.py with TF32 emulated: tf32x3 keeps fp32's error, tf32 does not."""
+    script = ROOT / "benchmarks" / "precondition_precision.py"
+    cmd = [sys.executable, str(script), "--arch", "resnet8", "--batch", "8", "--image-size", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "10 conv/fc layers" in proc.stdout and "TF32 emulated on the CPU" in proc.stdout
+    medians = {
+        line.split(":")[0]: float(line.split("median ")[1].split(",")[0])
+        for line in proc.stdout.splitlines()
+        if "relative error median" in line
+    }
+    assert set(medians) == {"fp32", "tf32", "tf32x3"}
+    assert medians["tf32"] > 100 * medians["fp32"] and medians["tf32x3"] < 2 * medians["fp32"]

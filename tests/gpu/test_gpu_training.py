@@ -183,26 +183,27 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
         torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
 
 
-def test_tf32_preconditioning_is_close_to_fp32_and_not_equal(no_tf32: None) -> None:
-    """ngd.precondition_tf32 on a GPU: the preconditioned gradient of a wide layer moves by about TF32's
-    rounding (10 mantissa bits) from the fp32 one, which matches fp64; with the flag off nothing is TF32."""
+def test_tf32_preconditioning_moves_a_wide_layer_by_its_rounding_and_tf32x3_does_not(no_tf32: None) -> None:
+    """ngd.precondition_precision on a GPU: against fp64, the fp32 and tf32x3 products of a wide layer
+    agree to fp32 rounding; tf32's move by about TF32's rounding (10 mantissa bits); the process-wide
+    TF32 flag is off again afterwards."""
     from hpcngd.config import NgdConfig
     from hpcngd.ngd import Preconditioner
+    from hpcngd.ngd.preconditioner import tf32_matmuls_on
 
     torch.manual_seed(4)
     x, y = torch.randn(256, 1024).cuda(), torch.randint(512, (256,)).cuda()
     start = nn.Linear(1024, 512).cuda()
     grads = {}
-    for mode, tf32 in (("fp64", False), ("fp32", False), ("tf32", True)):
+    for precision in ("fp64", "fp32", "tf32", "tf32x3"):
         layer = copy.deepcopy(start)
-        dtype = "fp64" if mode == "fp64" else "fp32"
-        pre = Preconditioner(layer, NgdConfig(dtype=dtype, precondition_tf32=tf32))
+        dtype, how = ("fp64", "fp32") if precision == "fp64" else ("fp32", precision)
+        pre = Preconditioner(layer, NgdConfig(dtype=dtype, precondition_precision=how))
         assert pre.begin(0, grad_scale=256)
         nn.functional.cross_entropy(layer(x), y).backward()
         pre.step(0, damping=1e-3)
-        grads[mode] = layer.weight.grad.double().cpu()
-    scale = grads["fp64"].norm()
-    assert (grads["fp32"] - grads["fp64"]).norm() / scale < 1e-4
-    tf32_error = float((grads["tf32"] - grads["fp64"]).norm() / scale)
-    assert 1e-5 < tf32_error < 3e-2, tf32_error
-    assert not torch.backends.cuda.matmul.allow_tf32
+        grads[precision] = layer.weight.grad.double().cpu()
+    error = {k: float((grads[k] - grads["fp64"]).norm() / grads["fp64"].norm()) for k in grads}
+    assert error["fp32"] < 1e-4 and error["tf32x3"] < 1e-4, error
+    assert 1e-5 < error["tf32"] < 3e-2, error
+    assert not tf32_matmuls_on()

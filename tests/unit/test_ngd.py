@@ -3,6 +3,7 @@ patches, explicit Kronecker systems, hand-computed updates."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -156,29 +157,95 @@ def test_preconditioned_gradient_solves_damped_kronecker_system() -> None:
         torch.testing.assert_close(got, solved, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "tf32x3"])
 def test_tf32_is_on_for_the_preconditioning_products_only(
-    monkeypatch: pytest.MonkeyPatch, tf32: bool
+    monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
-    """ngd.precondition_tf32 lets CUDA's fp32 products of the conv/fc layers use TF32 (the CPU ignores
-    the flag), and leaves the process-wide flag as it found it."""
+    """ngd.precondition_precision lets CUDA's fp32 products of the conv/fc layers use TF32 (the CPU
+    ignores the setting) and restores torch's setting after them; with fp32 it touches nothing (torch
+    refuses to mix its two TF32 APIs, so a needless write could break a caller's reads)."""
     from hpcngd.ngd import factors
+    from hpcngd.ngd.preconditioner import tf32_matmuls_on
 
     seen: list[bool] = []
     set_grad_matrix = factors.set_grad_matrix
 
     def recorded(module: nn.Module, matrix: torch.Tensor) -> None:
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        seen.append(tf32_matmuls_on())
         set_grad_matrix(module, matrix)
 
+    flags = torch.backends.cuda.matmul
+    writes: list[str] = []
+    real_setattr = type(flags).__setattr__
+
+    def counted_setattr(obj: object, name: str, value: object) -> None:
+        writes.append(name)
+        real_setattr(obj, name, value)
+
     monkeypatch.setattr(factors, "set_grad_matrix", recorded)
+    monkeypatch.setattr(type(flags), "__setattr__", counted_setattr)
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4))
-    pre = Preconditioner(model, NgdConfig(precondition_tf32=tf32))
-    assert pre.begin(0, grad_scale=6) and not torch.backends.cuda.matmul.allow_tf32
+    pre = Preconditioner(model, NgdConfig(precondition_precision=precision))
+    assert pre.begin(0, grad_scale=6) and not tf32_matmuls_on()
     F.cross_entropy(model(torch.randn(6, 2, 4, 4)), torch.randint(4, (6,))).backward()
     pre.step(0, damping=0.03)
-    assert seen == [tf32, tf32] and not torch.backends.cuda.matmul.allow_tf32
+    on = precision != "fp32"
+    assert seen == [on, on] and not tf32_matmuls_on()
+    assert len(writes) == (2 if on else 0)  # set and restored once a step, or never
+    torch.get_float32_matmul_precision()  # still readable: the APIs were not mixed
+
+
+def rounded_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """What a TF32 tensor core keeps of an fp32 input: 11 significant bits (computed independently of
+    the bit arithmetic of ``split_tf32``)."""
+    mantissa, exponent = torch.frexp(t.double())  # |mantissa| in [0.5, 1)
+    return torch.ldexp(torch.round(mantissa * 2**11) / 2**11, exponent).float()
+
+
+def test_tf32x3_splits_exactly_and_keeps_fp32_accuracy_where_one_tf32_product_loses_it() -> None:
+    from hpcngd.ngd.preconditioner import matmul_tf32x3, split_tf32
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 300) * torch.logspace(-3, 3, 300)).float()  # this module's default is fp64
+    hi, lo = split_tf32(x)
+    assert torch.equal(hi + lo, x) and torch.equal(rounded_to_tf32(hi), hi)  # hi: exact in TF32
+    assert bool((lo.abs() <= x.abs() * 2**-11).all()) and bool((lo != 0).any())
+    # A product that cancels (as the preconditioning products of some layers do): |x y| << |x| |y|
+    y = torch.randn(300, 200, dtype=torch.float32)
+    y = y - torch.linalg.lstsq(x, x @ y).solution * 0.999  # x @ y shrinks by about 1000
+    exact = x.double() @ y.double()
+
+    def error(p: torch.Tensor) -> float:
+        return float((p.double() - exact).norm() / exact.norm())
+
+    one_tf32 = rounded_to_tf32(x) @ rounded_to_tf32(y)  # what TF32 tensor cores compute
+    (xh, xl), (yh, yl) = split_tf32(x), split_tf32(y)
+    three = matmul_tf32x3((xh, rounded_to_tf32(xl)), (yh, rounded_to_tf32(yl)))
+    assert error(one_tf32) > 100 * error(x @ y)
+    assert error(three) < 4 * error(x @ y) + 1e-7
+
+
+def test_tf32x3_preconditioning_reuses_each_inverse_split_until_it_is_inverted_again() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 4))
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(4, (6,))
+    results = {}
+    for precision in ("fp32", "tf32x3"):
+        m = copy.deepcopy(model)
+        pre = Preconditioner(m, NgdConfig(precondition_precision=precision, stale_threshold=10.0))
+        for step in range(3):  # refreshes at 0 and 1, not at 2
+            pre.begin(step, grad_scale=6)
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            pre.step(step, damping=0.03)
+            if step == 1 and precision == "tf32x3":
+                kept = {k: v[1] for k, v in pre._splits.items()}
+        results[precision] = [p.grad.clone() for p in m.parameters()]
+    assert set(kept) == {("0", "A"), ("0", "G"), ("3", "A"), ("3", "G")}
+    assert all(pre._splits[k][1] is v for k, v in kept.items())  # step 2 reused them
+    for a, b in zip(*results.values(), strict=True):  # on the CPU the three products are fp32 products
+        assert float((b - a).norm() / a.norm()) < 1e-5
 
 
 def test_bn_preconditioning_uses_damped_block_inverse() -> None:
