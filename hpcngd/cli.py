@@ -35,6 +35,7 @@ from hpcngd.errors import AgreedError, UserError, agree
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from hpcngd.data import Dataset
     from hpcngd.stopping import StopSignals
 
 T = TypeVar("T")
@@ -206,7 +207,6 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
 
     from hpcngd import state
     from hpcngd.comm.topology import Topology
-    from hpcngd.data import build_datasets
     from hpcngd.device import bind, placement, placement_lines
     from hpcngd.metrics import MetricsLog
     from hpcngd.train import Trainer, prepare_run_dir
@@ -216,7 +216,7 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
     cfg = agree(world, lambda: _parse(text, run_file, overrides, world.size))
     topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
     torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
-    train_set, val_set = agree(world, lambda: build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed))
+    train_set, val_set = datasets(world, cfg)
     run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     with topo:
@@ -279,9 +279,26 @@ def _capture(fn: Callable[[], T]) -> T | UserError:
         return exc
 
 
+def datasets(world: MPI.Comm, cfg: config.Config) -> tuple[Dataset, Dataset]:
+    """The run's (train, val) sets on every rank. Rank 0 lists the images and sends the list: a tree of
+    a million images listed by every rank of a large job loads a shared file system's metadata servers.
+    Bad data (on rank 0, or a data.path another rank cannot see) stops every rank with one line."""
+    from hpcngd.data import build_datasets, list_samples
+
+    classes = cfg.model.num_classes
+    listed = world.bcast(_capture(lambda: list_samples(cfg.data, classes)) if world.rank == 0 else None)
+    return agree(world, lambda: build_datasets(cfg.data, classes, cfg.run.seed, _given(listed)))
+
+
+def _given(value: T | UserError) -> T:
+    """What :func:`_capture` caught on another rank, raised here."""
+    if isinstance(value, UserError):
+        raise value
+    return value
+
+
 def _parse(text: str | UserError, source: str, overrides: Sequence[str], world_size: int) -> config.Config:
-    if isinstance(text, UserError):
-        raise text
+    text = _given(text)
     cfg = config.loads(text, source, overrides)
     try:
         config.check_world_size(cfg, world_size)

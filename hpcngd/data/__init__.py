@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 from torch import Tensor
 
 from hpcngd.config import DataConfig
 from hpcngd.data import dali
-from hpcngd.data.folder import ImageFolder
+from hpcngd.data.folder import ImageFolder, samples_of
 from hpcngd.data.loader import Dataset, TrainLoader, eval_batches
 from hpcngd.data.synthetic import SyntheticImages
 from hpcngd.errors import UserError
@@ -23,13 +25,35 @@ def resolve_source(cfg: DataConfig) -> str:
     return cfg.source
 
 
-def build_datasets(cfg: DataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
-    """The (train, validation) sets the [data] section names; UserError when unusable."""
+Listing = tuple[list[tuple[str, int]], list[tuple[str, int]]]
+
+
+def list_samples(cfg: DataConfig, num_classes: int) -> Listing | None:
+    """The (path, label) pairs of the train and val splits that the [data] section names (None for
+    synthetic data). On a parallel file system, listing a tree of a million images is a metadata storm
+    when every rank does it: one rank lists and sends the result (see the CLI)."""
+    if resolve_source(cfg) == "synthetic":
+        return None
+    return samples_of(cfg, "train", num_classes), samples_of(cfg, "val", num_classes)
+
+
+def build_datasets(
+    cfg: DataConfig, num_classes: int, seed: int, listing: Listing | None = None
+) -> tuple[Dataset, Dataset]:
+    """The (train, validation) sets the [data] section names; UserError when unusable.
+
+    ``listing``: what :func:`list_samples` returned (on another rank, say); None lists them here.
+    """
     sets: tuple[Dataset, Dataset]
     if resolve_source(cfg) != "synthetic":
+        if listing is None:
+            listing = list_samples(cfg, num_classes)
+            assert listing is not None
+        elif not Path(cfg.path).is_dir():  # listed elsewhere: is the data visible here (node-local)?
+            raise UserError(f"data.path = {cfg.path!r}: folder not found on {socket.gethostname()}")
         sets = (
-            ImageFolder(cfg, "train", num_classes, seed),
-            ImageFolder(cfg, "val", num_classes, seed),
+            ImageFolder(cfg, "train", num_classes, seed, listing[0]),
+            ImageFolder(cfg, "val", num_classes, seed, listing[1]),
         )
     else:
         sets = (
@@ -71,4 +95,13 @@ def evaluation_batches(
     return eval_batches(dataset, batch_size, rank, world_size, cfg.workers)
 
 
-__all__ = ["Dataset", "TrainLoader", "build_datasets", "evaluation_batches", "resolve_source", "train_loader"]
+__all__ = [
+    "Dataset",
+    "Listing",
+    "TrainLoader",
+    "build_datasets",
+    "evaluation_batches",
+    "list_samples",
+    "resolve_source",
+    "train_loader",
+]

@@ -116,10 +116,19 @@ class ImageFolder:
         split: "train" (random crop + flip) or "val" (resize + center crop).
         num_classes: expected class count (``model.num_classes``).
         seed: run seed for the per-sample augmentation RNG.
+        samples: the split's (path, label) pairs when already listed (:func:`samples_of`), e.g. by
+            another rank.
     """
 
-    def __init__(self, cfg: DataConfig, split: str, num_classes: int, seed: int) -> None:
-        self.samples = samples_of(cfg, split, num_classes)
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str,
+        num_classes: int,
+        seed: int,
+        samples: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.samples = samples_of(cfg, split, num_classes) if samples is None else samples
         self.cfg = cfg
         self.train = split == "train"
         self.seed = seed

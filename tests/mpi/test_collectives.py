@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from mpi4py import MPI
@@ -121,3 +123,34 @@ def test_staged_buckets_equal_one_tensor_at_a_time(comm: MPI.Comm, device: str, 
         FusedAllreduce(WireReducer(topo, "fp32", False, dev, direct=True), SHAPES, 1e-4).average_(direct)
         assert all(torch.equal(a, b) for a, b in zip(direct, tensors, strict=True))
     topo.close()
+
+
+def test_rank_0_alone_lists_the_images_and_every_rank_gets_the_list(
+    comm: MPI.Comm, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree of a million images listed by every rank is a metadata storm on a shared file system:
+    only rank 0 lists it; bad data stops every rank with the same one line."""
+    from hpcngd import cli, config
+    from hpcngd.data import folder as folder_reader
+    from hpcngd.data.demo import generate
+    from hpcngd.errors import AgreedError, UserError
+
+    if comm.rank == 0:
+        generate(folder / "data", train_per_class=2, val_per_class=1, size=16)
+    comm.Barrier()
+    cfg = config.loads(
+        "", overrides=[f"data.path={folder / 'data'}", "data.source=folder", "data.batch_size=4"]
+    )
+    scan = folder_reader.scan
+
+    def refused(*args: object) -> None:  # a UserError: every rank then fails, none waits for it
+        raise UserError(f"rank {comm.rank} listed the images")
+
+    with monkeypatch.context() as m:
+        if comm.rank:
+            m.setattr(folder_reader, "scan", refused)
+        train, val = cli.datasets(comm, cfg)
+    assert train.samples == scan(folder / "data" / "train")[1] and len(val) == 10  # listed here, again
+    bad = config.loads("", overrides=[f"data.path={folder / 'nothing'}", "data.source=folder"])
+    with pytest.raises(AgreedError, match=r"data\.path = .*nothing.*: folder not found"):
+        cli.datasets(comm, bad)

@@ -141,3 +141,19 @@ def test_plans_are_made_as_batches_are_asked_for(monkeypatch: pytest.MonkeyPatch
     for (epoch, step), keys in zip([(1, 2), (1, 3), (4, 0)], plans, strict=True):
         idx = sharding.local_indices(permutation(40, 5, epoch), step, 8, 1, 2)
         assert keys == [(int(i), epoch) for i in idx] == loader.keys(epoch, step)
+
+
+def test_a_listing_from_another_rank_needs_the_folder_here(demo: Path, tmp_path: Path) -> None:
+    """Rank 0 lists the images for every rank; a rank on a node where data.path is missing (data staged
+    to node-local disks, one node left out) says so by host name instead of failing at its first image."""
+    import socket
+
+    from hpcngd.data import list_samples
+
+    listing = list_samples(folder_cfg(demo), 10)
+    assert listing is not None
+    train, val = build_datasets(folder_cfg(demo), 10, 0, listing)
+    assert isinstance(train, ImageFolder) and train.samples == listing[0] and len(val) == 20
+    with pytest.raises(UserError, match=f"folder not found on {socket.gethostname()}"):
+        build_datasets(folder_cfg(tmp_path / "elsewhere"), 10, 0, listing)
+    assert list_samples(DataConfig(source="synthetic"), 10) is None
