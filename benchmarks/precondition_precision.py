@@ -57,7 +57,6 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--damping", type=float, default=NgdConfig().damping)
     args = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = build(args.arch, 1000).to(device)

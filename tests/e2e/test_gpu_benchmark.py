@@ -200,8 +200,9 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     # carried MPI wheels are installed only where this Python's MPI does not run
     assert f"WHEELS={wheels}: not installed, this Python's mpi4py loads and mpiexec is on PATH" in log
     steps = [
-        "versions", "MPI CUDA support", "GPU tests", "benchmark", "inference fp16", "inference bf16",
-        "two ranks: staged buckets test", "four ranks: training, comm.cuda_aware=false",
+        "versions", "MPI CUDA support", "GPU tests", "benchmark", "preconditioning precision",
+        "inference fp16", "inference bf16", "two ranks: staged buckets test",
+        "four ranks: training, comm.cuda_aware=false",
     ]  # fmt: skip
     if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
         steps += ["DALI GPU training: data", "DALI GPU training: sgd", "DALI GPU training: spngd"]
@@ -210,6 +211,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     # the GPU tests are collected and every one skips without CUDA (no error, no failure)
     assert re.search(r"^\d+ skipped in [\d.]+s$", proc.stdout, re.MULTILINE), log
     assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
+    assert "tf32x3: relative error median" in proc.stdout and "TF32 emulated on the CPU" in proc.stdout
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]
     assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]

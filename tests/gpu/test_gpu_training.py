@@ -183,10 +183,11 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
         torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
 
 
-def test_tf32_preconditioning_moves_a_wide_layer_by_its_rounding_and_tf32x3_does_not(no_tf32: None) -> None:
+def test_tf32_preconditioning_moves_a_wide_layer_by_its_rounding_and_tf32x3_does_not() -> None:
     """ngd.precondition_precision on a GPU: against fp64, the fp32 and tf32x3 products of a wide layer
     agree to fp32 rounding; tf32's move by about TF32's rounding (10 mantissa bits); the process-wide
-    TF32 flag is off again afterwards."""
+    TF32 setting is off again afterwards. (torch's default: fp32 matmuls without TF32; the no_tf32
+    fixture is not used, as its legacy flags would mix with the setting the preconditioner uses.)"""
     from hpcngd.config import NgdConfig
     from hpcngd.ngd import Preconditioner
     from hpcngd.ngd.preconditioner import tf32_matmuls_on
