@@ -242,6 +242,12 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
         for line in placement_lines(rows or []):
             log.say(line)
         log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
+        wanted = cfg.ngd.precondition_precision
+        if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
+            log.say(
+                f"note: ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
+                "preconditioning in fp32 here"
+            )
         if trainer.step >= trainer.total_steps:
             log.say(f"nothing to do: the run is complete at step {trainer.step}")
             log.close()

@@ -226,9 +226,10 @@ class NgdConfig(Section):
     dtype: str = opt("fp32", "Precision of factors and inverses.", choices=("fp32", "fp64"))
     precondition_precision: str = opt(
         "fp32",
-        "Products G^-1 dW A^-1 of fp32 factors on a GPU: fp32 units; tf32 (tensor cores, inputs rounded "
-        "to 10 mantissa bits: errors up to 16% where the product cancels); or tf32x3 (each operand split "
-        "in two TF32 parts, three tensor-core products: fp32's accuracy). CPU: always fp32.",
+        "Products G^-1 dW A^-1 of fp32 factors on a GPU with TF32 (compute capability >= 8.0): fp32 "
+        "units; tf32 (tensor cores, inputs rounded to 10 mantissa bits: errors up to 16% where the product "
+        "cancels); or tf32x3 (each operand split in two TF32 parts, three tensor-core products: about "
+        "fp32's accuracy; keeps the inverses' splits, twice their memory). Elsewhere always fp32.",
         choices=("fp32", "tf32", "tf32x3"),
     )
 

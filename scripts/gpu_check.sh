@@ -10,7 +10,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 765 s without DALI and 945 s with it (upper bounds: the
+# under `timeout`, with limits that add up to 785 s without DALI and 965 s with it (upper bounds: the
 # script has not yet run on a GPU; 2-3 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
@@ -161,7 +161,7 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 200 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 220 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
 fi
 if lacks torch numpy; then
   skip "preconditioning precision" "needs torch and numpy (missing: $missing)"

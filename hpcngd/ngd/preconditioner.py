@@ -65,21 +65,26 @@ def tf32_matmuls_on() -> bool:
     return bool(flags.allow_tf32)
 
 
+def has_tf32(device: torch.device) -> bool:
+    """Whether ``device`` has TF32 tensor cores (a CUDA GPU of compute capability 8.0 or later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def split_tf32(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``t`` (fp32) as ``hi + lo``: ``hi`` rounded to TF32's 10 mantissa bits (exact on tensor cores),
-    ``lo`` the exact remainder (at most 2^-11 of ``t``)."""
+    """``t`` (fp32) as ``hi + lo``: ``hi`` truncated to TF32's 10 mantissa bits (exact on tensor cores),
+    ``lo`` the exact remainder (below 2^-10 of ``t``). Two kernels."""
     assert t.dtype == torch.float32, t.dtype
-    bits = t.contiguous().view(torch.int32)
-    hi = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    hi = (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
     return hi, t - hi
 
 
 def matmul_tf32x3(x: tuple[Tensor, Tensor], y: tuple[Tensor, Tensor]) -> Tensor:
-    """``x @ y`` from split operands in three products: ``hi hi + (hi lo + lo hi)``. On TF32 tensor
-    cores only ``lo`` is rounded, so the result has about fp32's accuracy (the dropped ``lo lo`` and the
-    rounding of ``lo`` are 2^-22 of the product)."""
+    """``x @ y`` from split operands in three products, ``hi hi + (hi lo + lo hi)``, the small terms
+    summed first (three kernels). On TF32 tensor cores only ``lo`` is rounded: the result is off by
+    about 2^-20 of the product plus fp32's sums (on ResNet-50, measured as close to fp32's as fp32 is to
+    fp64; see benchmarks/precondition_precision.py)."""
     (x_hi, x_lo), (y_hi, y_lo) = x, y
-    return x_hi @ y_hi + (x_hi @ y_lo + x_lo @ y_hi)
+    return torch.addmm(torch.addmm(x_hi @ y_lo, x_lo, y_hi), x_hi, y_hi)
 
 
 @dataclass
@@ -154,6 +159,9 @@ class Preconditioner:
         self.failures: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._splits: dict[Key, tuple[Tensor, Tensor, Tensor]] = {}  # tf32x3: inverse, hi, lo
+        # TF32 needs tensor cores and fp32 factors; elsewhere precondition_precision changes nothing
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.tf32 = cfg.precondition_precision != "fp32" and self.dtype == torch.float32 and has_tf32(device)
 
     def due(self, step: int) -> set[Key]:
         """The statistics recomputed at ``step``."""
@@ -193,7 +201,7 @@ class Preconditioner:
         self.sync()
         t2 = time.perf_counter()
         owned = [(name, m) for name, m in self.layers.items() if name in self.owned]  # d
-        with tf32_matmuls(self.cfg.precondition_precision != "fp32"):
+        with tf32_matmuls(self.tf32):
             for name, module in owned:
                 if not isinstance(module, nn.BatchNorm2d):
                     self._precondition(name, module)
@@ -236,7 +244,7 @@ class Preconditioner:
         if a_inv is None or g_inv is None or module.weight.grad is None:
             return  # no curvature yet: the plain gradient is used
         grad = factors.grad_matrix(module).to(a_inv.dtype)
-        if self.cfg.precondition_precision == "tf32x3" and a_inv.dtype == torch.float32:
+        if self.tf32 and self.cfg.precondition_precision == "tf32x3":
             left = matmul_tf32x3(self._split((name, "G"), g_inv), split_tf32(grad))
             factors.set_grad_matrix(module, matmul_tf32x3(split_tf32(left), self._split((name, "A"), a_inv)))
         else:

@@ -133,8 +133,12 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert "factors refreshed 54 inverted 54" in res.stdout
     assert "devices on " in res.stdout and "rank 0 -> cpu (cpu)" in res.stdout
     assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
-    two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", ranks=2)
+    assert "note: ngd.precondition_precision" not in res.stdout
+    tf32x3 = ["--set", "ngd.precondition_precision=tf32x3"]
+    two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
+    # no tensor cores on a CPU: said once, and the products stay fp32
+    assert two.stdout.count("note: ngd.precondition_precision = tf32x3 needs TF32 tensor cores") == 1
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()
     last = [r for r in map(json.loads, lines) if r["kind"] == "train"][-1]
     assert last["comm_bytes_world"] > 0 and last["comm_bytes_allgatherv"] > 0
