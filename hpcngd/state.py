@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,19 +177,21 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
 def _expected_bytes(trainer: Trainer) -> int:
     """About what :func:`save`'s arrays take (those of rank 0, with every rank's mixup rows and an inverse
     the size of each statistic); the small per-rank states are left to the writer's margin."""
-    tensors = [*trainer.model.state_dict().values(), *trainer.optimizer_tensors()]
-    total = sum(t.nelement() * t.element_size() for t in tensors)
+    total = _nbytes([*trainer.model.state_dict().values(), *trainer.optimizer_tensors()])
     if trainer.ngd is not None:
-        values = [s.value for s in trainer.ngd.stats.values() if s.value is not None]
-        total += 2 * sum(v.nelement() * v.element_size() for v in values)
+        total += 2 * _nbytes([s.value for s in trainer.ngd.stats.values() if s.value is not None])
     return total + (_mixup_bytes(trainer) if _mixup_saved(trainer) else 0)
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.nelement() * t.element_size() for t in tensors)
 
 
 def _mixup_bytes(trainer: Trainer) -> int:
     """Running mixup's previous batch over all ranks (0 when there is none)."""
     if trainer.mixup is None or trainer.mixup.prev is None:
         return 0
-    return sum(t.nelement() * t.element_size() for t in trainer.mixup.prev) * trainer.topo.size
+    return _nbytes(trainer.mixup.prev) * trainer.topo.size
 
 
 def _mixup_saved(trainer: Trainer) -> bool:

@@ -11,7 +11,7 @@
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
 # under `timeout`, with limits that add up to 785 s without DALI and 965 s with it (upper bounds: the
-# script has not yet run on a GPU; 2-3 minutes are expected on one H100):
+# script has not yet run on a GPU; 3-4 minutes are expected on one H100):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run

@@ -114,12 +114,8 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self.steps_per_epoch = sharding.steps_per_epoch(len(dataset), batch_size)
 
-    def keys(self, epoch: int, step: int) -> Keys:
-        """The (index, epoch) keys of this rank's part of batch ``step`` of ``epoch``."""
-        return next(self.plans([(epoch, step)]))
-
     def plans(self, order: Iterable[tuple[int, int]]) -> Iterator[Keys]:
-        """This rank's keys of each (epoch, step) in ``order``, made as they are asked for.
+        """This rank's (index, epoch) keys of each (epoch, step) in ``order``, made as they are asked for.
 
         An epoch's permutation is drawn once (about 20 ms for ImageNet's 1.28M images), not once per
         step, and no plan is made before its batch is loaded: a run of thousands of steps starts at once.
