@@ -51,6 +51,7 @@ from hpcngd import config
 from hpcngd.comm.topology import Topology
 from hpcngd.data import build_datasets
 from hpcngd.metrics import PHASES, MetricsLog
+from hpcngd.ngd import factors
 from hpcngd.train import Trainer
 
 INTERVAL = config.NgdConfig().stale_max_interval  # D of the amortized figure: the run-file default
@@ -267,6 +268,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "factor_products_16bit": factors.MM_OUT_DTYPE,  # AMP's A and G: 16-bit values, fp32 out
     }
 
 

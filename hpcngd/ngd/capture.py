@@ -6,8 +6,8 @@ layer's output adds the G sum when the output gradient arrives. A BatchNorm2d ke
 output gradient arrives and then adds its unit-wise blocks. Sums add up over micro-batches: factors of
 accumulated micro-batches are averages over all the rank's examples. Disarmed, the hooks do nothing.
 
-The hooks run inside the forward's autocast region; they turn autocast off, so that factors are computed
-from fp32 (or fp64) copies in fp32 (fp64) arithmetic, never in fp16/bf16 (an fp16 A sum overflows).
+The hooks run inside the forward's autocast region; they turn autocast off, so that factors are fp32 (or
+fp64) sums of exact products of the captured values, never fp16/bf16 sums (an fp16 A sum overflows).
 
 A tensor hook (not a module backward hook) is used because the ResNets apply in-place ReLU to BN outputs;
 a hook registered before an in-place change receives the gradient w.r.t. the value it was registered on.

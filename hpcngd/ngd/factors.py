@@ -14,7 +14,8 @@ The functions below return *sums* over examples together with the example count,
 several micro-batches (and, later, of several ranks) combine exactly by adding sums and counts before
 one division (:class:`FactorSum`). ``grad_scale`` turns the captured ``g`` into ``gh``: it is the
 number of examples the loss was averaged over (and, under AMP, divided by the loss scale).
-Everything is computed in ``dtype`` (fp32 by default, fp64 on request) whatever the activations' dtype.
+Everything is computed in ``dtype`` (fp32 by default, fp64 on request) whatever the activations' dtype:
+A and G as fp32 (fp64) products of the captured values (see :func:`gram` for fp16/bf16 ones on a GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) exists
 
 
 @dataclass
@@ -41,45 +44,98 @@ class FactorSum:
         return self.total / self.count
 
 
-def patches(module: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows ``a`` of the layer's input, shape (n * T, d_in [+1 for bias]).
+def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Rows ``a`` of the layer's input in ``x``'s dtype, shape (n * T, d_in [+1 for bias]), and the order
+    of their columns: None when it is the weight's, else the permutation that puts them in it.
 
-    Conv2d: im2col patches (``F.unfold`` with the layer's kernel, stride, padding and dilation).
+    Conv2d: im2col patches with the layer's kernel, stride, padding and dilation, built in the (n, h, w, c)
+    layout, which is a view of a channels_last input. A 1x1 kernel without padding takes strided views
+    (no copy of a channels_last input with stride 1); a larger one writes each kernel offset's view as one
+    contiguous block of channels, so its columns come ordered (kh, kw, c) where the weight has (c, kh, kw).
     """
-    x = x.detach().to(dtype)
-    if isinstance(module, nn.Conv2d):
+    x = x.detach()
+    if not isinstance(module, nn.Conv2d):
+        rows = x.reshape(-1, x.shape[-1])
+        order = None
+    else:
         if module.groups != 1:
             raise RuntimeError(f"grouped convolution (groups={module.groups}) is not supported")
-        if not isinstance(module.padding, tuple):
-            raise RuntimeError(f"padding={module.padding!r} is not supported; use explicit padding")
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n*T, c_in*kh*kw)
-    else:
-        rows = x.reshape(-1, x.shape[-1])
+        if not isinstance(module.padding, tuple) or module.padding_mode != "zeros":
+            raise RuntimeError(
+                f"padding={module.padding!r}, padding_mode={module.padding_mode!r} is not supported; "
+                "use explicit zero padding"
+            )
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+        )
+        _, c, h, w = x.shape
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        nhwc = x.permute(0, 2, 3, 1)
+        if ph or pw:
+            nhwc = F.pad(nhwc, (0, 0, pw, pw, ph, ph))
+        views = [
+            nhwc[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        if len(views) == 1:
+            rows, order = views[0].reshape(-1, c), None
+        else:
+            rows = torch.stack(views, dim=3).reshape(-1, len(views) * c)  # columns (kh, kw, c)
+            # column (c, k) of the weight's order is column (k, c) here
+            order = torch.arange(len(views) * c, device=x.device).view(len(views), c).T.reshape(-1)
     if getattr(module, "bias", None) is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+        if order is not None:
+            order = torch.cat([order, order.new_tensor([rows.shape[1] - 1])])
+    return rows, order
+
+
+def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rows^T rows`` in ``dtype``.
+
+    fp16/bf16 rows on a GPU, with fp32 asked for (activations and gradients under AMP), are multiplied on
+    the tensor cores as they are, with fp32 output: a product of two fp16 (bf16) numbers has at most 22
+    (16) significant bits, so it is exact in fp32, and cuBLAS accumulates in fp32 -- the arithmetic of
+    fp32 copies, without making them, at the tensor cores' speed. Anything else (and everything on a torch
+    without ``mm``'s ``out_dtype``, before 2.8) is converted to ``dtype`` first.
+    """
+    if (
+        MM_OUT_DTYPE
+        and rows.is_cuda
+        and dtype == torch.float32
+        and rows.dtype in (torch.float16, torch.bfloat16)
+    ):
+        return torch.mm(rows.T, rows, out_dtype=torch.float32)
+    rows = rows.to(dtype)
+    return rows.T @ rows
 
 
 def a_sum(module: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32) -> FactorSum:
     """Sum over examples of ``sum_t a a^T`` for a Conv2d or Linear input ``x``."""
-    rows = patches(module, x, dtype)
-    return FactorSum(rows.T @ rows, x.shape[0])
+    rows, order = patches(module, x)
+    total = gram(rows, dtype)
+    if order is not None:
+        total = total[order][:, order]
+    return FactorSum(total, x.shape[0])
 
 
-def output_grads(module: nn.Module, g: Tensor, grad_scale: float, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Per-example output gradients ``gh`` as rows (n * T, d_out), and T."""
-    gh = g.detach().to(dtype) * grad_scale
+def output_grads(module: nn.Module, g: Tensor) -> tuple[Tensor, int]:
+    """Output gradients as rows (n * T, d_out) in ``g``'s dtype (a view of a channels_last ``g``), and T."""
+    g = g.detach()
     if isinstance(module, nn.Conv2d):
-        positions = gh.shape[2] * gh.shape[3]
-        return gh.permute(0, 2, 3, 1).reshape(-1, gh.shape[1]), positions
-    return gh.reshape(-1, gh.shape[-1]), 1
+        return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]), g.shape[2] * g.shape[3]
+    return g.reshape(-1, g.shape[-1]), 1
 
 
 def g_sum(module: nn.Module, g: Tensor, grad_scale: float, dtype: torch.dtype = torch.float32) -> FactorSum:
-    """Sum over examples of ``(1/T) sum_t gh gh^T`` for a Conv2d or Linear output gradient ``g``."""
-    rows, positions = output_grads(module, g, grad_scale, dtype)
-    return FactorSum(rows.T @ rows / positions, g.shape[0])
+    """Sum over examples of ``(1/T) sum_t gh gh^T`` for a Conv2d or Linear output gradient ``g``, with
+    ``gh = grad_scale * g`` (the scale is applied to the sum: the captured fp16 values multiply exactly)."""
+    rows, positions = output_grads(module, g)
+    return FactorSum(gram(rows, dtype) * (grad_scale * grad_scale / positions), g.shape[0])
 
 
 def bn_xhat(module: nn.BatchNorm2d, x: Tensor, dtype: torch.dtype) -> Tensor:

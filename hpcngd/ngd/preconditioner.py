@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from hpcngd.config import NgdConfig
 from hpcngd.ngd import factors, inverse
 from hpcngd.ngd.capture import Capture, Key
-from hpcngd.ngd.stale import StaleInterval, relative_change
+from hpcngd.ngd.stale import StaleInterval, relative_changes
 
 log = logging.getLogger(__name__)
 PRECONDITIONED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
@@ -187,17 +188,20 @@ class Preconditioner:
             fresh = self.take_factors()
         self.sync()
         t1 = time.perf_counter()
+        values = {}
         for key, value in fresh.items():  # c
             stat = self.stats[key]
             if stat.value is not None and self.cfg.ema_decay < 1.0:
                 value = (1 - self.cfg.ema_decay) * stat.value + self.cfg.ema_decay * value
-            change = relative_change(value, stat.value) if stat.value is not None else float("inf")
-            stat.schedule.refreshed(step, change)
+            values[key] = value
+        old = {k: v for k in values if (v := self.stats[k].value) is not None}
+        changes = dict(zip(old, relative_changes([(values[k], v) for k, v in old.items()]), strict=True))
+        for key, value in values.items():
+            stat = self.stats[key]
+            stat.schedule.refreshed(step, changes.get(key, math.inf))
             stat.value = value
             report.refreshed += 1
-        for key in fresh:
-            if key[0] in self.owned:
-                self._invert(key, damping, report)
+        self._invert([key for key in fresh if key[0] in self.owned], damping, report)
         self.sync()
         t2 = time.perf_counter()
         owned = [(name, m) for name, m in self.layers.items() if name in self.owned]  # d
@@ -211,32 +215,42 @@ class Preconditioner:
         report.precondition_seconds = time.perf_counter() - t2
         return report
 
-    def _invert(self, key: Key, damping: float, report: StepReport) -> None:
-        """Damp and invert one refreshed statistic; a stale partner keeps its inverse untouched."""
-        name, kind = key
-        stat = self.stats[key]
-        assert stat.value is not None
-        if kind == "F":
-            stat.inverse = inverse.bn_block_inverse(stat.value, self.cfg.bn_damping or damping)
+    def _invert(self, keys: list[Key], damping: float, report: StepReport) -> None:
+        """Damp and invert the refreshed statistics ``keys``; a stale partner keeps its inverse untouched.
+        The traces for the damping and the inverses' checks are read once for all of them."""
+        pairs: list[tuple[Key, Tensor, Tensor]] = []  # (key, A, G)
+        for key in keys:
+            name, kind = key
+            value = self.stats[key].value
+            assert value is not None
+            if kind == "F":
+                self.stats[key].inverse = inverse.bn_block_inverse(value, self.cfg.bn_damping or damping)
+                report.inverted += 1
+                continue
+            a, g = self.stats[(name, "A")].value, self.stats[(name, "G")].value
+            if a is not None and g is not None:  # step 0 refreshes both: else a pass missed the layer
+                pairs.append((key, a, g))
+        traces = inverse.mean_traces([m for _, a, g in pairs for m in (a, g)])
+        damped = []
+        for i, (key, a, g) in enumerate(pairs):
+            add_a, add_g = inverse.terms_from_traces(traces[2 * i], traces[2 * i + 1], damping)
+            damped.append(inverse.add_diagonal(a if key[1] == "A" else g, add_a if key[1] == "A" else add_g))
+        for (key, _, _), (inv, how) in zip(pairs, inverse.robust_inverses(damped), strict=True):
+            name, kind = key
             report.inverted += 1
-            return
-        a, g = self.stats[(name, "A")].value, self.stats[(name, "G")].value
-        if a is None or g is None:
-            return  # step 0 refreshes both, so this happens only if a pass did not reach the layer
-        add_a, add_g = inverse.damping_terms(a, g, damping)
-        inv, how = inverse.robust_inverse(inverse.add_diagonal(stat.value, add_a if kind == "A" else add_g))
-        report.inverted += 1
-        report.retried_fp64 += how == "fp64"
-        if inv is None:
-            report.failed += 1
-            self.failures[f"{name}.{kind}"] += 1
-            if name not in self._warned:
-                self._warned.add(name)
-                log.warning(
-                    "SP-NGD: inverting %s.%s failed in fp32 and fp64; keeping the previous one", name, kind
-                )
-            return
-        stat.inverse = inv
+            report.retried_fp64 += how == "fp64"
+            if inv is None:
+                report.failed += 1
+                self.failures[f"{name}.{kind}"] += 1
+                if name not in self._warned:
+                    self._warned.add(name)
+                    log.warning(
+                        "SP-NGD: inverting %s.%s failed in fp32 and fp64; keeping the previous one",
+                        name,
+                        kind,
+                    )
+                continue
+            self.stats[key].inverse = inv
 
     def _precondition(self, name: str, module: nn.Module) -> None:
         assert isinstance(module, (nn.Conv2d, nn.Linear))

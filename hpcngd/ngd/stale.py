@@ -16,12 +16,23 @@ import torch
 from torch import Tensor
 
 
+def relative_changes(pairs: list[tuple[Tensor, Tensor]]) -> list[float]:
+    """``||new - old||_F / ||old||_F`` of each (new, old) pair (inf where ``old`` is zero), read from the
+    device in one transfer."""
+    if not pairs:
+        return []
+    norms = torch.stack(
+        [
+            torch.stack([torch.linalg.vector_norm(new - old), torch.linalg.vector_norm(old)])
+            for new, old in pairs
+        ]
+    ).tolist()
+    return [math.inf if denom == 0.0 else diff / denom for diff, denom in norms]
+
+
 def relative_change(new: Tensor, old: Tensor) -> float:
     """``||new - old||_F / ||old||_F`` (inf when ``old`` is zero)."""
-    denom = float(torch.linalg.vector_norm(old))
-    if denom == 0.0:
-        return math.inf
-    return float(torch.linalg.vector_norm(new - old)) / denom
+    return relative_changes([(new, old)])[0]
 
 
 @dataclass

@@ -208,3 +208,37 @@ def test_tf32_preconditioning_moves_a_wide_layer_by_its_rounding_and_tf32x3_does
     assert error["fp32"] < 1e-4 and error["tf32x3"] < 1e-4, error
     assert 1e-5 < error["tf32"] < 3e-2, error
     assert not tf32_matmuls_on()
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_factors_are_fp32_products_of_the_captured_values(half: torch.dtype) -> None:
+    """A and G from fp16/bf16 activations and gradients on the GPU (tensor cores with fp32 output, where
+    torch has mm's out_dtype) agree with the fp64 products of the same values, built from F.unfold on the
+    CPU, to fp32 rounding: 2e-5 of the largest entry, where a result rounded to fp16 is off by 5e-4."""
+    import torch.nn.functional as F
+
+    from hpcngd.ngd import factors
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(64, 32, 3, stride=(2, 2), padding=(1, 1)).cuda()
+    x = (
+        (torch.randn(16, 64, 28, 28, device="cuda") * 3)
+        .to(half)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    g = (
+        (torch.randn(16, 32, 14, 14, device="cuda") * 300)
+        .to(half)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    cols = F.unfold(x.cpu().double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    a_rows = torch.cat([cols.transpose(1, 2).reshape(-1, cols.shape[1]), torch.ones(16 * 196, 1).double()], 1)
+    g_rows = g.cpu().double().permute(0, 2, 3, 1).reshape(-1, 32) * 0.25
+    for got, rows, per in (
+        (factors.a_sum(conv, x).total, a_rows, 1),
+        (factors.g_sum(conv, g, 0.25).total, g_rows, 196),
+    ):
+        assert got.dtype == torch.float32 and got.is_cuda
+        exact = rows.T @ rows / per
+        scale = (rows.abs().T @ rows.abs()).max() / per
+        assert float((got.cpu().double() - exact).abs().max() / scale) < 2e-5

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpcngd.config import NgdConfig, OptimConfig
 from hpcngd.models import resnet
-from hpcngd.ngd import Preconditioner, curvature, inverse
+from hpcngd.ngd import Preconditioner, curvature, factors, inverse
 from hpcngd.ngd.stale import StaleInterval, relative_change
 from hpcngd.optim import SPNGD, damping_at, param_groups, rescale_weights
 
@@ -89,6 +89,66 @@ def test_conv_factors_equal_loops_over_patches(kernel: object, stride: int, padd
                 g_ref += torch.outer(g, g)
     torch.testing.assert_close(c.A, a_ref / n, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(c.G, g_ref / (n * ho * wo), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "channels_last"),
+    [
+        (3, 1, 1, 1, True),
+        (3, 2, 1, 1, False),
+        ((3, 2), (2, 1), (1, 0), (2, 1), True),
+        (1, 2, 0, 1, True),
+        (1, 1, 0, 1, False),
+        (7, 2, 3, 1, True),
+        ((2, 3), 1, (1, 2), 2, False),
+    ],
+)
+def test_conv_patches_are_unfold_columns(
+    kernel: object, stride: object, padding: object, dilation: object, channels_last: bool
+) -> None:
+    """The (n, h, w, c) patch rows, put in the weight's column order, are F.unfold's im2col rows, and A
+    is their Gram matrix (an independent reference: unfold's own patch extraction)."""
+    torch.manual_seed(12)
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 9, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    ref = torch.cat(
+        [cols.transpose(1, 2).reshape(-1, cols.shape[1]), torch.ones(cols.shape[0] * cols.shape[2], 1)], 1
+    )
+    rows, order = factors.patches(conv, x)
+    if order is not None:
+        assert sorted(order.tolist()) == list(range(ref.shape[1]))
+        rows = rows[:, order]
+    torch.testing.assert_close(rows, ref, rtol=0, atol=0)
+    torch.testing.assert_close(
+        factors.a_sum(conv, x, torch.float64).total, ref.T @ ref, rtol=1e-12, atol=1e-12
+    )
+    assert conv(x).shape[2] * conv(x).shape[3] * 2 == ref.shape[0]
+
+
+def test_g_sum_applies_the_gradient_scale_to_the_sum() -> None:
+    torch.manual_seed(13)
+    conv = nn.Conv2d(3, 5, 3, padding=(1, 1))
+    g = torch.randn(4, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    gh = (g * 3.5).permute(0, 2, 3, 1).reshape(-1, 5)
+    s = factors.g_sum(conv, g, 3.5, torch.float64)
+    assert s.count == 4
+    torch.testing.assert_close(s.total, gh.T @ gh / 42, rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_rows_multiply_as_their_fp32_copies() -> None:
+    """gram of fp16/bf16 rows (on a CPU: converted first) equals the fp64 product of the same values to
+    fp32 rounding (fp16 rounding would be 500x worse); the GPU path (tests/gpu) is held to the same bound."""
+    torch.manual_seed(14)
+    for half in (torch.float16, torch.bfloat16):
+        rows = (torch.randn(3000, 40) * 50).to(half)
+        exact = rows.double().T @ rows.double()
+        got = factors.gram(rows, torch.float32)
+        assert got.dtype == torch.float32
+        scale = (rows.double().abs().T @ rows.double().abs()).max()  # off-diagonal sums cancel
+        assert float((got.double() - exact).abs().max() / scale) < 1e-6
 
 
 def test_unit_wise_bn_blocks_equal_per_example_gradients() -> None:
@@ -165,7 +225,6 @@ def test_tf32_is_on_for_the_preconditioning_products_only(
     tensor cores (forced here: the CPU has none, and there nothing is touched) and restores torch's
     setting after them; otherwise it touches nothing (torch refuses to mix its two TF32 APIs, so a
     needless write could break a caller's reads)."""
-    from hpcngd.ngd import factors
     from hpcngd.ngd.preconditioner import tf32_matmuls_on
 
     seen: list[bool] = []
@@ -318,6 +377,44 @@ def test_the_update_runs_a_fixed_number_of_kernels_and_bn_layers_add_none() -> N
     assert layers20 - layers8 == 12
     assert pre20 - pre8 == 3 * (layers20 - layers8)
     assert opt8 == opt20 < 10 and rescale8 == rescale20 < 5
+
+
+def test_a_refresh_step_reads_the_device_a_fixed_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each read of a value (``float()``, ``bool()``, ``tolist()``) waits for every queued kernel.
+    Refreshing every statistic reads the relative changes, the traces for the damping and the inverses'
+    checks once each for all layers: the same number of reads for 10 or 22 conv/fc layers (and their
+    BatchNorm layers), where the reads of one factor at a time were about a dozen a layer."""
+    reads = {"tolist": 0, "scalar": 0}
+    tolist = torch.Tensor.tolist
+
+    def counted(self: torch.Tensor) -> object:
+        reads["tolist"] += 1
+        return tolist(self)
+
+    class Scalars(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            reads["scalar"] += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    seen = {}
+    for arch in ("resnet8", "resnet20"):
+        torch.manual_seed(3)
+        model = resnet.build(arch, 10).float()
+        x, y = torch.randn(4, 3, 8, 8, dtype=torch.float32), torch.randint(10, (4,))
+        pre = Preconditioner(model, NgdConfig())
+        for step in (0, 1):  # step 1 also computes every relative change
+            model.zero_grad()
+            pre.begin(step, grad_scale=4)
+            F.cross_entropy(model(x), y).backward()
+            fresh = pre.take_factors()
+            reads.update(tolist=0, scalar=0)
+            with Scalars():
+                report = pre.step(step, damping=1e-3, fresh=fresh)
+            assert report.refreshed == len(fresh) == len(pre.stats) and report.failed == 0
+        seen[arch] = dict(reads)
+        pre.close()
+    assert seen["resnet8"] == seen["resnet20"] == {"tolist": 3, "scalar": 0}
 
 
 def test_tf32x3_adds_eight_kernels_a_layer_and_splits_each_inverse_once() -> None:

@@ -1,0 +1,114 @@
+"""Time of SP-NGD's statistics on a refresh step, by kind: A (input side), G (output side), BatchNorm F.
+
+    python benchmarks/factors.py --device cuda                     # ResNet-50, 224 px, batch 128, AMP fp16
+    python benchmarks/factors.py --arch resnet8 --image-size 32 --batch 8 --precision bf16   # a CPU smoke run
+
+One model, one synthetic batch on the device (channels_last on a GPU), forward and backward under the
+run's autocast with the capture hooks armed for one kind of statistic at a time; the hooks' own time
+(CUDA events on a GPU, the host clock on a CPU: ``Capture.take_seconds``) is the median of --repeats
+passes. Under fp16/bf16 AMP on a GPU each kind is timed twice: as training computes it (the captured
+16-bit values multiplied on tensor cores with fp32 output, where torch has ``mm``'s ``out_dtype``) and
+through fp32 copies of them, the arithmetic it replaces. Also prints the GFLOP of the A and G products
+(``n T d^2`` each, two FLOP a multiply-add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcngd.models.resnet import build
+from hpcngd.ngd import Capture, factors, select_layers, statistic_keys
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def gflop(layers: dict[str, nn.Module], model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """GFLOP of the A and G Gram products for one pass of ``x``."""
+    rows: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: rows.__setitem__(n, o.numel() // o.shape[1]))
+        for n, m in layers.items()
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    flop = {"A": 0.0, "G": 0.0}
+    for name, m in layers.items():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            d_in = m.weight[0].numel() + (m.bias is not None)
+            flop["A"] += 2 * rows[name] * d_in**2
+            flop["G"] += 2 * rows[name] * m.weight.shape[0] ** 2
+    return {k: v / 1e9 for k, v in flop.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--precision", choices=list(DTYPES), default="fp16")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    model = build(args.arch, 1000).to(device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)  # type: ignore[call-overload]
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+    y = torch.randint(1000, (args.batch,), device=device)
+    half = DTYPES[args.precision]
+    layers = select_layers(model, ())
+    keys = statistic_keys(layers)
+    capture = Capture(layers, torch.float32)
+    flop = gflop(layers, model, x)
+
+    def timed(kind: str) -> float:
+        """Median ms of the hooks that compute ``kind`` over the repeats (one untimed pass first)."""
+        want = {k for k in keys if k[1] == kind}
+        ms = []
+        for i in range(args.repeats + 1):
+            capture.arm(want, grad_scale=float(args.batch))
+            with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            assert set(capture.take()) == want
+            seconds = capture.take_seconds()
+            if i:
+                ms.append(seconds * 1e3)
+        return statistics.median(ms)
+
+    direct = device.type == "cuda" and half != torch.float32 and factors.MM_OUT_DTYPE
+    paths = {"as trained": factors.MM_OUT_DTYPE}
+    if direct:
+        paths["through fp32 copies"] = False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"{args.arch} {args.image_size}px batch {args.batch} on {name} | autocast {args.precision} | "
+        f"torch {torch.__version__} | 16-bit products, fp32 out: {'yes' if direct else 'no'} | "
+        f"median of {args.repeats} | "
+        f"A products {flop['A']:.0f} GFLOP, G products {flop['G']:.0f} GFLOP"
+    )
+    print(f"{'statistics':24s} {'A ms':>8s} {'G ms':>8s} {'BN F ms':>8s} {'total ms':>9s} {'A TFLOP/s':>10s}")
+    try:
+        for label, fast in paths.items():
+            factors.MM_OUT_DTYPE = fast
+            ms = {kind: timed(kind) for kind in ("A", "G", "F")}
+            rate = flop["A"] / ms["A"]  # GFLOP per ms = TFLOP/s
+            cols = " ".join(f"{ms[kind]:8.1f}" for kind in ("A", "G", "F"))
+            print(f"{label:24s} {cols} {sum(ms.values()):9.1f} {rate:10.2f}")
+    finally:
+        factors.MM_OUT_DTYPE = paths["as trained"]
+        capture.remove()
+
+
+if __name__ == "__main__":
+    main()
