@@ -10,7 +10,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 845 s without DALI and 1,025 s with it (upper bounds: on
+# under `timeout`, with limits that add up to 905 s without DALI and 1,085 s with it (upper bounds: on
 # one H100 the whole script took 154 s on 2026-11-27, without DALI):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
@@ -19,6 +19,7 @@
 #      then benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32,
 #      on the GPU's TF32 tensor cores and with TF32x3, against fp64 (the CPU only emulates TF32); and
 #      benchmarks/factors.py: the time of each kind of statistic (A, G, BatchNorm) on a refresh step;
+#      benchmarks/inversion.py: the time to invert all of ResNet-50's factors on the GPU;
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
 #   5. with an mpiexec (MPIEXEC, else found on PATH): ranks sharing the GPU, so that the communication
 #      from GPU memory runs (a single rank never communicates): the staged-bucket test on two ranks, then
@@ -109,7 +110,7 @@ needed="torch mpi4py h5py numpy"
 case $DEVICE in
   cuda)
     amp=fp16 bench_args=() model="resnet50" classes=1000 size=224 batch=128 precision_args=(--device cuda)
-    factor_args=(--device cuda)
+    factor_args=(--device cuda) inversion_args=(--device cuda)
     ranks_model="resnet20" ranks_batch=64 dali_device=gpu dali_size=320 dali_images=40 dali_batch=32
     ;;
   cpu)
@@ -119,6 +120,7 @@ case $DEVICE in
       --steps 2 --ngd-steps 2 --warmup 1 --amp "$amp")
     precision_args=(--device cpu --arch "$model" --batch 8 --image-size 16)
     factor_args=(--device cpu --arch "$model" --batch 8 --image-size "$size" --precision "$amp" --repeats 1)
+    inversion_args=(--device cpu --arch "$model" --repeats 1)
     ;;
   *)
     echo "CHECK_DEVICE must be cuda or cpu, not '$DEVICE'"
@@ -171,6 +173,11 @@ if lacks torch numpy; then
 else
   step "preconditioning precision" 60 "$PY" benchmarks/precondition_precision.py "${precision_args[@]}"
   step "factor statistics" 60 "$PY" benchmarks/factors.py "${factor_args[@]}"
+fi
+if lacks torch mpi4py; then
+  skip "inversion" "needs torch and mpi4py (missing: $missing)"
+else
+  step "inversion" 60 "$PY" benchmarks/inversion.py "${inversion_args[@]}"
 fi
 
 # 4. Inference latency per layer of the benchmark's SGD AMP checkpoint (its model, batch and seed)
