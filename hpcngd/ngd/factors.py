@@ -138,21 +138,22 @@ def g_sum(module: nn.Module, g: Tensor, grad_scale: float, dtype: torch.dtype = 
     return FactorSum(gram(rows, dtype) * (grad_scale * grad_scale / positions), g.shape[0])
 
 
-def bn_xhat(module: nn.BatchNorm2d, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """The normalized input, recomputed from the input with the batch statistics (training mode)."""
-    x = x.detach().to(dtype)
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + module.eps)
-
-
 def bn_per_example(
     module: nn.BatchNorm2d, x: Tensor, g: Tensor, grad_scale: float, dtype: torch.dtype
 ) -> Tensor:
-    """Per-example (gamma, beta) gradients of every channel, shape (n, C, 2)."""
-    gh = g.detach().to(dtype) * grad_scale
-    xhat = bn_xhat(module, x, dtype)
-    return torch.stack([(gh * xhat).sum(dim=(2, 3)), gh.sum(dim=(2, 3))], dim=2)
+    """Per-example (gamma, beta) gradients of every channel, shape (n, C, 2): ``sum_t gh * xhat`` and
+    ``sum_t gh``, with ``xhat`` recomputed from the input and the batch statistics (training mode).
+
+    In ``dtype``, in few passes over the activations: one copy of ``x`` is centred and multiplied by
+    ``g`` in place, and the division by the standard deviation and the gradient scale are applied to
+    the per-channel sums.
+    """
+    centred = x.detach().to(dtype, copy=True)  # the captured input itself stays untouched
+    var, mean = torch.var_mean(centred, dim=(0, 2, 3), unbiased=False, keepdim=True)
+    g = g.detach().to(dtype)
+    d_beta = g.sum(dim=(2, 3))
+    d_gamma = centred.sub_(mean).mul_(g).sum(dim=(2, 3)) / torch.sqrt(var.flatten() + module.eps)
+    return torch.stack([d_gamma, d_beta], dim=2) * grad_scale
 
 
 def bn_sum(

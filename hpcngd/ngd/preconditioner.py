@@ -188,13 +188,11 @@ class Preconditioner:
             fresh = self.take_factors()
         self.sync()
         t1 = time.perf_counter()
-        values = {}
-        for key, value in fresh.items():  # c
-            stat = self.stats[key]
-            if stat.value is not None and self.cfg.ema_decay < 1.0:
-                value = (1 - self.cfg.ema_decay) * stat.value + self.cfg.ema_decay * value
-            values[key] = value
+        values = dict(fresh)  # c
         old = {k: v for k in values if (v := self.stats[k].value) is not None}
+        if old and self.cfg.ema_decay < 1.0:  # (1 - decay) * old + decay * new, one multi-tensor op
+            averaged = torch._foreach_lerp(list(old.values()), [values[k] for k in old], self.cfg.ema_decay)
+            values.update(zip(old, averaged, strict=True))
         changes = dict(zip(old, relative_changes([(values[k], v) for k, v in old.items()]), strict=True))
         for key, value in values.items():
             stat = self.stats[key]
