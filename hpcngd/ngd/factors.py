@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) exists
+# torch.mm(..., out_dtype=) exists, and with fp16/bf16 inputs and fp32 output (CUDA; not ROCm)
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and torch.version.hip is None
 
 
 @dataclass
@@ -97,17 +98,21 @@ def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
 def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
     """``rows^T rows`` in ``dtype``.
 
-    fp16/bf16 rows on a GPU, with fp32 asked for (activations and gradients under AMP), are multiplied on
-    the tensor cores as they are, with fp32 output: a product of two fp16 (bf16) numbers has at most 22
-    (16) significant bits, so it is exact in fp32, and cuBLAS accumulates in fp32 -- the arithmetic of
-    fp32 copies, without making them, at the tensor cores' speed. Anything else (and everything on a torch
-    without ``mm``'s ``out_dtype``, before 2.8) is converted to ``dtype`` first.
+    fp16/bf16 rows on an NVIDIA GPU, with fp32 asked for (activations and gradients under AMP), are
+    multiplied on the tensor cores as they are, with fp32 output: a product of two fp16 (bf16) numbers has
+    at most 22 (16) significant bits, so every product is exact in fp32, as with fp32 copies, and the sums
+    are kept in the tensor cores' fp32 accumulators. Those do not round as IEEE fp32 adds do (they
+    truncate), so long sums can drift a little more than fp32 units' (``benchmarks/factors.py`` prints the
+    drift on ResNet-50's longest sum). Anything else is converted to ``dtype`` first: other dtypes, CPUs,
+    ROCm, a torch without ``mm``'s ``out_dtype`` (before 2.8), and fp16 reductions allowed in cuBLAS
+    (``torch.backends.cuda.matmul.allow_fp16_accumulation``, which that ``mm`` refuses).
     """
     if (
         MM_OUT_DTYPE
         and rows.is_cuda
         and dtype == torch.float32
         and rows.dtype in (torch.float16, torch.bfloat16)
+        and not getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False)
     ):
         return torch.mm(rows.T, rows, out_dtype=torch.float32)
     rows = rows.to(dtype)
@@ -119,7 +124,7 @@ def a_sum(module: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32) -> F
     rows, order = patches(module, x)
     total = gram(rows, dtype)
     if order is not None:
-        total = total[order][:, order]
+        total = total[order[:, None], order]  # one gather
     return FactorSum(total, x.shape[0])
 
 

@@ -73,6 +73,9 @@ def cholesky_inverses(ms: list[Tensor]) -> list[Tensor | None]:
     checks: list[Tensor] = []
     for m in ms:
         chol, info = torch.linalg.cholesky_ex(m)
+        # a failed factor (info > 0) is replaced by I before the inversion, which on a CPU would raise on
+        # its zero pivot; the check below still marks it failed, and nothing waits for ``info``
+        chol = torch.where(info == 0, chol, torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
         inv = torch.cholesky_inverse(chol)
         invs.append(inv)
         checks.append((info == 0) & torch.isfinite(m).all() & torch.isfinite(inv).all())

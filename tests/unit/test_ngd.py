@@ -92,31 +92,32 @@ def test_conv_factors_equal_loops_over_patches(kernel: object, stride: int, padd
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding", "dilation", "channels_last"),
+    ("kernel", "stride", "padding", "dilation", "channels_last", "bias"),
     [
-        (3, 1, 1, 1, True),
-        (3, 2, 1, 1, False),
-        ((3, 2), (2, 1), (1, 0), (2, 1), True),
-        (1, 2, 0, 1, True),
-        (1, 1, 0, 1, False),
-        (7, 2, 3, 1, True),
-        ((2, 3), 1, (1, 2), 2, False),
+        (3, 1, 1, 1, True, False),
+        (3, 2, 1, 1, False, True),
+        ((3, 2), (2, 1), (1, 0), (2, 1), True, True),
+        (1, 2, 0, 1, True, False),
+        (1, 1, 0, 1, False, True),
+        (1, 1, 1, 1, True, False),
+        (7, 2, 3, 1, True, False),
+        ((2, 3), 1, (1, 2), 2, False, True),
     ],
 )
 def test_conv_patches_are_unfold_columns(
-    kernel: object, stride: object, padding: object, dilation: object, channels_last: bool
+    kernel: object, stride: object, padding: object, dilation: object, channels_last: bool, bias: bool
 ) -> None:
     """The (n, h, w, c) patch rows, put in the weight's column order, are F.unfold's im2col rows, and A
     is their Gram matrix (an independent reference: unfold's own patch extraction)."""
     torch.manual_seed(12)
-    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)  # type: ignore[arg-type]
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)  # type: ignore[arg-type]
     x = torch.randn(2, 3, 9, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    ref = torch.cat(
-        [cols.transpose(1, 2).reshape(-1, cols.shape[1]), torch.ones(cols.shape[0] * cols.shape[2], 1)], 1
-    )
+    ref = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if bias:
+        ref = torch.cat([ref, torch.ones(len(ref), 1)], 1)
     rows, order = factors.patches(conv, x)
     if order is not None:
         assert sorted(order.tolist()) == list(range(ref.shape[1]))
@@ -473,6 +474,12 @@ def test_ill_conditioned_factor_is_retried_in_fp64() -> None:
     nan = torch.full((3, 3), float("nan"))
     assert inverse.robust_inverse(nan) == (None, "failed")
     assert inverse.robust_inverse(-torch.eye(3)) == (None, "failed")
+    # exact zero pivots (rank-deficient, damping below fp32's and fp64's resolution) fail, not raise,
+    # and the rest of the list is inverted
+    singular = [torch.ones(2, 2), torch.zeros(3, 3), inverse.add_diagonal(torch.full((4, 4), 1e17), 1e-3)]
+    got = inverse.robust_inverses([*singular, 2 * torch.eye(2)])
+    assert [how for _, how in got] == ["failed", "failed", "failed", "ok"]
+    torch.testing.assert_close(got[3][0], torch.eye(2) / 2)
 
 
 def test_non_finite_factor_keeps_previous_inverse(caplog: pytest.LogCaptureFixture) -> None:
