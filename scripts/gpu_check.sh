@@ -11,7 +11,7 @@
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
 # under `timeout`, with limits that add up to 905 s without DALI and 1,085 s with it (upper bounds: on
-# one H100 the whole script took 154 s on 2026-11-27, without DALI):
+# one H100 the whole script took 201 s on 2026-11-27, without DALI):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
