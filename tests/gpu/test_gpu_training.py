@@ -186,6 +186,27 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
         torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
 
 
+def test_fp32_factors_of_a_resnet_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None:
+    """Every A, G and BatchNorm block of a ResNet in training mode, fp32, one batch: the GPU's agree with
+    the CPU's to 1e-4 of each statistic's largest entry (the devices add in different orders, ~1e-6).
+    Names the statistic that differs, to tell a factor from the update when the step comparison fails."""
+    from hpcngd.models.resnet import build
+
+    torch.manual_seed(6)
+    model = build("resnet8", 5).train()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(5, (16,))
+    cpu = curvature(copy.deepcopy(model), x, y, "empirical", torch.float32)
+    gpu = curvature(model.cuda(), x.cuda(), y.cuda(), "empirical", torch.float32)
+    for name, c in cpu.items():
+        for kind, want in (("A", c.A), ("G", c.G), ("F", c.blocks)):
+            got = {"A": gpu[name].A, "G": gpu[name].G, "F": gpu[name].blocks}[kind]
+            if want is None:
+                continue
+            assert got is not None and got.is_cuda
+            off = float((got.cpu() - want).abs().max() / want.abs().max())
+            assert off < 1e-4, f"{name}.{kind} differs by {off:.1e} of its largest entry"
+
+
 def test_tf32_preconditioning_moves_a_wide_layer_by_its_rounding_and_tf32x3_does_not() -> None:
     """ngd.precondition_precision on a GPU: against fp64, the fp32 and tf32x3 products of a wide layer
     agree to fp32 rounding; tf32's move by about TF32's rounding (10 mantissa bits); the process-wide
