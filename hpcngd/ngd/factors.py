@@ -184,6 +184,29 @@ def grad_matrix(module: Layer) -> Tensor:
     return dw
 
 
+def grad_matrix_view(module: Layer, dtype: torch.dtype) -> tuple[Tensor, bool] | None:
+    """The gradient ``dW`` as a matrix that *is* its memory, so that a product can be written straight
+    into it, and whether its columns come in a channels_last conv's (kh, kw, c_in) order (see
+    :func:`channels_last_order`) rather than the weight's (c_in, kh, kw). None where there is no such
+    view: a bias (``[dW | db]`` is two tensors), another dtype, or another layout."""
+    grad = module.weight.grad
+    assert grad is not None
+    if getattr(module, "bias", None) is not None or grad.dtype != dtype:
+        return None
+    if grad.is_contiguous():
+        return grad.view(grad.shape[0], -1), False
+    if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
+        return grad.permute(0, 2, 3, 1).view(grad.shape[0], -1), True
+    return None
+
+
+def channels_last_order(weight: Tensor) -> Tensor:
+    """For each column of a channels_last conv gradient's (kh, kw, c_in) matrix, the weight-order
+    (c_in, kh, kw) column it is."""
+    _, c, kh, kw = weight.shape
+    return torch.arange(c * kh * kw, device=weight.device).view(c, kh * kw).T.reshape(-1)
+
+
 def set_grad_matrix(module: Layer, matrix: Tensor) -> None:
     """Write ``[dW | db]`` back into the parameters' ``.grad``."""
     weight = module.weight

@@ -160,6 +160,7 @@ class Preconditioner:
         self.failures: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._splits: dict[Key, tuple[Tensor, Tensor, Tensor]] = {}  # tf32x3: inverse, hi, lo
+        self._orders: dict[Key, tuple[Tensor, Tensor]] = {}  # channels_last convs: inverse, reordered
         # TF32 needs tensor cores and fp32 factors; elsewhere precondition_precision changes nothing
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.tf32 = cfg.precondition_precision != "fp32" and self.dtype == torch.float32 and has_tf32(device)
@@ -255,12 +256,29 @@ class Preconditioner:
         a_inv, g_inv = self.stats[(name, "A")].inverse, self.stats[(name, "G")].inverse
         if a_inv is None or g_inv is None or module.weight.grad is None:
             return  # no curvature yet: the plain gradient is used
-        grad = factors.grad_matrix(module).to(a_inv.dtype)
         if self.tf32 and self.cfg.precondition_precision == "tf32x3":
+            grad = factors.grad_matrix(module).to(a_inv.dtype)
             left = matmul_tf32x3(self._split((name, "G"), g_inv), split_tf32(grad))
             factors.set_grad_matrix(module, matmul_tf32x3(split_tf32(left), self._split((name, "A"), a_inv)))
-        else:
+            return
+        in_place = factors.grad_matrix_view(module, a_inv.dtype)
+        if in_place is None:
+            grad = factors.grad_matrix(module).to(a_inv.dtype)
             factors.set_grad_matrix(module, g_inv @ grad @ a_inv)
+            return
+        matrix, channels_last = in_place  # the gradient's own memory
+        if channels_last:
+            a_inv = self._reordered((name, "A"), a_inv, module.weight)
+        torch.mm(g_inv @ matrix, a_inv, out=matrix)
+
+    def _reordered(self, key: Key, inv: Tensor, weight: Tensor) -> Tensor:
+        """``inv`` with rows and columns in a channels_last conv gradient's column order, made once per
+        inversion (a gather of the matrix; its memory is kept until the next inversion)."""
+        cached = self._orders.get(key)
+        if cached is None or cached[0] is not inv:
+            order = factors.channels_last_order(weight)
+            cached = self._orders[key] = (inv, inv[order[:, None], order])
+        return cached[1]
 
     def _split(self, key: Key, inv: Tensor) -> tuple[Tensor, Tensor]:
         """The TF32 split of an inverse, made once per inversion (it costs a pass over the matrix)."""

@@ -328,6 +328,34 @@ def test_tf32x3_preconditioning_reuses_each_inverse_split_until_it_is_inverted_a
         assert float((b - a).norm() / a.norm()) < 1e-5
 
 
+def test_channels_last_gradients_are_preconditioned_in_place_as_contiguous_ones() -> None:
+    """A channels_last conv's gradient is preconditioned in its own memory, its columns in (kh, kw, c)
+    order against a reordered A^-1: the same values as a contiguous model's, in the same tensors, and
+    on later steps as few kernels (the reordered inverse is kept until the next inversion)."""
+    torch.manual_seed(16)
+    model = resnet.build("resnet8", 10)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(10, (4,))
+    grads, kernels = {}, {}
+    for key, m in (("contiguous", model), ("channels_last", last)):
+        fmt = torch.channels_last if key == "channels_last" else torch.contiguous_format
+        pre = Preconditioner(m, NgdConfig(dtype="fp64"))
+        pre.begin(0, grad_scale=4)
+        F.cross_entropy(m(x.contiguous(memory_format=fmt)), y).backward()
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+        assert all(c.weight.grad.is_contiguous(memory_format=fmt) for c in convs)
+        memory = [c.weight.grad.data_ptr() for c in convs]
+        pre.step(0, damping=1e-2)
+        assert [c.weight.grad.data_ptr() for c in convs] == memory
+        grads[key] = [p.grad.clone() for p in m.parameters()]
+        kernels[key] = kernel_ops(lambda pre=pre: pre.step(1, damping=1e-2, fresh={}))
+        pre.close()
+    assert any(g.dim() == 4 and g.shape[-1] == 3 for g in grads["contiguous"])
+    assert kernels["channels_last"] == kernels["contiguous"]  # the reordered A^-1 is kept, no copies
+    for a, b in zip(grads["contiguous"], grads["channels_last"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_bn_preconditioning_uses_damped_block_inverse() -> None:
     """Two BatchNorm layers of different widths, preconditioned together: each channel by its own block."""
     torch.manual_seed(6)
@@ -369,8 +397,8 @@ def kernel_ops(fn: Callable[[], object]) -> int:
 def test_the_update_runs_a_fixed_number_of_kernels_and_bn_layers_add_none() -> None:
     """SP-NGD's extra work on a step without refresh costs host time per operator on a GPU: the update
     and the weight rescaling are multi-tensor operations (the same number of operators for 10 or 22
-    layers), and all BatchNorm layers are preconditioned together (each conv/fc layer adds its two
-    matrix products and the copy back, each BatchNorm layer nothing)."""
+    layers), and all BatchNorm layers are preconditioned together (each bias-free conv layer adds its
+    two matrix products, the second written straight into its gradient; each BatchNorm layer nothing)."""
     counts = {}
     for arch in ("resnet8", "resnet20"):
         torch.manual_seed(3)
@@ -392,7 +420,7 @@ def test_the_update_runs_a_fixed_number_of_kernels_and_bn_layers_add_none() -> N
         pre.close()
     (layers8, pre8, opt8, rescale8), (layers20, pre20, opt20, rescale20) = counts.values()
     assert layers20 - layers8 == 12
-    assert pre20 - pre8 == 3 * (layers20 - layers8)
+    assert pre20 - pre8 == 2 * (layers20 - layers8)
     assert opt8 == opt20 < 10 and rescale8 == rescale20 < 5
 
 
@@ -436,7 +464,8 @@ def test_a_refresh_step_reads_the_device_a_fixed_number_of_times(monkeypatch: py
 
 def test_tf32x3_adds_eight_kernels_a_layer_and_splits_each_inverse_once() -> None:
     """tf32x3 on a step without refresh: per conv/fc layer two splits of two kernels (gradient and the
-    left product) and three fused products for each of the two products, instead of two products; the
+    left product) and three fused products for each of the two products, instead of two products; and
+    the copy back into the gradient, which fp32 writes straight into a bias-free layer's gradient. The
     inverses' splits are made once, on the first step after their inversion."""
     torch.manual_seed(3)
     model = resnet.build("resnet8", 10).float()
@@ -451,8 +480,9 @@ def test_tf32x3_adds_eight_kernels_a_layer_and_splits_each_inverse_once() -> Non
         pre.step(0, damping=1e-3)  # inverts, and (tf32x3) splits the inverses
         counts[precision] = kernel_ops(lambda pre=pre: pre.step(1, damping=1e-3, fresh={}))
         pre.close()
-    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
-    assert counts["tf32x3"] - counts["fp32"] == 8 * layers
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    bias_free = sum(m.bias is None for m in layers)
+    assert counts["tf32x3"] - counts["fp32"] == 8 * len(layers) + bias_free
 
 
 def test_bn_block_inverse_closed_form() -> None:
