@@ -150,13 +150,13 @@ def bn_per_example(
     ``sum_t gh``, with ``xhat`` recomputed from the input and the batch statistics (training mode).
 
     In ``dtype``, in few passes over the activations: one copy of ``x`` is centred and multiplied by
-    ``g`` in place, and the division by the standard deviation and the gradient scale are applied to
-    the per-channel sums.
+    ``g`` in place (``g`` is read as it is, fp16 too: the multiply and the sums are in ``dtype``), and
+    the division by the standard deviation and the gradient scale are applied to the per-channel sums.
     """
     centred = x.detach().to(dtype, copy=True)  # the captured input itself stays untouched
     var, mean = torch.var_mean(centred, dim=(0, 2, 3), unbiased=False, keepdim=True)
-    g = g.detach().to(dtype)
-    d_beta = g.sum(dim=(2, 3))
+    g = g.detach()
+    d_beta = g.sum(dim=(2, 3), dtype=dtype)
     d_gamma = centred.sub_(mean).mul_(g).sum(dim=(2, 3)) / torch.sqrt(var.flatten() + module.eps)
     return torch.stack([d_gamma, d_beta], dim=2) * grad_scale
 

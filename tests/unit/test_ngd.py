@@ -168,19 +168,20 @@ def test_unit_wise_bn_blocks_equal_per_example_gradients() -> None:
     torch.testing.assert_close(blocks, ref, rtol=1e-10, atol=1e-14)
 
 
-def test_bn_blocks_leave_the_captured_input_untouched_and_match_fp64() -> None:
-    """The BatchNorm statistic centres a copy of the input in place: an fp32 input (whose conversion to
-    fp32 would be no copy) is not changed, and the fp32 blocks agree with fp64 ones of the same values."""
+@pytest.mark.parametrize("captured", [torch.float32, torch.bfloat16, torch.float16])
+def test_bn_blocks_leave_the_captured_tensors_untouched_and_match_fp64(captured: torch.dtype) -> None:
+    """The BatchNorm statistic centres a copy of the input in place and reads the gradient as it is: an
+    fp32 input (whose conversion to fp32 would be no copy) and the gradient are not changed, and the fp32
+    blocks of fp32 or 16-bit captured values (AMP's) agree with fp64 ones of the same values."""
     torch.manual_seed(15)
     bn = nn.BatchNorm2d(8)
-    x = (torch.randn(16, 8, 12, 12, dtype=torch.float32) * 0.5 + 3.0).contiguous(
-        memory_format=torch.channels_last
-    )
-    g = torch.randn(16, 8, 12, 12, dtype=torch.float32)
-    before = x.clone()
-    got = factors.bn_sum(bn, x, g, 16.0, torch.float32)
-    assert torch.equal(x, before) and got.total.dtype == torch.float32 and got.count == 16
-    exact = factors.bn_sum(bn, x.double(), g.double(), 16.0, torch.float64).total
+    x = (torch.randn(16, 8, 12, 12) * 0.5 + 3.0).to(captured).contiguous(memory_format=torch.channels_last)
+    g = (torch.randn(16, 8, 12, 12) * 300).to(captured)
+    before = x.clone(), g.clone()
+    got = factors.bn_sum(bn, x, g, 1 / 512, torch.float32)
+    assert torch.equal(x, before[0]) and torch.equal(g, before[1])
+    assert got.total.dtype == torch.float32 and got.count == 16
+    exact = factors.bn_sum(bn, x.double(), g.double(), 1 / 512, torch.float64).total
     assert float((got.total.double() - exact).abs().max() / exact.abs().max()) < 1e-5
 
 
