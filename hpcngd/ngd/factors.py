@@ -45,6 +45,12 @@ class FactorSum:
         return self.total / self.count
 
 
+def transposed_order(rows: int, cols: int, device: torch.device) -> Tensor:
+    """For each position of the transpose of a ``rows`` x ``cols`` grid (both flattened row-major), the
+    position in the grid it comes from: the gather that turns (a, b)-ordered columns into (b, a) ones."""
+    return torch.arange(rows * cols, device=device).view(rows, cols).T.reshape(-1)
+
+
 def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Rows ``a`` of the layer's input in ``x``'s dtype, shape (n * T, d_in [+1 for bias]), and the order
     of their columns: None when it is the weight's, else the permutation that puts them in it.
@@ -86,8 +92,7 @@ def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
             rows, order = views[0].reshape(-1, c), None
         else:
             rows = torch.stack(views, dim=3).reshape(-1, len(views) * c)  # columns (kh, kw, c)
-            # column (c, k) of the weight's order is column (k, c) here
-            order = torch.arange(len(views) * c, device=x.device).view(len(views), c).T.reshape(-1)
+            order = transposed_order(len(views), c, x.device)  # column (c, k) of the weight's is (k, c) here
     if getattr(module, "bias", None) is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         if order is not None:
@@ -204,7 +209,7 @@ def channels_last_order(weight: Tensor) -> Tensor:
     """For each column of a channels_last conv gradient's (kh, kw, c_in) matrix, the weight-order
     (c_in, kh, kw) column it is."""
     _, c, kh, kw = weight.shape
-    return torch.arange(c * kh * kw, device=weight.device).view(c, kh * kw).T.reshape(-1)
+    return transposed_order(c, kh * kw, weight.device)
 
 
 def set_grad_matrix(module: Layer, matrix: Tensor) -> None:

@@ -216,8 +216,9 @@ class Preconditioner:
 
     def _invert(self, keys: list[Key], damping: float, report: StepReport) -> None:
         """Damp and invert the refreshed statistics ``keys``; a stale partner keeps its inverse untouched.
-        The traces for the damping and the inverses' checks are read once for all of them."""
-        pairs: list[tuple[Key, Tensor, Tensor]] = []  # (key, A, G)
+        The traces for the damping (once a layer) and the inverses' checks are read once for all."""
+        pairs: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> its current (A, G)
+        due: list[Key] = []
         for key in keys:
             name, kind = key
             value = self.stats[key].value
@@ -228,13 +229,18 @@ class Preconditioner:
                 continue
             a, g = self.stats[(name, "A")].value, self.stats[(name, "G")].value
             if a is not None and g is not None:  # step 0 refreshes both: else a pass missed the layer
-                pairs.append((key, a, g))
-        traces = inverse.mean_traces([m for _, a, g in pairs for m in (a, g)])
-        damped = []
-        for i, (key, a, g) in enumerate(pairs):
-            add_a, add_g = inverse.terms_from_traces(traces[2 * i], traces[2 * i + 1], damping)
-            damped.append(inverse.add_diagonal(a if key[1] == "A" else g, add_a if key[1] == "A" else add_g))
-        for (key, _, _), (inv, how) in zip(pairs, inverse.robust_inverses(damped), strict=True):
+                pairs[name] = (a, g)
+                due.append(key)
+        traces = inverse.mean_traces([m for pair in pairs.values() for m in pair])
+        terms = {
+            name: inverse.terms_from_traces(traces[2 * i], traces[2 * i + 1], damping)
+            for i, name in enumerate(pairs)
+        }
+        side = {"A": 0, "G": 1}
+        damped = [
+            inverse.add_diagonal(pairs[name][side[kind]], terms[name][side[kind]]) for name, kind in due
+        ]
+        for key, (inv, how) in zip(due, inverse.robust_inverses(damped), strict=True):
             name, kind = key
             report.inverted += 1
             report.retried_fp64 += how == "fp64"
