@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 
 class UserError(ValueError):
-    """Bad input from the user: a run file key, a data folder, a checkpoint file."""
+    """Bad input from the user: a run file key, a data folder, a checkpoint file; or an output file that
+    cannot be written (a full disk), named with its path."""
 
 
 class ConfigError(UserError):

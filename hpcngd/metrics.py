@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from hpcngd.errors import UserError
+
 PHASES = ("data", "fwd_bwd", "factors", "comm", "inverse", "precondition", "update")
 NGD_COUNTS = ("refreshed", "inverted", "fp64_retries", "failed")  # SP-NGD events, per record
 
@@ -80,20 +82,23 @@ class MetricsLog:
     def open(self, resume_step: int | None = None) -> None:
         """Start the file: a fresh one, or (resuming at ``resume_step``) the old one without its records
         of later steps (written after that checkpoint by the run that stopped), appended to."""
-        if self.path is None:
-            return
-        if resume_step is None or not self.path.exists():
-            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self.path is not None:
+            with _writing(self.path):
+                self._open(self.path, resume_step)
+
+    def _open(self, path: Path, resume_step: int | None) -> None:
+        if resume_step is None or not path.exists():
+            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
             return
         kept = [
             line
-            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.endswith("\n") and _step(line) <= resume_step  # a torn last line is dropped
         ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")  # the old file stays whole until the rename
+        tmp.replace(path)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def say(self, line: str) -> None:
         """Print one console line (rank 0 only)."""
@@ -105,14 +110,25 @@ class MetricsLog:
         if self.file is None and self.path is not None:
             self.open()
         if self.file is not None:
-            self.file.write(json.dumps(fields, sort_keys=False) + "\n")
-            self.file.flush()
+            with _writing(self.path):
+                self.file.write(json.dumps(fields, sort_keys=False) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
-        self.path = None  # a record after close() must not start the file again
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        path, self.path = self.path, None  # a record after close() must not start the file again
+        file, self.file = self.file, None
+        if file is not None:
+            with _writing(path):  # the last lines are flushed here
+                file.close()
+
+
+@contextmanager
+def _writing(path: Path | None) -> Iterator[None]:
+    """A failed write (a full disk, a quota, a file system gone) is one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _step(line: str) -> float:

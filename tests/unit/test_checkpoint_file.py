@@ -11,7 +11,7 @@ import pytest
 
 from hpcngd import checkpoint
 from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer
-from hpcngd.errors import CheckpointError
+from hpcngd.errors import CheckpointError, UserError
 from hpcngd.metrics import MetricsLog
 
 PATTERN = np.full(4096, 12345.678, dtype=np.float64)
@@ -256,6 +256,16 @@ def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> N
         '{"kind": "train", "step": 2}',
         '{"kind": "train", "step": 3, "again": true}',
     ]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_metrics_log_on_a_full_disk_is_one_line_naming_the_file() -> None:
+    log = MetricsLog(Path("/dev/full"), active=True)  # opens; every write fails with ENOSPC
+    with pytest.raises(UserError, match=r"^cannot write /dev/full: No space left on device$"):
+        log.record(kind="train", step=1)
+    with pytest.raises(UserError, match="cannot write /dev/full"):  # the unwritten line, at close
+        log.close()
+    log.record(kind="train", step=2)  # closed: nothing written, nothing raised
 
 
 def test_resume_order_follows_latest_not_the_highest_step(tmp_path: Path) -> None:
