@@ -102,8 +102,10 @@ class DataConfig(Section):
         choices=("cpu", "gpu"),
     )
     dali_fp16: bool = opt(False, "DALI: output float16 images (the trainer casts to the model's dtype).")
-    image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8)
-    val_resize: int = opt(0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0)
+    image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8, le=2048)
+    val_resize: int = opt(
+        0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0, le=4096
+    )
     batch_size: int = opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
     micro_batch_size: int = opt(
         0,

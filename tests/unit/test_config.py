@@ -40,6 +40,7 @@ def test_values_are_typed_and_canonical() -> None:
         ("[data]\nbatch_size = 12.5", "data.batch_size = 12.5: must be an integer"),
         ("[data]\nbatch_size = true", "data.batch_size = true: must be an integer"),
         ("[data]\nbatch_size = 0", "data.batch_size = 0: must be >= 1"),
+        ("[data]\nimage_size = 100000", "data.image_size = 100000: must be <= 2048"),
         ('[optim]\nlr = "fast"', 'optim.lr = "fast": must be a number'),
         ("[optim]\nlr = inf", "optim.lr = inf: must be a finite number"),
         ("[data]\nflip = 1", "data.flip = 1: must be true or false"),
