@@ -10,13 +10,14 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 905 s without DALI and 1,085 s with it (upper bounds: on
+# under `timeout`, with limits that add up to 965 s without DALI and 1,145 s with it (upper bounds: on
 # one H100 the whole script took 201 s on 2026-11-27, without DALI):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
 #      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in $OUT/ckpt;
-#      then benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32,
+#      the same for SGD AMP and SP-NGD amortized at 32 images as the busiest rank of 1,024 (inverting and
+#      preconditioning only its layers; its computation only) -> $OUT/gpu_benchmark_rank.json; then benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32,
 #      on the GPU's TF32 tensor cores and with TF32x3, against fp64 (the CPU only emulates TF32); and
 #      benchmarks/factors.py: the time of each kind of statistic (A, G, BatchNorm) on a refresh step;
 #      benchmarks/inversion.py: the time to invert all of ResNet-50's factors on the GPU;
@@ -109,12 +110,13 @@ needed="torch mpi4py h5py numpy"
 # What each step runs: ResNet-50 at 224 px with fp16 on the GPU; tiny models with bf16 in a dry run.
 case $DEVICE in
   cuda)
-    amp=fp16 bench_args=() model="resnet50" classes=1000 size=224 batch=128 precision_args=(--device cuda)
+    amp=fp16 bench_args=() model="resnet50" classes=1000 size=224 batch=128 rank_batch=32
+    precision_args=(--device cuda)
     factor_args=(--device cuda) inversion_args=(--device cuda)
     ranks_model="resnet20" ranks_batch=64 dali_device=gpu dali_size=320 dali_images=40 dali_batch=32
     ;;
   cpu)
-    amp=bf16 model="resnet8" classes=10 size=32 batch=8 ranks_model="resnet8" ranks_batch=16
+    amp=bf16 model="resnet8" classes=10 size=32 batch=8 rank_batch=4 ranks_model="resnet8" ranks_batch=16
     dali_device=cpu dali_size=48 dali_images=4 dali_batch=8
     bench_args=(--device cpu --arch "$model" --num-classes "$classes" --image-size "$size" --batch "$batch"
       --steps 2 --ngd-steps 2 --warmup 1 --amp "$amp")
@@ -167,6 +169,9 @@ if lacks $needed; then
 else
   rm -rf "$OUT/ckpt"
   step "benchmark" 220 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  # ... and as the busiest rank of the published 1,024-GPU runs (32 images a GPU): its computation only
+  step "benchmark as a rank of 1024" 60 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
+    --plan-world 1024 --only sgd_amp,spngd_amortized --json "$OUT/gpu_benchmark_rank.json"
 fi
 if lacks torch numpy; then
   skip "preconditioning precision" "needs torch and numpy (missing: $missing)"

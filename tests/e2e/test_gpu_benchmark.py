@@ -63,6 +63,35 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == checkpoint.name
 
 
+def test_as_the_busiest_rank_of_a_large_job_sp_ngd_inverts_only_its_layers(tmp_path: Path) -> None:
+    """--plan-world: the SP-NGD configurations invert and precondition only the layers that the plan
+    gives its busiest rank; SGD is untouched. resnet8 has 19 layers: of 1,024 ranks, one owns the
+    widest conv (both its factors) and most own none."""
+    reports = {}
+    for world in (1, 1024):
+        out = tmp_path / f"bench{world}.json"
+        # fmt: off
+        cmd = [
+            sys.executable, str(BENCHMARK), "--device", "cpu", "--arch", "resnet8", "--image-size", "16",
+            "--num-classes", "10", "--batch", "4", "--steps", "3", "--warmup", "1", "--json", str(out),
+            "--only", "sgd_amp,spngd_amortized", "--plan-world", str(world),
+        ]
+        # fmt: on
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        reports[world] = json.loads(out.read_text())["configs"]
+    whole, share = reports[1]["spngd_amortized"], reports[1024]["spngd_amortized"]
+    assert "owned" not in whole and "owned" not in reports[1024]["sgd_amp"]
+    owned = share["owned"]
+    assert owned["world"] == 1024 and owned["layers"] == ["layer3.0.conv2"] and owned["of_layers"] == 19
+    assert owned["idle_ranks"] == 1024 - 19 and 0.5 < owned["share_of_inversion_cost"] < 1
+    # both runs refresh at the same steps (0, 1, 3); the share inverts 2 factors each time, not 2 x 10 + 9
+    refreshes = whole["ngd_counts"]["inverted"] // 29
+    assert whole["ngd_counts"]["inverted"] == 29 * refreshes and refreshes >= 2
+    assert share["ngd_counts"]["inverted"] == 2 * refreshes
+    assert share["refresh"]["phases_ms"]["factors"] > 0  # each rank computes every statistic
+
+
 def load_benchmark(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """benchmarks/gpu.py as a module (registered while the test runs: its dataclass needs that)."""
     spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK)
@@ -77,7 +106,7 @@ def tiny_args(**changes: object) -> argparse.Namespace:
     """benchmarks/gpu.py's parsed arguments for resnet8 on the CPU, as run_config takes them."""
     args = argparse.Namespace(
         arch="resnet8", num_classes=10, image_size=32, batch=8, steps=2, ngd_steps=2, warmup=1,
-        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16",
+        device="cpu", channels_last=False, lr=0.01, save_checkpoint=None, amp="fp16", plan_world=1,
     )  # fmt: skip
     vars(args).update(changes)
     return args
@@ -106,8 +135,8 @@ def test_a_configuration_whose_every_timed_step_overflowed_is_an_error_row(
 ) -> None:
     bench = load_benchmark(monkeypatch)
 
-    def all_skipped(cfg: object, batch: object, num_steps: int) -> tuple[list[object], str, dict[str, int]]:
-        return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], "", {}
+    def all_skipped(cfg: object, batch: object, num_steps: int, plan_world: int) -> tuple[object, ...]:
+        return [bench.Step(i, 0.1, {}, 0, skipped=i > 0) for i in range(num_steps)], "", {}, None
 
     monkeypatch.setattr(bench, "measure", all_skipped)
     args = tiny_args(steps=3)
@@ -127,10 +156,10 @@ def test_an_exception_in_one_configuration_is_its_error_row_and_the_exit_status(
     bench = load_benchmark(monkeypatch)
     measure = bench.measure
 
-    def solver_fails(cfg: config.Config, batch: object, num_steps: int) -> object:
+    def solver_fails(cfg: config.Config, batch: object, num_steps: int, plan_world: int) -> object:
         if cfg.optim.name == "spngd" and cfg.ngd.stale_threshold == 0:
             raise RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED")
-        return measure(cfg, batch, num_steps)
+        return measure(cfg, batch, num_steps, plan_world)
 
     monkeypatch.setattr(bench, "measure", solver_fails)
     out = tmp_path / "bench.json"
@@ -200,7 +229,8 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     # carried MPI wheels are installed only where this Python's MPI does not run
     assert f"WHEELS={wheels}: not installed, this Python's mpi4py loads and mpiexec is on PATH" in log
     steps = [
-        "versions", "MPI CUDA support", "GPU tests", "benchmark", "preconditioning precision",
+        "versions", "MPI CUDA support", "GPU tests", "benchmark", "benchmark as a rank of 1024",
+        "preconditioning precision",
         "inference fp16", "inference bf16", "two ranks: staged buckets test",
         "four ranks: training, comm.cuda_aware=false",
     ]  # fmt: skip
@@ -209,12 +239,15 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     for name in steps:
         assert f"---- {name}: exit 0 after" in proc.stdout, (name, log)
     # the GPU tests are collected and every one skips without CUDA (no error, no failure)
-    assert re.search(r"^\d+ skipped in [\d.]+s$", proc.stdout, re.MULTILINE), log
+    assert re.search(r"^\d+ skipped(, \d+ deselected)? in [\d.]+s$", proc.stdout, re.MULTILINE), log
     assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
     assert "tf32x3: relative error median" in proc.stdout and "TF32 emulated on the CPU" in proc.stdout
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]
     assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]
+    rank = json.loads((out / "gpu_benchmark_rank.json").read_text())
+    assert rank["settings"]["plan_world"] == 1024 and rank["settings"]["batch"] == 4
+    assert rank["configs"]["spngd_amortized"]["owned"]["layers"] == ["layer3.0.conv2"]
     for precision in ("fp16", "bf16"):
         study = json.loads((out / f"inference_{precision}.json").read_text())
         assert study["precision"] == precision and study["checkpoint"] == report["checkpoint"]
