@@ -339,9 +339,9 @@ def print_table(results: dict[str, dict[str, Any]], goal: dict[str, dict[str, An
             f"{share['idle_ranks']} ranks own none"
         )
     print("goals:")
-    for g in goal.values():
+    for key, g in goal.items():
         v = g["value"]
-        value = "n/a" if v is None else f"{v:.3f}" if v < 10 else f"{v:,.0f} img/s"
+        value = "n/a" if v is None else f"{v:,.0f} img/s" if key.endswith("images_per_s") else f"{v:.3f}"
         print(f"  {g['goal']}: {value} -> {'met' if g['met'] else 'NOT met'}")
 
 
