@@ -8,7 +8,7 @@ pre-activations from just above zero to just below, and that one flip moves a wh
 ~0.5% (1-3% of a BatchNorm bias's). Measured on the CPU with 1e-6 relative noise on the input: one flip
 at layer1's output, the gradient below it changed by 4e-3 of its norm, the step failed the bounds below
 by 30x; with SiLU the same noise moves each tensor's update by at most 3e-5. The trainer's path (factors,
-inversion, preconditioning, update) does not depend on the activation. The CPU test at the end checks
+inversion, preconditioning, update) does not depend on the activation. The CPU tests at the end check
 these bounds against that noise, so CI keeps them honest where no GPU runs."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))  # the MPI tests' run files
 from hpcngd import config
-from hpcngd.ngd import curvature
+from hpcngd.ngd import LayerCurvature, curvature
 from hpcngd.train import Trainer
 from runs import RUN, SPNGD_LEARNING, make_trainer
 
@@ -228,28 +228,42 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
         torch.testing.assert_close(gpu_c.G.cpu(), cpu_c.G, rtol=1e-5, atol=1e-7)
 
 
-@on_gpu
-def test_fp32_factors_of_a_resnet_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None:
-    """Every A, G and BatchNorm block of a smoothed ResNet in training mode, fp32, one batch: the GPU's
-    agree with the CPU's to 1e-4 of each statistic's largest entry (the devices add in different
-    orders, ~1e-6). Names the statistic that differs, to tell a factor from the update when the step
-    comparison fails."""
+def resnet_factors(device: str, noise: float = 0.0, smoothed: bool = True) -> dict[str, LayerCurvature]:
+    """The fp32 curvature of resnet8 (smoothed, or with its ReLUs) in training mode on one batch,
+    computed on ``device``; ``noise`` as in :func:`trained`."""
     from hpcngd.models.resnet import build
 
     torch.manual_seed(6)
     model = build("resnet8", 5).train()
-    smooth(model)
+    if smoothed:
+        smooth(model)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(5, (16,))
-    cpu = curvature(copy.deepcopy(model), x, y, "empirical", torch.float32)
-    gpu = curvature(model.cuda(), x.cuda(), y.cuda(), "empirical", torch.float32)
-    for name, c in cpu.items():
-        for kind, want in (("A", c.A), ("G", c.G), ("F", c.blocks)):
-            got = {"A": gpu[name].A, "G": gpu[name].G, "F": gpu[name].blocks}[kind]
-            if want is None:
+    if noise:
+        x = x * (1 + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    return curvature(model.to(device), x.to(device), y.to(device), "empirical", torch.float32)
+
+
+def assert_same_factors(got: dict[str, LayerCurvature], want: dict[str, LayerCurvature], what: str) -> None:
+    """Every A, G and BatchNorm block within 1e-4 of its largest entry. 1e-5 relative noise on the input
+    moves the smoothed resnet8's by at most 1e-5 of it (with ReLU: 5e-3)."""
+    for name, c in want.items():
+        for kind, expected in (("A", c.A), ("G", c.G), ("F", c.blocks)):
+            actual = {"A": got[name].A, "G": got[name].G, "F": got[name].blocks}[kind]
+            if expected is None:
                 continue
-            assert got is not None and got.is_cuda
-            off = float((got.cpu() - want).abs().max() / want.abs().max())
-            assert off < 1e-4, f"{name}.{kind} differs by {off:.1e} of its largest entry"
+            assert actual is not None, f"{what}: {name}.{kind} missing"
+            off = float((actual.cpu() - expected).abs().max() / expected.abs().max())
+            assert off < 1e-4, f"{what}: {name}.{kind} differs by {off:.1e} of its largest entry"
+
+
+@on_gpu
+def test_fp32_factors_of_a_resnet_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None:
+    """Every A, G and BatchNorm block of a smoothed ResNet, fp32, one batch: the GPU's are the CPU's (the
+    devices add in different orders, ~1e-6). Names the statistic that differs, to tell a factor from the
+    update when the step comparison fails."""
+    gpu = resnet_factors("cuda")
+    assert all(c.A is None or c.A.is_cuda for c in gpu.values())
+    assert_same_factors(gpu, resnet_factors("cpu"), "on the GPU")
 
 
 @on_gpu
@@ -325,3 +339,12 @@ def test_the_device_comparison_holds_under_rounding_noise_and_fails_on_a_real_di
     lr = config.loads(RUN, overrides=overrides).optim.lr
     with pytest.raises(AssertionError, match="lr 1% off"):
         assert_same_steps(trained([*overrides, f"optim.lr={lr * 1.01}"], 2), reference, "lr 1% off")
+
+
+def test_the_factor_comparison_holds_under_rounding_noise() -> None:
+    """On the CPU: 1e-5 relative noise on the input passes ``assert_same_factors``; with ResNet's ReLUs
+    (not smoothed) the same noise fails it."""
+    assert_same_factors(resnet_factors("cpu", noise=1e-5), resnet_factors("cpu"), "noisy input")
+    relu = resnet_factors("cpu", smoothed=False)
+    with pytest.raises(AssertionError, match="noisy input with ReLU"):
+        assert_same_factors(resnet_factors("cpu", 1e-5, smoothed=False), relu, "noisy input with ReLU")
