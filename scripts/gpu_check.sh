@@ -17,8 +17,9 @@
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
 #      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in $OUT/ckpt;
 #      the same for SGD AMP and SP-NGD amortized at 32 images as the busiest rank of 1,024 (inverting and
-#      preconditioning only its layers; its computation only) -> $OUT/gpu_benchmark_rank.json; then benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32,
-#      on the GPU's TF32 tensor cores and with TF32x3, against fp64 (the CPU only emulates TF32); and
+#      preconditioning only its layers; its computation only) -> $OUT/gpu_benchmark_rank.json; then
+#      benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32, on
+#      the GPU's TF32 tensor cores and with TF32x3, against fp64 (the CPU only emulates TF32); and
 #      benchmarks/factors.py: the time of each kind of statistic (A, G, BatchNorm) on a refresh step;
 #      benchmarks/inversion.py: the time to invert all of ResNet-50's factors on the GPU;
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;

@@ -73,9 +73,19 @@ def no_tf32() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def steps(trainer: Trainer, num_steps: int) -> list[float]:
+def perturbed(x: torch.Tensor, noise: float, draw: torch.Generator) -> torch.Tensor:
+    """``x`` with each value multiplied by ``1 + noise * N(0, 1)``, to play another device's rounding."""
+    return x * (1 + noise * torch.randn(x.shape, generator=draw)) if noise else x
+
+
+def steps(trainer: Trainer, num_steps: int, noise: float = 0.0) -> list[float]:
+    """The losses of ``num_steps`` training steps; ``noise``: see :func:`perturbed` (a fixed draw)."""
     batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
-    losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, num_steps)]
+    draw = torch.Generator().manual_seed(0)
+    losses = [
+        trainer.train_step(perturbed(x, noise, draw), y)
+        for _, _, x, y in itertools.islice(batches, num_steps)
+    ]
     batches.close()
     return losses
 
@@ -91,20 +101,12 @@ Trained = tuple[list[torch.Tensor], list[torch.Tensor], list[float]]
 
 
 def trained(overrides: list[str], num_steps: int, noise: float = 0.0) -> Trained:
-    """(initial parameters, parameters after ``num_steps`` steps, losses), on the CPU, of the smoothed
-    model. ``noise``: each input value multiplied by ``1 + noise * N(0, 1)`` (a fixed draw), to play
-    another device's rounding."""
+    """(initial parameters, parameters after ``num_steps`` steps, losses) of the smoothed model, the
+    parameters copied to the CPU; ``noise``: see :func:`steps`."""
     with make_trainer(MPI.COMM_WORLD, overrides) as trainer:
         smooth(trainer.model)
         init = [p.detach().cpu().clone() for p in trainer.params]
-        batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
-        draw = torch.Generator().manual_seed(0)
-        losses = []
-        for _, _, x, y in itertools.islice(batches, num_steps):
-            if noise:
-                x = x * (1 + noise * torch.randn(x.shape, generator=draw))
-            losses.append(trainer.train_step(x, y))
-        batches.close()
+        losses = steps(trainer, num_steps, noise)
         return init, [p.detach().cpu().clone() for p in trainer.params], losses
 
 
@@ -230,7 +232,7 @@ def test_mc_fisher_factors_on_the_gpu_are_the_cpu_factors(no_tf32: None) -> None
 
 def resnet_factors(device: str, noise: float = 0.0, smoothed: bool = True) -> dict[str, LayerCurvature]:
     """The fp32 curvature of resnet8 (smoothed, or with its ReLUs) in training mode on one batch,
-    computed on ``device``; ``noise`` as in :func:`trained`."""
+    computed on ``device``; ``noise``: see :func:`perturbed` (a fixed draw)."""
     from hpcngd.models.resnet import build
 
     torch.manual_seed(6)
@@ -238,8 +240,7 @@ def resnet_factors(device: str, noise: float = 0.0, smoothed: bool = True) -> di
     if smoothed:
         smooth(model)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(5, (16,))
-    if noise:
-        x = x * (1 + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    x = perturbed(x, noise, torch.Generator().manual_seed(0))
     return curvature(model.to(device), x.to(device), y.to(device), "empirical", torch.float32)
 
 
