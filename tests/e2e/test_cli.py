@@ -133,7 +133,7 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert "factors refreshed 54 inverted 54" in res.stdout
     assert "devices on " in res.stdout and "rank 0 -> cpu (cpu)" in res.stdout
     assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
-    assert "note: ngd.precondition_precision" not in res.stdout
+    assert "note: ngd.precondition_precision" not in res.stdout and "note: run.precision" not in res.stdout
     tf32x3 = ["--set", "ngd.precondition_precision=tf32x3"]
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
@@ -196,6 +196,7 @@ def test_mixed_precision_run_reports_its_loss_scale(tmp_path: Path, demo: Path) 
     )
     assert res.returncode == 0, res.stderr
     assert "precision fp16 | wire fp32" in res.stdout
+    assert res.stdout.count("note: run.precision = fp16 on a CPU") == 1  # rank 0 says it, once
     records = [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     # growth after every good step from 65536: 2 steps per record, less a halving per skipped step
