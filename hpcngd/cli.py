@@ -244,8 +244,8 @@ def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: 
         log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
         if cfg.run.precision == "fp16" and trainer.device.type == "cpu":
             log.say(
-                "note: run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (a "
-                "quickstart step took 20x fp32's); bf16 is the CPU's 16-bit format"
+                "note: run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (the "
+                "quickstart's step took 14-20x fp32's); bf16 is the CPU's 16-bit format"
             )
         wanted = cfg.ngd.precondition_precision
         if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
