@@ -6,9 +6,11 @@
 One model, one synthetic batch on the device (channels_last on a GPU), forward and backward under the
 run's autocast with the capture hooks armed for one kind of statistic at a time; the hooks' own time
 (CUDA events on a GPU, the host clock on a CPU: ``Capture.take_seconds``) is the median of --repeats
-passes. Under fp16/bf16 AMP on a GPU each kind is timed twice: as training computes it (the captured
-16-bit values multiplied on tensor cores with fp32 output, where torch has ``mm``'s ``out_dtype``) and
-through fp32 copies of them, the arithmetic it replaces. Also prints the GFLOP of the A and G products
+passes. The BatchNorm statistic is timed through torch.compile, as training computes it by default
+(``ngd.compile_bn``; compiled in the untimed pass), and eagerly. Under fp16/bf16 AMP on a GPU each kind
+is timed twice: as training computes it (the captured 16-bit values multiplied on tensor cores with fp32
+output, where torch has ``mm``'s ``out_dtype``) and through fp32 copies of them, the arithmetic it
+replaces. Also prints the GFLOP of the A and G products
 (``n T d^2`` each, two FLOP a multiply-add), and the drift of each way's sums on the layer with the
 longest ones (most rows ``n T``; ResNet-50's layer1 3x3 convs, 401,408 rows at batch 128): A of the
 input that autocast hands that layer, against fp64 products of the same values -- the mean signed error
@@ -104,7 +106,7 @@ def main() -> None:
     half = DTYPES[args.precision]
     layers = select_layers(model, ())
     keys = statistic_keys(layers)
-    capture = Capture(layers, torch.float32)
+    capture = Capture(layers, torch.float32, compile_bn=True)  # as the trainer's default
     flop = gflop(layers, model, x)
 
     def timed(kind: str) -> float:
@@ -147,6 +149,8 @@ def main() -> None:
             cols = " ".join(f"{ms[kind]:8.1f}" for kind in ("A", "G", "F"))
             signed, largest = drift(module, layer_input)
             print(f"{label:24s} {cols} {sum(ms.values()):9.1f} {rate:10.2f} | {signed:+.1e}, {largest:.1e}")
+        capture.compile_bn = False
+        print(f"{'BN statistic eager':24s} {'':8s} {'':8s} {timed('F'):8.1f}   (ngd.compile_bn = false)")
     finally:
         factors.MM_OUT_DTYPE = paths["as trained"]
         capture.remove()

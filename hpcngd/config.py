@@ -234,6 +234,12 @@ class NgdConfig(Section):
         "fp32's accuracy; keeps the inverses' splits, twice their memory). Elsewhere always fp32.",
         choices=("fp32", "tf32", "tf32x3"),
     )
+    compile_bn: bool = opt(
+        True,
+        "Compute the BatchNorm statistic with torch.compile: fused reductions that read the captured input "
+        "and gradient once, no copies (ResNet-50's, 16 images, CPU: 7x faster); compiled at the first "
+        "refresh (seconds). false, or a compiler that fails (a warning says so), computes it eagerly.",
+    )
 
     def check(self) -> None:
         if self.damping_end > self.damping:

@@ -35,15 +35,17 @@ class Capture:
     Args:
         layers: name -> Conv2d, Linear or BatchNorm2d module.
         dtype: dtype of the factors (fp32 or fp64), whatever the activations' dtype.
+        compile_bn: BatchNorm statistics through ``torch.compile`` (:func:`factors.bn_per_example`).
 
     :meth:`take_seconds` is the time spent in the hooks: host time on a CPU; on a GPU the time of the
     hooks' kernels, measured with CUDA events where they run, so that timing never makes the host wait
     and forward and backward keep flowing.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype) -> None:
+    def __init__(self, layers: dict[str, nn.Module], dtype: torch.dtype, compile_bn: bool = False) -> None:
         self.layers = layers
         self.dtype = dtype
+        self.compile_bn = compile_bn
         self.want: set[Key] = set()
         self.collect_grads = True
         self.grad_scale = 1.0
@@ -111,7 +113,8 @@ class Capture:
             x = stack.pop(0)  # micro-batches are backpropagated in forward order
             if self.collect_grads and (name, "F") in self.want:
                 with self._hook_work(grad):
-                    self._add((name, "F"), factors.bn_sum(module, x, grad, self.grad_scale, self.dtype))
+                    fisher = factors.bn_sum(module, x, grad, self.grad_scale, self.dtype, self.compile_bn)
+                    self._add((name, "F"), fisher)
 
         return hook
 

@@ -20,11 +20,16 @@ A and G as fp32 (fp64) products of the captured values (see :func:`gram` for fp1
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 # torch.mm(..., out_dtype=) exists, and with fp16/bf16 inputs and fp32 output (CUDA; not ROCm)
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and torch.version.hip is None
@@ -148,29 +153,72 @@ def g_sum(module: nn.Module, g: Tensor, grad_scale: float, dtype: torch.dtype = 
     return FactorSum(gram(rows, dtype) * (grad_scale * grad_scale / positions), g.shape[0])
 
 
+def bn_gradient_sums(x: Tensor, g: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Per-example ``(sum_t g * xhat, sum_t g)`` of every channel, shape (n, C, 2), in ``dtype``, with
+    ``xhat`` recomputed from the input and its batch statistics (training mode); ``g`` unscaled.
+
+    Eagerly, in few passes over the activations: one copy of ``x`` is centred and multiplied by ``g`` in
+    place (``g`` is read as it is, fp16 too: the multiply and the sums are in ``dtype``), and the
+    division by the standard deviation is applied to the per-channel sums. Under ``torch.compile``
+    (:func:`bn_per_example`) the same arithmetic becomes fused reductions that read ``x`` and ``g``
+    without writing any copy of them.
+    """
+    centred = x.to(dtype, copy=True)  # the captured input itself stays untouched
+    var, mean = torch.var_mean(centred, dim=(0, 2, 3), unbiased=False, keepdim=True)
+    d_beta = g.sum(dim=(2, 3), dtype=dtype)
+    d_gamma = centred.sub_(mean).mul_(g).sum(dim=(2, 3)) / torch.sqrt(var.flatten() + eps)
+    return torch.stack([d_gamma, d_beta], dim=2)
+
+
+@functools.cache
+def _compiled_gradient_sums() -> Callable[[Tensor, Tensor, float, torch.dtype], Tensor]:
+    """:func:`bn_gradient_sums` under ``torch.compile``, made once a process, shapes symbolic (one
+    compilation serves every layer of a dtype and memory layout)."""
+    return torch.compile(bn_gradient_sums, dynamic=True)
+
+
+_compile_failed: list[str] = []  # the first failure of torch.compile in this process, if any
+
+
 def bn_per_example(
-    module: nn.BatchNorm2d, x: Tensor, g: Tensor, grad_scale: float, dtype: torch.dtype
+    module: nn.BatchNorm2d,
+    x: Tensor,
+    g: Tensor,
+    grad_scale: float,
+    dtype: torch.dtype,
+    compiled: bool = False,
 ) -> Tensor:
     """Per-example (gamma, beta) gradients of every channel, shape (n, C, 2): ``sum_t gh * xhat`` and
-    ``sum_t gh``, with ``xhat`` recomputed from the input and the batch statistics (training mode).
+    ``sum_t gh`` (:func:`bn_gradient_sums` times ``grad_scale``).
 
-    In ``dtype``, in few passes over the activations: one copy of ``x`` is centred and multiplied by
-    ``g`` in place (``g`` is read as it is, fp16 too: the multiply and the sums are in ``dtype``), and
-    the division by the standard deviation and the gradient scale are applied to the per-channel sums.
+    ``compiled``: through ``torch.compile`` (``ngd.compile_bn``). Where compiling fails (no C compiler on
+    the node, say), a warning says why once and this process computes the statistic eagerly from then on.
     """
-    centred = x.detach().to(dtype, copy=True)  # the captured input itself stays untouched
-    var, mean = torch.var_mean(centred, dim=(0, 2, 3), unbiased=False, keepdim=True)
-    g = g.detach()
-    d_beta = g.sum(dim=(2, 3), dtype=dtype)
-    d_gamma = centred.sub_(mean).mul_(g).sum(dim=(2, 3)) / torch.sqrt(var.flatten() + module.eps)
-    return torch.stack([d_gamma, d_beta], dim=2) * grad_scale
+    x, g = x.detach(), g.detach()
+    if compiled and not _compile_failed:
+        try:
+            return _compiled_gradient_sums()(x, g, module.eps, dtype) * grad_scale
+        except Exception as e:  # any compiler failure: the eager path computes the same statistic
+            first_line = next(iter(str(e).strip().splitlines()), "")
+            _compile_failed.append(f"{type(e).__name__}: {first_line}")
+            log.warning(
+                "SP-NGD: torch.compile of the BatchNorm statistic failed (%s); computing it eagerly "
+                "(set ngd.compile_bn = false to skip compiling)",
+                _compile_failed[0],
+            )
+    return bn_gradient_sums(x, g, module.eps, dtype) * grad_scale
 
 
 def bn_sum(
-    module: nn.BatchNorm2d, x: Tensor, g: Tensor, grad_scale: float, dtype: torch.dtype = torch.float32
+    module: nn.BatchNorm2d,
+    x: Tensor,
+    g: Tensor,
+    grad_scale: float,
+    dtype: torch.dtype = torch.float32,
+    compiled: bool = False,
 ) -> FactorSum:
     """Sum over examples of the unit-wise blocks ``u u^T``, shape (C, 2, 2)."""
-    u = bn_per_example(module, x, g, grad_scale, dtype)
+    u = bn_per_example(module, x, g, grad_scale, dtype, compiled)
     return FactorSum(torch.einsum("nci,ncj->cij", u, u), x.shape[0])
 
 

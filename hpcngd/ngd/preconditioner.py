@@ -152,7 +152,7 @@ class Preconditioner:
         self.layers = select_layers(model, cfg.exclude)
         self.owned = set(self.layers) if owned is None else owned
         self.sync = sync or (lambda: None)  # before reading the clock (GPU: wait for queued kernels)
-        self.capture = Capture(self.layers, self.dtype)
+        self.capture = Capture(self.layers, self.dtype, cfg.compile_bn)
         self.stats = {
             key: Statistic(StaleInterval(cfg.stale_threshold, cfg.stale_max_interval))
             for key in statistic_keys(self.layers)

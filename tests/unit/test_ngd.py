@@ -168,21 +168,55 @@ def test_unit_wise_bn_blocks_equal_per_example_gradients() -> None:
     torch.testing.assert_close(blocks, ref, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("captured", [torch.float32, torch.bfloat16, torch.float16])
-def test_bn_blocks_leave_the_captured_tensors_untouched_and_match_fp64(captured: torch.dtype) -> None:
+def test_bn_blocks_leave_the_captured_tensors_untouched_and_match_fp64(
+    captured: torch.dtype, compiled: bool
+) -> None:
     """The BatchNorm statistic centres a copy of the input in place and reads the gradient as it is: an
     fp32 input (whose conversion to fp32 would be no copy) and the gradient are not changed, and the fp32
-    blocks of fp32 or 16-bit captured values (AMP's) agree with fp64 ones of the same values."""
+    blocks of fp32 or 16-bit captured values (AMP's) agree with fp64 ones of the same values, eager and
+    through torch.compile."""
     torch.manual_seed(15)
     bn = nn.BatchNorm2d(8)
     x = (torch.randn(16, 8, 12, 12) * 0.5 + 3.0).to(captured).contiguous(memory_format=torch.channels_last)
     g = (torch.randn(16, 8, 12, 12) * 300).to(captured)
     before = x.clone(), g.clone()
-    got = factors.bn_sum(bn, x, g, 1 / 512, torch.float32)
+    got = factors.bn_sum(bn, x, g, 1 / 512, torch.float32, compiled)
+    assert not factors._compile_failed
     assert torch.equal(x, before[0]) and torch.equal(g, before[1])
     assert got.total.dtype == torch.float32 and got.count == 16
     exact = factors.bn_sum(bn, x.double(), g.double(), 1 / 512, torch.float64).total
     assert float((got.total.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+def test_a_failing_compiler_leaves_the_bn_statistic_to_the_eager_path(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch.compile failing (here: made to raise at its first call) is said once, with its reason and
+    the key that skips it, and the statistic is the eager one, then and at every later call, which does
+    not try to compile again."""
+    calls = []
+
+    def broken(*args: object) -> torch.Tensor:
+        calls.append(args)
+        raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
+
+    monkeypatch.setattr(factors, "_compiled_gradient_sums", lambda: broken)
+    monkeypatch.setattr(factors, "_compile_failed", [])
+    torch.manual_seed(16)
+    bn = nn.BatchNorm2d(4)
+    x, g = torch.randn(8, 4, 6, 6), torch.randn(8, 4, 6, 6)
+    eager = factors.bn_per_example(bn, x, g, 0.5, torch.float32)
+    with caplog.at_level("WARNING", logger="hpcngd.ngd.factors"):
+        for _ in range(2):
+            assert torch.equal(factors.bn_per_example(bn, x, g, 0.5, torch.float32, compiled=True), eager)
+    assert len(calls) == 1
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "SP-NGD: torch.compile of the BatchNorm statistic failed (RuntimeError: InductorError: no working "
+        "C++ compiler found); computing it eagerly (set ngd.compile_bn = false to skip compiling)"
+    ]
 
 
 def test_mc_fisher_keeps_a_and_samples_g() -> None:
