@@ -355,6 +355,8 @@ def write_report(
     report = {"benchmark": "gpu", **env, "settings": settings, "complete": complete, "configs": results}
     report["goals"] = goals(results, env["device"]["name"], args.plan_world)
     report["checkpoint"] = results.get("sgd_amp", {}).get("checkpoint")
+    failure = factors.bn_compile_failure()  # ngd.compile_bn: the SP-NGD runs' BatchNorm statistic
+    report["bn_statistic"] = "compiled" if failure is None else f"eager, compiling failed: {failure}"
     args.json.parent.mkdir(parents=True, exist_ok=True)
     partial = args.json.with_name(args.json.name + ".part")
     partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -437,6 +439,8 @@ def main() -> int:
             write_report(args, env, results, complete=False)
     goal = goals(results, env["device"]["name"], args.plan_world)
     print_table(results, goal)
+    if failure := factors.bn_compile_failure():
+        print(f"SP-NGD's BatchNorm statistic ran eagerly: compiling it failed ({failure})")
     checkpoint = results["sgd_amp"].get("checkpoint")
     if checkpoint:
         print(f"checkpoint of the SGD AMP model: {checkpoint}")

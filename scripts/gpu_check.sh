@@ -10,8 +10,9 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 965 s without DALI and 1,145 s with it (upper bounds: on
-# one H100 the whole script took 201 s on 2026-11-27, without DALI):
+# under `timeout`, with limits that add up to 1,175 s without DALI and 1,355 s with it (upper bounds: on
+# one H100 the whole script took 201 s on 2026-11-27, without DALI, before each SP-NGD process began to
+# compile its BatchNorm statistic, ngd.compile_bn, at its first refresh):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
@@ -160,7 +161,7 @@ fi
 if lacks pytest $needed; then
   skip "GPU tests" "needs pytest $needed (missing: $missing)"
 else
-  step "GPU tests" 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  step "GPU tests" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 fi
 
 # 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized, amortized with
@@ -169,16 +170,16 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 220 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 250 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
   # ... and as the busiest rank of the published 1,024-GPU runs (32 images a GPU): its computation only
-  step "benchmark as a rank of 1024" 60 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
+  step "benchmark as a rank of 1024" 90 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
     --plan-world 1024 --only sgd_amp,spngd_amortized --json "$OUT/gpu_benchmark_rank.json"
 fi
 if lacks torch numpy; then
   skip "preconditioning precision" "needs torch and numpy (missing: $missing)"
 else
   step "preconditioning precision" 60 "$PY" benchmarks/precondition_precision.py "${precision_args[@]}"
-  step "factor statistics" 60 "$PY" benchmarks/factors.py "${factor_args[@]}"
+  step "factor statistics" 90 "$PY" benchmarks/factors.py "${factor_args[@]}"
 fi
 if lacks torch mpi4py; then
   skip "inversion" "needs torch and mpi4py (missing: $missing)"
@@ -254,7 +255,7 @@ EOF
       continue
     fi
     rm -rf "$OUT/ranks"
-    step "four ranks: training, comm.cuda_aware=$setting" 90 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
+    step "four ranks: training, comm.cuda_aware=$setting" 120 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
       "$OUT/ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
 fi

@@ -180,6 +180,11 @@ def _compiled_gradient_sums() -> Callable[[Tensor, Tensor, float, torch.dtype], 
 _compile_failed: list[str] = []  # the first failure of torch.compile in this process, if any
 
 
+def bn_compile_failure() -> str | None:
+    """Why compiling the BatchNorm statistic failed in this process (it is then eager), or None."""
+    return _compile_failed[0] if _compile_failed else None
+
+
 def bn_per_example(
     module: nn.BatchNorm2d,
     x: Tensor,
@@ -198,7 +203,7 @@ def bn_per_example(
     if compiled and not _compile_failed:
         try:
             return _compiled_gradient_sums()(x, g, module.eps, dtype) * grad_scale
-        except Exception as e:  # any compiler failure: the eager path computes the same statistic
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
             first_line = next(iter(str(e).strip().splitlines()), "")
             _compile_failed.append(f"{type(e).__name__}: {first_line}")
             log.warning(

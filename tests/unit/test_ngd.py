@@ -212,6 +212,7 @@ def test_a_failing_compiler_leaves_the_bn_statistic_to_the_eager_path(
         for _ in range(2):
             assert torch.equal(factors.bn_per_example(bn, x, g, 0.5, torch.float32, compiled=True), eager)
     assert len(calls) == 1
+    assert factors.bn_compile_failure() == "RuntimeError: InductorError: no working C++ compiler found"
     warned = [r.getMessage() for r in caplog.records]
     assert warned == [
         "SP-NGD: torch.compile of the BatchNorm statistic failed (RuntimeError: InductorError: no working "
