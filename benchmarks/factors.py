@@ -149,8 +149,7 @@ def main() -> None:
             cols = " ".join(f"{ms[kind]:8.1f}" for kind in ("A", "G", "F"))
             signed, largest = drift(module, layer_input)
             print(f"{label:24s} {cols} {sum(ms.values()):9.1f} {rate:10.2f} | {signed:+.1e}, {largest:.1e}")
-        if failure := factors.bn_compile_failure():
-            print(f"(the BatchNorm statistic 'as trained' ran eagerly: compiling it failed: {failure})")
+        print(f"BatchNorm statistic 'as trained': {factors.bn_statistic_path(capture.compile_bn)}")
         capture.compile_bn = False
         print(f"{'BN statistic eager':24s} {'':8s} {'':8s} {timed('F'):8.1f}   (ngd.compile_bn = false)")
     finally:

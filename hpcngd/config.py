@@ -237,8 +237,9 @@ class NgdConfig(Section):
     compile_bn: bool = opt(
         True,
         "Compute the BatchNorm statistic with torch.compile: fused reductions that read the captured input "
-        "and gradient once, no copies (ResNet-50's, 16 images, CPU: 7x faster); compiled at the first "
-        "refresh (seconds). false, or a compiler that fails (a warning says so), computes it eagerly.",
+        "twice and its gradient once and write no copy (ResNet-50's, 16 images, CPU: 7x faster); compiled "
+        "at the first refresh (seconds). false, or a compiler that fails (a warning says so), computes it "
+        "eagerly.",
     )
 
     def check(self) -> None:

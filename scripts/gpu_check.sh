@@ -10,7 +10,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 1,175 s without DALI and 1,355 s with it (upper bounds: on
+# under `timeout`, with limits that add up to 1,175 s without DALI and 1,415 s with it (upper bounds: on
 # one H100 the whole script took 201 s on 2026-11-27, without DALI, before each SP-NGD process began to
 # compile its BatchNorm statistic, ngd.compile_bn, at its first refresh):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
@@ -296,7 +296,7 @@ EOF
     sets=(--set "optim.name=$optim")
     [ "$optim" = sgd ] || sets+=("${spngd_learning[@]}")
     rm -rf "$OUT/dali"
-    step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
+    step "DALI GPU training: $optim" 90 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
   done
 fi
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,8 +161,8 @@ def bn_gradient_sums(x: Tensor, g: Tensor, eps: float, dtype: torch.dtype) -> Te
     Eagerly, in few passes over the activations: one copy of ``x`` is centred and multiplied by ``g`` in
     place (``g`` is read as it is, fp16 too: the multiply and the sums are in ``dtype``), and the
     division by the standard deviation is applied to the per-channel sums. Under ``torch.compile``
-    (:func:`bn_per_example`) the same arithmetic becomes fused reductions that read ``x`` and ``g``
-    without writing any copy of them.
+    (:func:`bn_per_example`) the same arithmetic becomes fused reductions that read ``x`` twice (its
+    batch statistics, then the product) and ``g`` once, and write no copy of either.
     """
     centred = x.to(dtype, copy=True)  # the captured input itself stays untouched
     var, mean = torch.var_mean(centred, dim=(0, 2, 3), unbiased=False, keepdim=True)
@@ -172,9 +173,23 @@ def bn_gradient_sums(x: Tensor, g: Tensor, eps: float, dtype: torch.dtype) -> Te
 
 @functools.cache
 def _compiled_gradient_sums() -> Callable[[Tensor, Tensor, float, torch.dtype], Tensor]:
-    """:func:`bn_gradient_sums` under ``torch.compile``, made once a process, shapes symbolic (one
-    compilation serves every layer of a dtype and memory layout)."""
+    """:func:`bn_gradient_sums` under ``torch.compile``, made once a process, shapes symbolic: one
+    compilation a dtype and memory layout, and one more where a dimension is 1 (ResNet-50's layer4 at
+    32 px) or two sizes happen to be equal."""
     return torch.compile(bn_gradient_sums, dynamic=True)
+
+
+def _compile_in_this_process() -> None:
+    """Inductor compiles in the calling process, without the pool of up to 32 worker processes it
+    otherwise starts in every process where Triton is installed: a rank compiles a few small kernels, and
+    a node's ranks would start dozens. Inductor's settings are per thread (torch 2.12 and later) and a
+    GPU's backward hooks run in autograd's device thread, so this is set where the compiled function is
+    called. ``TORCHINDUCTOR_COMPILE_THREADS`` in the environment overrides it."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        from torch._inductor import config as inductor_config
+
+        if inductor_config.compile_threads != 1:
+            inductor_config.compile_threads = 1
 
 
 _compile_failed: list[str] = []  # the first failure of torch.compile in this process, if any
@@ -183,6 +198,14 @@ _compile_failed: list[str] = []  # the first failure of torch.compile in this pr
 def bn_compile_failure() -> str | None:
     """Why compiling the BatchNorm statistic failed in this process (it is then eager), or None."""
     return _compile_failed[0] if _compile_failed else None
+
+
+def bn_statistic_path(compile_bn: bool) -> str:
+    """How this process computes the BatchNorm statistic, for reports: ``compiled``, or eager and why."""
+    if not compile_bn:
+        return "eager (ngd.compile_bn = false)"
+    failure = bn_compile_failure()
+    return "compiled" if failure is None else f"eager, compiling failed: {failure}"
 
 
 def bn_per_example(
@@ -202,7 +225,10 @@ def bn_per_example(
     x, g = x.detach(), g.detach()
     if compiled and not _compile_failed:
         try:
+            _compile_in_this_process()
             return _compiled_gradient_sums()(x, g, module.eps, dtype) * grad_scale
+        except torch.OutOfMemoryError:
+            raise  # the device's memory, not the compiler: the eager path would need more
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
             first_line = next(iter(str(e).strip().splitlines()), "")
             _compile_failed.append(f"{type(e).__name__}: {first_line}")

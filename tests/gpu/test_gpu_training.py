@@ -331,6 +331,34 @@ def test_half_precision_factors_are_fp32_products_of_the_captured_values(half: t
         assert float((got.cpu().double() - exact).abs().max() / scale) < 2e-5
 
 
+@on_gpu
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_the_compiled_bn_statistic_in_a_gpu_backward_hook_matches_fp64(half: torch.dtype) -> None:
+    """ngd.compile_bn on a GPU: the statistic compiled (Triton) inside a tensor hook, which runs in
+    autograd's CUDA thread as in training, from 16-bit channels_last values; the blocks agree with fp64
+    ones of the same values, and nothing fell back to the eager path."""
+    from hpcngd.ngd import factors
+
+    torch.manual_seed(7)
+    bn = nn.BatchNorm2d(32).cuda()
+    x = torch.randn(16, 32, 28, 28, device="cuda") + 2
+    x = x.to(half).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(g: torch.Tensor) -> None:
+        fisher = factors.bn_sum(bn, x.detach(), g, 1 / 16, torch.float32, compiled=True)
+        seen.append((g.detach().clone(), fisher.total))
+
+    y = x * 3
+    y.register_hook(hook)
+    (y * torch.randn_like(y)).sum().backward()
+    assert factors.bn_compile_failure() is None and len(seen) == 1
+    g, got = seen[0]
+    assert got.is_cuda and got.dtype == torch.float32
+    exact = factors.bn_sum(bn, x.detach().cpu().double(), g.cpu().double(), 1 / 16, torch.float64).total
+    assert float((got.cpu().double() - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))
 def test_the_device_comparison_holds_under_rounding_noise_and_fails_on_a_real_difference(optim: str) -> None:
     """On the CPU, as CI has no GPU: 1e-5 relative noise on the input (a GPU's rounding is ~1e-6 after a

@@ -220,6 +220,45 @@ def test_a_failing_compiler_leaves_the_bn_statistic_to_the_eager_path(
     ]
 
 
+def test_out_of_memory_in_the_compiled_statistic_is_not_taken_for_a_compiler_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def out_of_memory(*args: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(factors, "_compiled_gradient_sums", lambda: out_of_memory)
+    monkeypatch.setattr(factors, "_compile_failed", [])
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(torch.OutOfMemoryError):
+        factors.bn_per_example(nn.BatchNorm2d(3), x, x, 1.0, torch.float32, compiled=True)
+    assert factors.bn_compile_failure() is None
+    assert factors.bn_statistic_path(True) == "compiled"
+    assert factors.bn_statistic_path(False) == "eager (ngd.compile_bn = false)"
+
+
+def test_the_statistic_compiles_in_the_calling_thread_without_a_worker_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inductor's settings are per thread, and a GPU's backward hooks run in autograd's device thread:
+    one compile thread (no pool of worker processes) is set in the thread that calls the statistic."""
+    import threading
+
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    seen: list[object] = []
+
+    def hook_thread() -> None:
+        x = torch.randn(4, 3, 5, 5)
+        seen.append(factors.bn_per_example(nn.BatchNorm2d(3), x, x, 1.0, torch.float32, compiled=True))
+        seen.append(inductor_config.compile_threads)
+
+    worker = threading.Thread(target=hook_thread)
+    worker.start()
+    worker.join()
+    assert isinstance(seen[0], torch.Tensor) and seen[1] == 1 and not factors._compile_failed
+
+
 def test_mc_fisher_keeps_a_and_samples_g() -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
