@@ -6,11 +6,11 @@
 One model, one synthetic batch on the device (channels_last on a GPU), forward and backward under the
 run's autocast with the capture hooks armed for one kind of statistic at a time; the hooks' own time
 (CUDA events on a GPU, the host clock on a CPU: ``Capture.take_seconds``) is the median of --repeats
-passes. The BatchNorm statistic is timed through torch.compile, as training computes it by default
-(``ngd.compile_bn``; compiled in the untimed pass), and eagerly. Under fp16/bf16 AMP on a GPU each kind
-is timed twice: as training computes it (the captured 16-bit values multiplied on tensor cores with fp32
-output, where torch has ``mm``'s ``out_dtype``) and through fp32 copies of them, the arithmetic it
-replaces. Also prints the GFLOP of the A and G products
+passes. The BatchNorm statistic is timed both ways: eagerly, as training computes it by default, and
+through torch.compile (``ngd.compile_bn = true``; compiled in an untimed pass). Under fp16/bf16 AMP on a
+GPU each kind is timed twice: as training computes it (the captured 16-bit values multiplied on tensor
+cores with fp32 output, where torch has ``mm``'s ``out_dtype``) and through fp32 copies of them, the
+arithmetic it replaces. Also prints the GFLOP of the A and G products
 (``n T d^2`` each, two FLOP a multiply-add), and the drift of each way's sums on the layer with the
 longest ones (most rows ``n T``; ResNet-50's layer1 3x3 convs, 401,408 rows at batch 128): A of the
 input that autocast hands that layer, against fp64 products of the same values -- the mean signed error
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcngd.config import NgdConfig
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Capture, factors, select_layers, statistic_keys
 
@@ -106,7 +107,8 @@ def main() -> None:
     half = DTYPES[args.precision]
     layers = select_layers(model, ())
     keys = statistic_keys(layers)
-    capture = Capture(layers, torch.float32, compile_bn=True)  # as the trainer's default
+    as_trained = NgdConfig().compile_bn  # the BatchNorm statistic compiled or not, as training's default
+    capture = Capture(layers, torch.float32, compile_bn=as_trained)
     flop = gflop(layers, model, x)
 
     def timed(kind: str) -> float:
@@ -149,9 +151,11 @@ def main() -> None:
             cols = " ".join(f"{ms[kind]:8.1f}" for kind in ("A", "G", "F"))
             signed, largest = drift(module, layer_input)
             print(f"{label:24s} {cols} {sum(ms.values()):9.1f} {rate:10.2f} | {signed:+.1e}, {largest:.1e}")
-        print(f"BatchNorm statistic 'as trained': {factors.bn_statistic_path(capture.compile_bn)}")
-        capture.compile_bn = False
-        print(f"{'BN statistic eager':24s} {'':8s} {'':8s} {timed('F'):8.1f}   (ngd.compile_bn = false)")
+        capture.compile_bn = not as_trained
+        other = timed("F")
+        setting = f"ngd.compile_bn = {str(capture.compile_bn).lower()}"
+        print(f"{'BN F, the other way':24s} {'':8s} {'':8s} {other:8.1f}   {setting}")
+        print(f"BatchNorm statistic with ngd.compile_bn = true: {factors.bn_statistic_path(True)}")
     finally:
         factors.MM_OUT_DTYPE = paths["as trained"]
         capture.remove()

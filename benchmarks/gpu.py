@@ -346,7 +346,7 @@ def print_table(results: dict[str, dict[str, Any]], goal: dict[str, dict[str, An
 
 
 def bn_statistic(results: dict[str, dict[str, Any]]) -> str:
-    """How the SP-NGD configurations computed the BatchNorm statistic (ngd.compile_bn's default)."""
+    """How the SP-NGD configurations computed the BatchNorm statistic (with ngd.compile_bn's default)."""
     ran = any(k.startswith("spngd") and r["status"] != "skipped" for k, r in results.items())
     return factors.bn_statistic_path(config.NgdConfig().compile_bn) if ran else "not run"
 

@@ -10,9 +10,9 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 1,175 s without DALI and 1,415 s with it (upper bounds: on
-# one H100 the whole script took 201 s on 2026-11-27, without DALI, before each SP-NGD process began to
-# compile its BatchNorm statistic, ngd.compile_bn, at its first refresh):
+# under `timeout`, with limits that add up to 1,055 s without DALI and 1,235 s with it (upper bounds: on
+# one H100 the whole script took 201 s on 2026-11-27, without DALI, before the GPU tests and the factor
+# benchmark began to compile the BatchNorm statistic, ngd.compile_bn):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
@@ -170,9 +170,9 @@ if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
   rm -rf "$OUT/ckpt"
-  step "benchmark" 250 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  step "benchmark" 220 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
   # ... and as the busiest rank of the published 1,024-GPU runs (32 images a GPU): its computation only
-  step "benchmark as a rank of 1024" 90 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
+  step "benchmark as a rank of 1024" 60 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
     --plan-world 1024 --only sgd_amp,spngd_amortized --json "$OUT/gpu_benchmark_rank.json"
 fi
 if lacks torch numpy; then
@@ -255,7 +255,7 @@ EOF
       continue
     fi
     rm -rf "$OUT/ranks"
-    step "four ranks: training, comm.cuda_aware=$setting" 120 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
+    step "four ranks: training, comm.cuda_aware=$setting" 90 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
       "$OUT/ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
 fi
@@ -296,7 +296,7 @@ EOF
     sets=(--set "optim.name=$optim")
     [ "$optim" = sgd ] || sets+=("${spngd_learning[@]}")
     rm -rf "$OUT/dali"
-    step "DALI GPU training: $optim" 90 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
+    step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
   done
 fi
 

@@ -220,6 +220,37 @@ def test_a_failing_compiler_leaves_the_bn_statistic_to_the_eager_path(
     ]
 
 
+def test_ngd_compile_bn_gives_the_eager_blocks_through_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ngd.compile_bn reaches the capture hooks: the compiled function computes every BatchNorm layer's
+    statistic, a ResNet's blocks (bf16 autocast, as on a CPU rank) are the eager ones to fp32 rounding,
+    and it is off by default."""
+    assert NgdConfig().compile_bn is False
+    compiled_fn = factors._compiled_gradient_sums()
+    calls: list[int] = []
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return compiled_fn(*args)
+
+    monkeypatch.setattr(factors, "_compiled_gradient_sums", lambda: counted)
+    blocks = {}
+    for compiled in (False, True):
+        torch.manual_seed(17)
+        model = resnet.build("resnet8", 5)
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(5, (8,))
+        pre = Preconditioner(model, NgdConfig(compile_bn=compiled))
+        assert pre.capture.compile_bn is compiled and pre.begin(0, grad_scale=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        blocks[compiled] = {k: v for k, v in pre.take_factors().items() if k[1] == "F"}
+    assert len(blocks[True]) == 9 and blocks[True].keys() == blocks[False].keys()  # resnet8: 9 BatchNorms
+    assert len(calls) == 9  # the compiled run's, none of the eager run's
+    for key, eager in blocks[False].items():
+        assert float((blocks[True][key] - eager).abs().max() / eager.abs().max()) < 1e-5, key
+    assert not factors._compile_failed
+
+
 def test_out_of_memory_in_the_compiled_statistic_is_not_taken_for_a_compiler_failure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
