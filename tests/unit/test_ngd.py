@@ -183,7 +183,7 @@ def test_bn_blocks_leave_the_captured_tensors_untouched_and_match_fp64(
     g = (torch.randn(16, 8, 12, 12) * 300).to(captured)
     before = x.clone(), g.clone()
     got = factors.bn_sum(bn, x, g, 1 / 512, torch.float32, compiled)
-    assert not factors._compile_failed
+    assert factors.bn_compile_failure() is None
     assert torch.equal(x, before[0]) and torch.equal(g, before[1])
     assert got.total.dtype == torch.float32 and got.count == 16
     exact = factors.bn_sum(bn, x.double(), g.double(), 1 / 512, torch.float64).total
@@ -248,7 +248,7 @@ def test_ngd_compile_bn_gives_the_eager_blocks_through_the_hooks(monkeypatch: py
     assert len(calls) == 9  # the compiled run's, none of the eager run's
     for key, eager in blocks[False].items():
         assert float((blocks[True][key] - eager).abs().max() / eager.abs().max()) < 1e-5, key
-    assert not factors._compile_failed
+    assert factors.bn_compile_failure() is None
 
 
 def test_out_of_memory_in_the_compiled_statistic_is_not_taken_for_a_compiler_failure(
@@ -287,7 +287,7 @@ def test_the_statistic_compiles_in_the_calling_thread_without_a_worker_pool(
     worker = threading.Thread(target=hook_thread)
     worker.start()
     worker.join()
-    assert isinstance(seen[0], torch.Tensor) and seen[1] == 1 and not factors._compile_failed
+    assert isinstance(seen[0], torch.Tensor) and seen[1] == 1 and factors.bn_compile_failure() is None
 
 
 def test_mc_fisher_keeps_a_and_samples_g() -> None:
