@@ -31,8 +31,9 @@
 #      with GPU buffers;
 #   6. where NVIDIA DALI is installed: ResNet-50 steps fed by DALI's GPU pipeline (SGD, then SP-NGD;
 #      adds about a minute; a machine without DALI skips it).
-# Every step runs whatever the ones before did; the exit status is 1 when any step failed (the summary
-# names them), 0 otherwise.
+# Every step runs whatever the ones before did; the exit status is 1 when any step failed or a module
+# that nearly every step needs (torch, mpi4py with an MPI that loads, h5py, numpy) is missing (the
+# summary names them), 0 otherwise.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -40,6 +41,7 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-out/gpu_check}
 DEVICE=${CHECK_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step killed at its time limit keeps what it printed (pytest, benchmarks)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # containers run as root
 # Open MPI 5: four ranks may start where fewer cores are free
 export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
@@ -143,6 +145,11 @@ else
   skip "GPUs (nvidia-smi -L)" "a dry run on the CPU"
 fi
 echo "modules missing from $PY: ${missing:-none}"
+absent=$(for m in $needed; do lacks "$m" && printf ' %s' "$m"; done)
+if [ -n "$absent" ]; then  # nearly every step skips: say so in the summary, not only in each step
+  echo "needed by the tests, benchmarks and rank steps:$absent (WHEELS=DIR carries MPI)"
+  failed="$failed, missing modules:$absent"
+fi
 if lacks torch; then
   skip "versions" "torch is not importable"
 else

@@ -267,6 +267,21 @@ def test_the_gpu_check_script_rejects_an_unknown_device(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "CHECK_DEVICE must be cuda or cpu, not 'tpu'" in proc.stdout
 
 
+def test_the_gpu_check_script_fails_naming_the_modules_its_python_lacks(tmp_path: Path) -> None:
+    """A Python whose mpi4py finds no MPI library (as a bare GPU image may have): the steps that need MPI
+    skip, and the summary says why and fails, rather than only the two inference steps failing."""
+    fake = tmp_path / "fake" / "mpi4py"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("cannot load MPI library")\n')
+    env = {"CHECK_DEVICE": "cpu", "PYTHONPATH": str(fake.parent), "PATH": "/usr/bin:/bin"}
+    proc = gpu_check(tmp_path / "check", **env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log
+    assert "needed by the tests, benchmarks and rank steps: mpi4py (WHEELS=DIR" in proc.stdout, log
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("failed: missing modules: mpi4py, "), log
+    assert "skipped: needs pytest torch mpi4py h5py numpy" in proc.stdout, log
+
+
 def test_the_precondition_precision_benchmark_runs_on_the_cpu() -> None:
     """benchmarks/precondition_precision.py with TF32 emulated: tf32x3 keeps fp32's error, tf32 does not."""
     script = ROOT / "benchmarks" / "precondition_precision.py"
