@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -84,11 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the procedural demo data set")
     demo.add_argument("out_dir")
-    demo.add_argument("--train-per-class", type=int, default=300)
-    demo.add_argument("--val-per-class", type=int, default=50)
-    demo.add_argument("--size", type=int, default=64, help="image side in pixels")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-per-class", type=_positive, default=300)
+    demo.add_argument("--val-per-class", type=_positive, default=50)
+    demo.add_argument("--size", type=_positive, default=64, help="image side in pixels")
+    demo.add_argument("--seed", type=_natural, default=0)
     return p
+
+
+def _natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -116,11 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "eval":
         return _one_process(lambda: _eval(args))
     if args.command == "data":
-        from hpcngd.data.demo import generate
-
-        n = generate(args.out_dir, args.train_per_class, args.val_per_class, args.size, args.seed)
-        print(f"hpcngd: wrote {n} images to {args.out_dir}")
-        return 0
+        return _one_process(lambda: _demo(args))
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -138,13 +141,28 @@ def run_guarded(world: MPI.Comm, fn: Callable[[], int]) -> int:
 
 
 def _one_process(fn: Callable[[], None]) -> int:
-    """A command without MPI: bad input is one line on stderr and exit 2."""
+    """A command without MPI: bad input is one line on stderr and exit 2; a reader that stops reading
+    (``hpcngd plan ... | head``) ends it quietly with 141, as SIGPIPE ends other tools."""
     try:
         fn()
+        sys.stdout.flush()
     except UserError as exc:
         print(f"hpcngd: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
     return 0
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from hpcngd.data.demo import generate
+
+    try:
+        n = generate(args.out_dir, args.train_per_class, args.val_per_class, args.size, args.seed)
+    except OSError as exc:
+        raise UserError(f"cannot write the demo data set to {args.out_dir}: {exc.strerror or exc}") from None
+    print(f"hpcngd: wrote {n} images to {args.out_dir}")
 
 
 def _validate(args: argparse.Namespace) -> None:

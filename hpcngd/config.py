@@ -44,7 +44,7 @@ class RunConfig(Section):
     SECTION = "run"
     name: str = opt("run", "Run name; the run directory is output_dir/name.")
     output_dir: str = opt("out", "Folder that holds run directories (relative to the working dir).")
-    seed: int = opt(0, "Seed of model init, data order and augmentation.", ge=0)
+    seed: int = opt(0, "Seed of model init, data order and augmentation.", ge=0, le=2**31 - 1)
     epochs: int = opt(1, "Number of training epochs.", ge=1)
     max_steps: int = opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
     threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
@@ -66,8 +66,11 @@ class RunConfig(Section):
     )
 
     def check(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
-            self.fail("name", "must be non-empty and use only letters, digits, '.', '_' and '-'")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
+            self.fail(
+                "name",
+                "must be non-empty, use only letters, digits, '.', '_' and '-', and not be '.' or '..'",
+            )
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,10 @@ class DataConfig(Section):
     dali_fp16: bool = opt(False, "DALI: output float16 images (the trainer casts to the model's dtype).")
     image_size: int = opt(32, "Training crop and validation crop size in pixels.", ge=8, le=2048)
     val_resize: int = opt(
-        0, "Validation: shorter side resized to this (0 = image_size / 0.875).", ge=0, le=4096
+        0,
+        "Validation: shorter side resized to this (0 = image_size / 0.875; else >= image_size).",
+        ge=0,
+        le=4096,
     )
     batch_size: int = opt(128, "Global mini-batch: images per step over all ranks.", ge=1)
     micro_batch_size: int = opt(
@@ -148,6 +154,8 @@ class DataConfig(Section):
         for key in ("mean", "std"):
             if len(getattr(self, key)) != 3:
                 self.fail(key, "must have 3 values (R, G, B)")
+        if 0 < self.val_resize < self.image_size:
+            self.fail("val_resize", f"must be 0 or >= data.image_size = {self.image_size} (the center crop)")
         if self.micro_batch_size > self.batch_size:
             self.fail("micro_batch_size", f"must be <= data.batch_size = {self.batch_size}")
 

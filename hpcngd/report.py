@@ -39,15 +39,24 @@ def _mb(n_bytes: float) -> str:
 def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
     """Print the plan and the wire volume of ``cfg`` at ``world_size`` ranks."""
     model = build(cfg.model.arch, cfg.model.num_classes)
-    layers = select_layers(model, cfg.ngd.exclude)
-    costs = layer_costs(layers)
-    plan = make_plan(costs, world_size)
+    spngd = cfg.optim.name == "spngd"
+    layers = select_layers(model, cfg.ngd.exclude) if spngd else {}
     nodes = max(1, world_size // ranks_per_node)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in layers.values())
     print(
         f"{cfg.model.arch}: {len(layers)} preconditioned layers ({len(layers) - n_bn} conv/fc, {n_bn} "
         f"BatchNorm) on {world_size} ranks ({nodes} nodes of {ranks_per_node})"
     )
+    if layers:
+        _print_inversion(layers, world_size)
+    else:
+        why = "ngd.exclude matches every layer" if spngd else f'optim.name = "{cfg.optim.name}"'
+        print(f"{why}: nothing is inverted and no factors travel")
+    _print_payload(cfg, model, layers, nodes, ranks_per_node)
+
+
+def _print_inversion(layers: dict[str, nn.Module], world_size: int) -> None:
+    plan = make_plan(layer_costs(layers), world_size)
     mean = sum(plan.loads) / world_size
     print(
         f"inversion cost per rank (d^3 units): max {max(plan.loads):.3g}, mean {mean:.3g}, "
@@ -64,6 +73,10 @@ def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
     if len(shown) < world_size:
         print(f"  ... {world_size - len(shown)} more ranks (the 8 busiest are shown)")
 
+
+def _print_payload(
+    cfg: Config, model: nn.Module, layers: dict[str, nn.Module], nodes: int, ranks_per_node: int
+) -> None:
     item = WIRE_BYTES[cfg.comm.dtype]
     grads = (sum(p.numel() for p in model.parameters()) + 1) * item  # + the loss riding along
     factors = factor_values(layers, packed=True) * item
@@ -73,7 +86,8 @@ def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
         f"payload per step handed to MPI by each rank, comm.dtype = {cfg.comm.dtype}, "
         f"{'hierarchical' if two_level else 'flat'}:"
     )
-    for what, size in (("gradients", grads), ("factors, all refreshed", factors)):
+    sizes = [("gradients", grads)] + ([("factors, all refreshed", factors)] if layers else [])
+    for what, size in sizes:
         if two_level:
             print(
                 f"  {what:24s} node reduce {_mb(size)} | leaders allreduce {_mb(size)} (leaders only)"
@@ -81,7 +95,8 @@ def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
             )
         else:
             print(f"  {what:24s} world allreduce {_mb(size)}")
-    print(
-        f"  factors as full fp32 matrices would be {_mb(full)}: packed {cfg.comm.dtype} triangles are "
-        f"{factors / full:.3f} of that"
-    )
+    if layers:
+        print(
+            f"  factors as full fp32 matrices would be {_mb(full)}: packed {cfg.comm.dtype} triangles are "
+            f"{factors / full:.3f} of that"
+        )

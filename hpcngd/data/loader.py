@@ -7,6 +7,8 @@ of workers.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from collections.abc import Generator, Iterable, Iterator
 from typing import Protocol
@@ -56,6 +58,8 @@ def _load(
         prefetch_factor=4 if workers else None,
         worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
     )
+    if workers:
+        _kill_workers_at_exit()
     # Workers start with the stop signals blocked (a signal mask is inherited), so that one arriving
     # before they ignore them cannot kill them; this process gets a signal sent meanwhile on unblocking.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -81,6 +85,28 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+_killer: list[bool] = []
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit Python ends its daemonic children (torch's workers) with SIGTERM, which the workers
+    ignore, and then waits for them: a process leaving on an error while a loader was still running,
+    whose traceback keeps that loader alive, would wait forever. This kills them first (registered
+    after multiprocessing's own exit handler, so it runs before it)."""
+    if _killer:
+        return
+    _killer.append(True)
+
+    def kill() -> None:
+        # torch's SIGCHLD handler would report each killed worker as a failure, with a traceback
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill)
 
 
 class TrainLoader:

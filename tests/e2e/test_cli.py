@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
+from helpers import BIN, ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
 
 from hpcngd import config
 from hpcngd.data.demo import generate
@@ -36,7 +36,7 @@ def test_validate_prints_resolved_run_file() -> None:
 def test_plan_runs_without_mpi() -> None:
     res = hpcngd(
         "plan",
-        "runs/quickstart.toml",
+        "runs/quickstart_spngd.toml",
         "--world-size",
         "16",
         "--ranks-per-node",
@@ -60,6 +60,36 @@ def test_plan_runs_without_mpi() -> None:
         bad = hpcngd(command, "runs/quickstart.toml", "--world-size", "0")
         assert bad.returncode == 2 and "'0' is not a positive integer" in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_plan_of_runs_that_invert_nothing_and_a_reader_that_stops() -> None:
+    sgd = hpcngd("plan", "runs/quickstart.toml", "--world-size", "2")  # optim.name = "sgd"
+    assert sgd.returncode == 0, sgd.stderr
+    assert 'optim.name = "sgd": nothing is inverted and no factors travel' in sgd.stdout
+    assert "gradients" in sgd.stdout and "factors" not in sgd.stdout.split("travel")[1]
+    none = hpcngd("plan", "runs/quickstart_spngd.toml", "--world-size", "2", "--set", 'ngd.exclude=["*"]')
+    assert none.returncode == 0, none.stderr
+    assert "ngd.exclude matches every layer: nothing is inverted" in none.stdout
+    # `plan | head`: the reader closes the pipe; no traceback, and SIGPIPE's status as other tools give
+    proc = subprocess.run(
+        f"{BIN / 'hpcngd'} plan runs/resnet50_32k.toml --world-size 1024 | head -c 8; "
+        "echo \" ${PIPESTATUS[0]}\"",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout == "resnet50 141\n" and proc.stderr == "", proc
+
+
+def test_demo_data_set_arguments(tmp_path: Path) -> None:
+    for args in (["--size", "0"], ["--train-per-class", "0"], ["--seed", "-1"]):
+        bad = hpcngd("data", "demo", str(tmp_path / "d"), *args)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert f"argument {args[0]}: '{args[1]}' is not a" in bad.stderr
+    afile = tmp_path / "file"
+    afile.write_text("")
+    bad = hpcngd("data", "demo", str(afile), "--size", "8")
+    assert bad.returncode == 2 and error_lines(bad.stderr) == [
+        f"hpcngd: error: cannot write the demo data set to {afile}: Not a directory"
+    ], bad.stderr
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
@@ -145,15 +175,17 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert last["comm_bytes"] == last["comm_bytes_world"] + last["comm_bytes_allgatherv"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_unreadable_image_during_training_ends_the_job(tmp_path: Path, workers: int) -> None:
-    """One line naming the image, whether it was decoded in the rank or in a decoding worker."""
+@pytest.mark.parametrize(("ranks", "workers"), [(2, 0), (2, 2), (0, 2)])
+def test_unreadable_image_during_training_ends_the_job(tmp_path: Path, ranks: int, workers: int) -> None:
+    """One line naming the image, whether it was decoded in the rank or in a decoding worker. Without
+    mpiexec nothing aborts the process: it exits, and its workers (which ignore SIGTERM) must not keep it
+    waiting at exit."""
     data = tmp_path / "data"
     generate(data, train_per_class=4, val_per_class=1, size=24)
     for image in (data / "train" / "ring").iterdir():
         image.write_bytes(b"\xff\xd8 truncated")
     t0 = time.monotonic()
-    res = hpcngd(str(write_run(tmp_path, data, workers=workers)), ranks=2, timeout=60)
+    res = hpcngd(str(write_run(tmp_path, data, workers=workers)), ranks=ranks, timeout=60)
     assert time.monotonic() - t0 < 30
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "cannot read image" in line]

@@ -47,6 +47,9 @@ def test_values_are_typed_and_canonical() -> None:
         ("[run]\nname = 3", "run.name = 3: must be a string"),
         ('[run]\nname = "a b"', 'run.name = "a b": must be non-empty'),
         ('[run]\nname = ""', 'run.name = "": must be non-empty'),
+        ('[run]\nname = ".."', "not be '.' or '..'"),  # the run directory would be output_dir's parent
+        ("[run]\nseed = 10000000000000000", "run.seed = 10000000000000000: must be <= 2147483647"),
+        ("[data]\nval_resize = 16", "data.val_resize = 16: must be 0 or >= data.image_size = 32"),
         ('[model]\narch = "vgg"', 'model.arch = "vgg": must be one of "resnet8"'),
         ("[model]\nnum_classes = 1", "model.num_classes = 1: must be >= 2"),
         ('[data]\nsource = "folder"', 'data.path = "": is required when data.source = "folder"'),
