@@ -1,8 +1,8 @@
 """A run's state <-> a checkpoint file, across ranks (collective: every rank calls save and restore).
 
 What is saved (all world-size independent except ``ranks/``):
-  model/NAME              parameters and buffers (BatchNorm running statistics averaged over ranks
-                          first, as before an evaluation)
+  model/NAME              parameters and buffers (BatchNorm running statistics: the same on every
+                          rank, see models/batchnorm.py)
   optim/PARAM/KEY         optimizer state per parameter (SGD momentum, SP-NGD velocity); the groups'
                           previous learning rates in the attributes of ``optim``
   ngd/LAYER/KIND/value    SP-NGD statistics (A, G or F), identical on every rank, with their refresh
@@ -117,7 +117,6 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
     cannot be written (the temporary file is removed); earlier checkpoints are untouched either way.
     """
     comm, rank = trainer.topo.world, trainer.topo.rank
-    trainer.buffer_reducer.average_(trainer.float_buffers)
     bad = [b for b in comm.allgather(nonfinite(trainer)) if b]
     if bad:
         raise AgreedError(

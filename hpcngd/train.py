@@ -51,6 +51,7 @@ from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
 from hpcngd.errors import UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
+from hpcngd.models.batchnorm import StepRunningStatistics
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner, mc_labels
 from hpcngd.ngd.plan import layer_costs, make_plan
@@ -128,18 +129,16 @@ class Trainer:
         self.loss_buf = torch.zeros(1)
         # [stop signal seen, timed checkpoint due, fp16 overflow]: its own fp16 scale on the wire
         self.control = torch.zeros(3)
+        # BatchNorm running statistics move once a step, by the mean statistics of all ranks' micro-batches
+        # (models/batchnorm.py): the same on every rank and at any rank count with a fixed micro-batch
+        self.bn_stats = StepRunningStatistics(self.model)
+        self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape, self.control.shape]
-        # Gradients (with the loss riding along) and factors share one wire; BN statistics go in fp32.
+        shapes += [t.shape for t in self.bn_stats.sums]
+        # Gradients (with the loss and the step's BN statistics riding along) and factors share one wire.
         direct, self.comm_mode = direct_device_buffers(cfg.comm.cuda_aware, self.device, cfg.comm.dtype)
         self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical, self.device, direct)
         self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
-        self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        direct32 = direct_device_buffers(cfg.comm.cuda_aware, self.device, "fp32")[0]
-        self.buffer_reducer = FusedAllreduce(
-            WireReducer(topo, "fp32", cfg.comm.hierarchical, self.device, direct32),
-            [b.shape for b in self.float_buffers],
-            cfg.comm.bucket_mb,
-        )
         self.timer = PhaseTimer(sync)
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
@@ -174,10 +173,12 @@ class Trainer:
         with self.timer.phase("fwd_bwd"):
             self.optimizer.zero_grad(set_to_none=False)
             local_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # as Python floats
+            self.bn_stats.begin()
             for x, y in zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True):
                 with autocast(self.cfg.run.precision, self.device):
                     logits = self.model(x)
                     loss = self.criterion(logits, y) * (len(x) / len(images))
+                self.bn_stats.collect()
                 if capturing and self.cfg.ngd.fisher == "mc":
                     self._mc_backward(logits, scale * len(x) / len(images))
                 (loss * scale if self.scaler.enabled else loss).backward()
@@ -188,13 +189,14 @@ class Trainer:
         with self.timer.phase("comm"):
             self.loss_buf.copy_(local_loss)
             self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow)]))
-            self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
+            self._average([*grads, self.loss_buf, self.control, *self.bn_stats.means()], list(fresh.values()))
         loss_value = float(self.loss_buf.item())
         stop, timed, overflowed = self.control.tolist()
         self.stop_requested, self.save_due = stop > 0, timed > 0
         skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
         if self.scaler.enabled:
             self.scaler.update(skip)
+        self.bn_stats.finish(keep=not skip)
         if self.ngd is not None:  # the hooks ran inside forward/backward, on a skipped step too
             hooks = self.ngd.capture.take_seconds()
             self.timer.add("factors", hooks)
@@ -228,13 +230,10 @@ class Trainer:
         return float(bool(due))
 
     def check_replicas(self) -> None:
-        """Raise on every rank if any rank's parameters or optimizer state differ from rank 0's.
-
-        BatchNorm running statistics are left out: they follow each rank's own micro-batches and are
-        averaged only before evaluation.
-        """
+        """Raise on every rank if any rank's parameters, BatchNorm running statistics or optimizer state
+        differ from rank 0's."""
         digest = hashlib.sha256()
-        for t in [*self.model.parameters(), *self.optimizer_tensors()]:
+        for t in [*self.model.parameters(), *self.float_buffers, *self.optimizer_tensors()]:
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         digests = self.topo.world.allgather(digest.hexdigest())
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -303,7 +302,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 (%) on the whole validation set, summed over ranks, and the number of
         images whose logits hold inf or NaN (an fp16 forward can overflow; their loss is then not finite)."""
-        self.buffer_reducer.average_(self.float_buffers)  # BN running statistics, same on every rank
         self.model.eval()
         found = evaluation_batches(
             self.cfg.data, self.val_set, self.local_batch, self.topo.rank, self.topo.size
