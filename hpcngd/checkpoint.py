@@ -323,6 +323,8 @@ class Reader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path}: a folder; name a ckpt-*.h5 file in it")
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path}: no such file")
         self.sealed = check_seal(path)

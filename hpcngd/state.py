@@ -255,12 +255,14 @@ def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
     if cfg.resume != "auto":
         return _open_checked(Path(cfg.resume), trainer)
     notes: list[str] = []
-    for path in resume_order(folder):
+    order = resume_order(folder)
+    for i, path in enumerate(order):
         try:
             reader, more = _open_checked(path, trainer)
             return reader, notes + more
         except CorruptCheckpoint as exc:
-            notes.append(f"{exc}; set aside as {set_aside(path).name}, trying the previous one")
+            then = ", trying the previous one" if i + 1 < len(order) else ""
+            notes.append(f"{exc}; set aside as {set_aside(path).name}{then}")
     if notes:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(notes))
     aside = sorted(p.name for p in folder.glob("ckpt-*.h5.corrupt"))

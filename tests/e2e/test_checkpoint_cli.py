@@ -154,6 +154,7 @@ def test_when_every_checkpoint_is_damaged_no_resubmission_starts_over(tmp_path: 
     history = (tmp_path / "out/tiny/metrics.jsonl").read_text()
     first = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
     assert first.returncode == 2 and "no usable checkpoint in" in first.stderr
+    assert first.stderr.count("trying the previous one") == 1  # not after the oldest one
     again = hpcngd(str(run_file), "--set", "run.epochs=3", ranks=2)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert error_lines(again.stderr) == [

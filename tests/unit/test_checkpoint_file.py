@@ -153,6 +153,8 @@ def test_unsealed_file_is_read_and_a_flipped_byte_fails_its_checksum(tmp_path: P
 def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
         Reader(tmp_path / "nope.h5")
+    with pytest.raises(CheckpointError, match=r"a folder; name a ckpt-\*\.h5 file in it"):
+        Reader(tmp_path)  # `hpcngd inspect out/run/checkpoints`
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = np.ones(2)
