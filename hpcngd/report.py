@@ -78,7 +78,8 @@ def _print_payload(
     cfg: Config, model: nn.Module, layers: dict[str, nn.Module], nodes: int, ranks_per_node: int
 ) -> None:
     item = WIRE_BYTES[cfg.comm.dtype]
-    grads = (sum(p.numel() for p in model.parameters()) + 1) * item  # + the loss riding along
+    grads = (sum(p.numel() for p in model.parameters()) + 4) * item  # + the loss and 3 control values
+    bn = 2 * sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)) * 4
     factors = factor_values(layers, packed=True) * item
     full = factor_values(layers, packed=False) * 4
     two_level = cfg.comm.hierarchical and nodes > 1 and ranks_per_node > 1
@@ -86,7 +87,8 @@ def _print_payload(
         f"payload per step handed to MPI by each rank, comm.dtype = {cfg.comm.dtype}, "
         f"{'hierarchical' if two_level else 'flat'}:"
     )
-    sizes = [("gradients", grads)] + ([("factors, all refreshed", factors)] if layers else [])
+    sizes = [("gradients", grads), ("BatchNorm stats, fp32", bn)]
+    sizes += [("factors, all refreshed", factors)] if layers else []
     for what, size in sizes:
         if two_level:
             print(

@@ -134,11 +134,16 @@ class Trainer:
         self.bn_stats = StepRunningStatistics(self.model)
         self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         shapes = [p.shape for p in self.params] + [self.loss_buf.shape, self.control.shape]
-        shapes += [t.shape for t in self.bn_stats.sums]
-        # Gradients (with the loss and the step's BN statistics riding along) and factors share one wire.
+        # Gradients (with the loss riding along) and factors share one wire.
         direct, self.comm_mode = direct_device_buffers(cfg.comm.cuda_aware, self.device, cfg.comm.dtype)
         self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical, self.device, direct)
         self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
+        # The step's BN statistics go in fp32 (a 16-bit sum of many nearly equal positive variances loses
+        # the small additions), counted with the rest of the run's communication.
+        direct32 = direct_device_buffers(cfg.comm.cuda_aware, self.device, "fp32")[0]
+        bn_wire = WireReducer(topo, "fp32", cfg.comm.hierarchical, self.device, direct32)
+        bn_wire.bytes_sent, bn_wire.calls = self.wire.bytes_sent, self.wire.calls
+        self.bn_reducer = FusedAllreduce(bn_wire, [t.shape for t in self.bn_stats.sums], cfg.comm.bucket_mb)
         self.timer = PhaseTimer(sync)
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
@@ -189,14 +194,16 @@ class Trainer:
         with self.timer.phase("comm"):
             self.loss_buf.copy_(local_loss)
             self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow)]))
-            self._average([*grads, self.loss_buf, self.control, *self.bn_stats.means()], list(fresh.values()))
+            self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
+            if self.bn_stats.sums:
+                self.bn_reducer.average_(self.bn_stats.means())
         loss_value = float(self.loss_buf.item())
         stop, timed, overflowed = self.control.tolist()
         self.stop_requested, self.save_due = stop > 0, timed > 0
         skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
+        self.bn_stats.finish(keep=not skip)  # before the scaler, which may raise (diverged)
         if self.scaler.enabled:
             self.scaler.update(skip)
-        self.bn_stats.finish(keep=not skip)
         if self.ngd is not None:  # the hooks ran inside forward/backward, on a skipped step too
             hooks = self.ngd.capture.take_seconds()
             self.timer.add("factors", hooks)

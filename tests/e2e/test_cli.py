@@ -52,6 +52,8 @@ def test_plan_runs_without_mpi() -> None:
     assert "107 preconditioned layers (54 conv/fc, 53 BatchNorm) on 16 ranks (4 nodes of 4)" in res.stdout
     assert "imbalance max/mean 3.46; idle ranks 0" in res.stdout
     assert "packed fp16 triangles are 0.250 of that" in res.stdout
+    bn = [line for line in res.stdout.splitlines() if "BatchNorm stats, fp32" in line]  # 26,560 channels
+    assert len(bn) == 1 and bn[0].count("      0.2 MiB") == 3, res.stdout
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "3")
     assert bad.returncode == 2 and "data.batch_size = 128: must be divisible by the 3 ranks" in bad.stderr
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "2", "--ranks-per-node", "4")

@@ -91,10 +91,11 @@ def test_each_step_matches_single_rank_from_the_same_state(
         assert worst_loss == worst_update == worst_bn == 0.0
     assert worst_loss <= loss_tol, (wire, worst_loss)
     assert worst_update <= update_tol, (wire, worst_update)
-    # BatchNorm running statistics move once a step towards the mean over all micro-batches, so the rank
-    # count does not change them: measured at 2 ranks 1e-7 (fp32 wire), 3.9e-4 (fp16), 3.3e-3 (bf16);
-    # moved by each rank per micro-batch of its own, as torch does, they were 0.96-1.42 of their norm off
-    assert worst_bn <= update_tol, (wire, worst_bn)
+    # BatchNorm running statistics move once a step towards the mean over all micro-batches (averaged in
+    # fp32 whatever the wire), so the rank count does not change them: measured at 2 ranks 7.6e-8 to
+    # 1.0e-7 with every wire; moved by each rank per micro-batch of its own, as torch does, they were
+    # 0.96-1.42 of their norm off
+    assert worst_bn <= 1e-6, (wire, worst_bn)
 
 
 def train_losses(
