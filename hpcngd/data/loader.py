@@ -8,6 +8,7 @@ of workers.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 from collections.abc import Generator, Iterable, Iterator
@@ -87,17 +88,12 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-_killer: list[bool] = []
-
-
+@functools.cache  # registered once a process
 def _kill_workers_at_exit() -> None:
     """At exit Python ends its daemonic children (torch's workers) with SIGTERM, which the workers
     ignore, and then waits for them: a process leaving on an error while a loader was still running,
     whose traceback keeps that loader alive, would wait forever. This kills them first (registered
     after multiprocessing's own exit handler, so it runs before it)."""
-    if _killer:
-        return
-    _killer.append(True)
 
     def kill() -> None:
         # torch's SIGCHLD handler would report each killed worker as a failure, with a traceback
