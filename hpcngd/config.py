@@ -272,7 +272,8 @@ class CommConfig(Section):
     )
     dtype: str = opt(
         "fp32",
-        "Wire format of gradients and factors: fp32, or fp16/bf16 (pre-divided, summed in fp32).",
+        "Wire format of gradients and factors: fp32, or fp16/bf16 "
+        "(each level's mean summed in fp64, rounded once).",
         choices=("fp32", "fp16", "bf16"),
     )
     cuda_aware: str | bool = opt(

@@ -1,9 +1,9 @@
 """``hpcngd plan``: what a run would do at a given scale, computed on a laptop without MPI.
 
 Prints the layer-to-rank inversion plan (:mod:`hpcngd.ngd.plan`) and the bytes per step each rank hands
-to MPI at each level for gradients and for SP-NGD factors in the run's wire format. Payload is what a
-rank passes to a collective; how many bytes cross the network depends on the MPI algorithm (a ring
-allreduce moves about twice the payload).
+to MPI at each level for gradients and for SP-NGD factors in the run's wire format. Payload is the
+buffer a rank averages at a level; how many bytes cross the network depends on the MPI algorithm (a ring
+allreduce moves about twice the payload, as does a 16-bit level's alltoallv and allgatherv).
 """
 
 from __future__ import annotations

@@ -3,16 +3,19 @@
 Hierarchical (``comm.hierarchical = true``): reduce inside each node to its leader, allreduce among the
 leaders, broadcast inside each node. Flat: one allreduce over the world (the baseline).
 
-Wire formats (``comm.dtype``): ``fp32``; ``fp16`` and ``bf16`` travel as 16-bit words. Before each cast
-the values are divided by the number of contributions summed at that level (the node size, then the
-node count; the world size when flat), so a sum never exceeds the largest input and cannot overflow.
-fp16 tensors are also multiplied by powers of two agreed over all ranks (:meth:`WireReducer.scales`,
-one per tensor) that put each tensor's largest value near 2^14, far from fp16's subnormals (bf16 has
-fp32's range and needs none).
-MPI has no portable half-precision sum (Open MPI's fp16 SUM is scalar and slow; bf16 was silently
-wrong), so 16-bit words are summed by a user-defined operation that adds in fp32 and rounds once per
-pairwise combination. Results are cast back to fp32 by every rank from the same broadcast bits, so all
-ranks hold identical values. ``bytes_sent`` counts the payload handed to MPI per level.
+Wire formats (``comm.dtype``): ``fp32``, where MPI sums and the values are divided by the number of
+contributions before each level's sum; ``fp16`` and ``bf16`` travel as 16-bit words, and MPI never
+adds them. A 16-bit level is a reduce-scatter done as one alltoallv (rank r receives every rank's r-th
+share of the buffer), a sum of the shares in fp64 on rank r, divided by their count and rounded once to
+16 bits, then an allgatherv of the shares (a gatherv to the leader at the node level). That moves the
+bytes of a ring allreduce, but no partial sum is ever rounded to 16 bits: an MPI sum of 16-bit partial
+sums (ring algorithms add one rank after another) drops a contribution below half a unit in the last
+place of the running sum, which is every contribution of a mean over 256 ranks or more in bf16 (2,048
+in fp16). Here the error of a level is one rounding, whatever the number of ranks, and all ranks get the
+same bits. fp16 tensors are multiplied by powers of two agreed over all ranks
+(:meth:`WireReducer.scales`, one per tensor) that put each tensor's largest value near 2^14, far from
+fp16's subnormals (bf16 has fp32's range and needs none); a mean never exceeds the largest value, so it
+cannot overflow. ``bytes_sent`` counts the payload of each level (the buffer being averaged there).
 
 Buffers live where :meth:`WireReducer.new_buffer` puts them: on the GPU when MPI takes device memory
 (``direct``, :mod:`hpcngd.comm.gpu`), else in host memory, pinned when the tensors are on a GPU.
@@ -20,11 +23,10 @@ Buffers live where :meth:`WireReducer.new_buffer` puts them: on the GPU when MPI
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
-from typing import Any
 
-import numpy as np
 import torch
 from mpi4py import MPI
 from torch import Tensor
@@ -32,20 +34,6 @@ from torch import Tensor
 from hpcngd.comm.topology import Topology
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_OPS: dict[torch.dtype, MPI.Op] = {}
-
-
-def _sum16_op(dtype: torch.dtype) -> MPI.Op:
-    """A commutative MPI sum of 16-bit words holding ``dtype`` values (created once per dtype)."""
-    if dtype not in _OPS:
-
-        def add(inbuf: Any, outbuf: Any, _datatype: MPI.Datatype) -> None:  # MPI buffers
-            a = torch.from_numpy(np.frombuffer(inbuf, dtype=np.int16).copy()).view(dtype)
-            b = torch.from_numpy(np.frombuffer(outbuf, dtype=np.int16)).view(dtype)
-            b.copy_((a.float() + b.float()).to(dtype))
-
-        _OPS[dtype] = MPI.Op.Create(add, commute=True)
-    return _OPS[dtype]
 
 
 class WireReducer:
@@ -114,12 +102,17 @@ class WireReducer:
             self._allreduce(flat, topo.world, "world")
             return
         node, leaders = topo.node, topo.leaders
-        wire = self._to_wire(flat, topo.local_size)
-        if node.rank == 0:
-            node.Reduce(MPI.IN_PLACE, _msg(wire), op=self._op(), root=0)
+        if self.native:
+            flat.div_(node.size)
+            node.Reduce(MPI.IN_PLACE if node.rank == 0 else _msg(flat), _msg(flat), op=MPI.SUM, root=0)
+            self._count("node", flat)
+            wire = flat
         else:
-            node.Reduce(_msg(wire), None, op=self._op(), root=0)
-        self._count("node", wire)
+            wire = flat.to(self.dtype)
+            share, counts, displs = self._mean_scatter(wire, node, "node")
+            node.Gatherv(
+                _msg(share), [_memory(wire.view(torch.int16)), (counts, displs), MPI.INT16_T], root=0
+            )
         if leaders is not None:
             self._from_wire(wire, flat)
             self._allreduce(flat, leaders, "leaders")
@@ -140,7 +133,7 @@ class WireReducer:
         scale = self.scales([mine])[0]
         wire = mine if self.native else (mine * scale).to(self.dtype)
         out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device, pin_memory=self.pinned)
-        displs = [sum(counts[:r]) for r in range(len(counts))]
+        displs = _offsets(counts)
         if self.native:
             world.Allgatherv(_msg(wire), [_memory(out), (counts, displs), _msg(wire)[1]])
         else:
@@ -149,27 +142,52 @@ class WireReducer:
         return out if self.native else out.to(mine.dtype).div_(scale)
 
     def _allreduce(self, flat: Tensor, comm: MPI.Comm, level: str) -> None:
-        wire = self._to_wire(flat, comm.size)
-        comm.Allreduce(MPI.IN_PLACE, _msg(wire), op=self._op())
-        self._count(level, wire)
+        if self.native:
+            comm.Allreduce(MPI.IN_PLACE, _msg(flat.div_(comm.size)), op=MPI.SUM)
+            self._count(level, flat)
+            return
+        wire = flat.to(self.dtype)
+        share, counts, displs = self._mean_scatter(wire, comm, level)
+        comm.Allgatherv(_msg(share), [_memory(wire.view(torch.int16)), (counts, displs), MPI.INT16_T])
         self._from_wire(wire, flat)
 
-    def _to_wire(self, flat: Tensor, contributions: int) -> Tensor:
-        """Scaled, pre-divided by the number of values summed next, in the wire dtype."""
-        if self.native:
-            return flat.div_(contributions)
-        return (flat / contributions).to(self.dtype)
+    def _mean_scatter(self, wire: Tensor, comm: MPI.Comm, level: str) -> tuple[Tensor, list[int], list[int]]:
+        """This rank's share of the mean over ``comm`` of the 16-bit vector ``wire``, rounded once.
+
+        Rank r owns ``counts[r]`` values from offset ``displs[r]``. One alltoallv brings it every rank's
+        values there; they are summed in fp64 (exact unless their magnitudes span more than about 2^35)
+        and divided by the rank count before the one rounding to 16 bits. Two collectives make a
+        level: this one and the caller's allgatherv (or gatherv).
+        """
+        size, n = comm.size, wire.numel()
+        counts = [n // size + (r < n % size) for r in range(size)]
+        displs = _offsets(counts)
+        mine = counts[comm.rank]
+        received = torch.empty(size * mine, dtype=wire.dtype)
+        comm.Alltoallv(
+            [_memory(wire.view(torch.int16)), (counts, displs), MPI.INT16_T],
+            [
+                received.view(torch.int16).numpy(),
+                ([mine] * size, [mine * r for r in range(size)]),
+                MPI.INT16_T,
+            ],
+        )
+        share = received.view(size, mine).double().sum(0).div_(size).to(self.dtype)
+        self._count(level, wire, calls=2)
+        return share, counts, displs
 
     def _from_wire(self, wire: Tensor, flat: Tensor) -> None:
         if wire is not flat:
             flat.copy_(wire)
 
-    def _op(self) -> MPI.Op:
-        return MPI.SUM if self.native else _sum16_op(self.dtype)
-
-    def _count(self, level: str, wire: Tensor) -> None:
+    def _count(self, level: str, wire: Tensor, calls: int = 1) -> None:
         self.bytes_sent[level] += wire.numel() * wire.element_size()
-        self.calls[level] += 1
+        self.calls[level] += calls
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    """Where each of consecutive blocks of ``counts`` values starts."""
+    return [0, *itertools.accumulate(counts[:-1])]
 
 
 def _memory(t: Tensor) -> object:

@@ -6,7 +6,8 @@ and the micro-batches a rank sees depend on the rank count: the same run would e
 1 and on N ranks. Here each layer's momentum is set to 1 (after a forward pass its running buffers hold
 exactly that pass's batch statistics, with no extra pass over the activations); the statistics of a
 rank's micro-batches are summed, averaged (the caller then averages them over ranks, which hold equally
-many micro-batches; in fp32, as a 16-bit sum of many nearly equal variances drops small additions), and
+many micro-batches; in fp32 whatever the wire, as a 16-bit rounding of running statistics every step
+would part N ranks from 1, whose statistics never travel), and
 at the end of the step the running buffers move once, by the layer's own momentum, towards that mean
 over all micro-batches of the global batch. With a fixed
 ``data.micro_batch_size`` the set of micro-batches does not depend on the rank count, so neither do the
