@@ -273,7 +273,7 @@ class CommConfig(Section):
     dtype: str = opt(
         "fp32",
         "Wire format of gradients and factors: fp32, or fp16/bf16 "
-        "(each level's mean summed in fp64, rounded once).",
+        "(each level's mean summed in fp32, rounded once).",
         choices=("fp32", "fp16", "bf16"),
     )
     cuda_aware: str | bool = opt(

@@ -9,7 +9,7 @@ bucket with the reduction of the one before). Detection, in order (:func:`mpi_cu
 3. MPICH's ``MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &ok)``.
 The library is found among the shared objects this process has loaded (``/proc/self/maps``).
 
-The 16-bit wires sum each rank's share of a level in fp64 on the host, so they always stage.
+The 16-bit wires sum each rank's share of a level on the host, so they always stage.
 """
 
 from __future__ import annotations
