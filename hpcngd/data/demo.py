@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hpcngd.errors import UserError
+
 Grid = tuple[np.ndarray, np.ndarray]
 
 
@@ -98,8 +100,15 @@ def generate(
     size: int = 64,
     seed: int = 0,
 ) -> int:
-    """Write the demo set; returns the number of images written."""
+    """Write the demo set; returns the number of images written.
+
+    Refuses a folder whose ``train`` or ``val`` already holds anything: a second set of another size or
+    count written over the first would mix with it.
+    """
     out = Path(out_dir)
+    for split in ("train", "val"):
+        if (out / split).is_dir() and any((out / split).iterdir()):
+            raise UserError(f"{out / split}: not empty; remove it or write the demo set to a new folder")
     count = 0
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for label, name in enumerate(CLASSES):

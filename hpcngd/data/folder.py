@@ -1,7 +1,9 @@
 """An image-folder reader for the ImageNet layout, without DALI.
 
 ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/<class>/*.jpg``; class indices are the sorted class folder
-names of ``train`` (as torchvision's ImageFolder numbers them), and ``val`` must hold the same classes.
+names of ``train`` (as torchvision's ImageFolder numbers them), and ``val`` must hold the same names.
+Hidden entries (``.name``: ``.ipynb_checkpoints``, macOS's ``._x.jpg``) are skipped; an image name that
+is not a readable file (a broken link, a folder) is an error when listing, not hours into a run.
 Or a file list (``data.train_list``/``data.val_list``): lines ``relative/path label`` (DALI's format),
 in that order, relative to ``data.path``. The DALI loader reads the same sample list
 (:func:`samples_of`), so both number classes and order samples alike.
@@ -13,7 +15,9 @@ crop. Images are decoded with Pillow in the loader's worker processes.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,23 +27,49 @@ from hpcngd.config import DataConfig
 from hpcngd.data.sharding import sample_rng
 from hpcngd.errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+if TYPE_CHECKING:
+    from PIL.Image import Image as PilImage
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what Pillow and DALI decode
 
 
-def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names and (path, label) pairs of one split, sorted; one clear error if unusable."""
+def class_names(split_dir: Path) -> list[str]:
+    """The sorted, not hidden, sub-folder names of a split; one clear error if there are none."""
     if not split_dir.is_dir():
         raise UserError(f"{split_dir}: data folder not found (expected <class>/<image> folders)")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{split_dir}: no class folders in it")
-    samples: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"{split_dir / name}: class folder holds no images")
-        samples.extend((f, label) for f in files)
-    return classes, samples
+    return classes
+
+
+def images_in(folder: Path) -> list[str]:
+    """The sorted image paths of one class folder (hidden names skipped); an error if there are none or
+    one is not a readable file. ``scandir`` knows regular files without a stat call per image."""
+    files = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            if not entry.is_file():
+                raise UserError(f"{entry.path}: not a readable file (a broken link, or a folder)")
+            files.append(entry.path)
+    if not files:
+        raise UserError(f"{folder}: class folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return sorted(files)
+
+
+def scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, label) pairs of one split whose class folders must be named ``classes`` (label = index)."""
+    found = class_names(split_dir)
+    if found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise UserError(
+            f"{split_dir}: class folders differ from {split_dir.parent / 'train'}'s"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; not in train: {', '.join(extra[:5])}" if extra else "")
+        )
+    return [(f, label) for label, name in enumerate(classes) for f in images_in(split_dir / name)]
 
 
 def random_resized_box(
@@ -100,12 +130,23 @@ def samples_of(cfg: DataConfig, split: str, num_classes: int) -> list[tuple[str,
         if top >= num_classes:
             raise UserError(f"{root / list_file}: label {top} but model.num_classes = {num_classes}")
         return samples
-    classes, samples = scan(root / split)
+    classes = class_names(root / "train")
     if len(classes) != num_classes:
         raise UserError(
-            f"{root / split}: {len(classes)} class folders, but model.num_classes = {num_classes}"
+            f"{root / 'train'}: {len(classes)} class folders, but model.num_classes = {num_classes}"
         )
-    return samples
+    return scan(root / split, classes)
+
+
+def rgb(img: PilImage) -> PilImage:
+    """8-bit RGB of a decoded image. Integer grayscale of more than 8 bits (16-bit PNG and TIFF: modes
+    ``I;16*`` and ``I``) is scaled from 0..65535, where Pillow's ``convert`` would clip it at 255."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        values = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 class ImageFolder:
@@ -146,7 +187,7 @@ class ImageFolder:
         path, label = self.samples[index]
         try:
             with Image.open(path) as opened:
-                img = opened.convert("RGB")
+                img = rgb(opened)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"{path}: cannot read image: {exc}") from None
         size = self.cfg.image_size

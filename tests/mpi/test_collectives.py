@@ -150,7 +150,8 @@ def test_rank_0_alone_lists_the_images_and_every_rank_gets_the_list(
         if comm.rank:
             m.setattr(folder_reader, "scan", refused)
         train, val = cli.datasets(comm, cfg)
-    assert train.samples == scan(folder / "data" / "train")[1] and len(val) == 10  # listed here, again
+    listed_here = scan(folder / "data" / "train", folder_reader.class_names(folder / "data" / "train"))
+    assert train.samples == listed_here and len(val) == 10
     bad = config.loads("", overrides=[f"data.path={folder / 'nothing'}", "data.source=folder"])
     with pytest.raises(AgreedError, match=r"data\.path = .*nothing.*: folder not found"):
         cli.datasets(comm, bad)

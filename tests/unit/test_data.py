@@ -34,6 +34,11 @@ def test_demo_layout_and_determinism(demo: Path, tmp_path: Path) -> None:
     for name in CLASSES:
         file = f"train/{name}/{name}_00000.jpg"
         assert (tmp_path / file).read_bytes() == (demo / file).read_bytes()
+    with pytest.raises(
+        UserError, match=r"/train: not empty; remove it or write the demo set to a new folder"
+    ):
+        generate(tmp_path, train_per_class=2, val_per_class=0, size=24)  # would mix two sets
+    assert len(list((tmp_path / "train" / "disk").iterdir())) == 1
 
 
 def test_folder_reader_labels_and_shapes(demo: Path) -> None:
@@ -89,10 +94,55 @@ def test_missing_and_bad_folders(tmp_path: Path, demo: Path) -> None:
         build_datasets(folder_cfg(tmp_path / "empty"), 10, 0)
     (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
     (tmp_path / "noval" / "train" / "a" / "x.txt").write_text("x")
-    with pytest.raises(UserError, match=r"noval/train/a: class folder holds no images"):
-        build_datasets(folder_cfg(tmp_path / "noval"), 10, 0)
+    with pytest.raises(UserError, match=r"noval/train/a: class folder holds no images \(\.jpg, "):
+        build_datasets(folder_cfg(tmp_path / "noval"), 1, 0)
     with pytest.raises(UserError, match=r"demo\d*/train: 10 class folders, but model.num_classes = 5"):
         build_datasets(folder_cfg(demo), 5, 0)
+
+
+def test_val_classes_are_matched_to_train_by_name(tmp_path: Path) -> None:
+    """A val folder named differently would shift every label after it: refused, naming the folders."""
+    generate(tmp_path, train_per_class=1, val_per_class=1, size=16)
+    (tmp_path / "val" / "disk").rename(tmp_path / "val" / "zdisk")
+    with pytest.raises(
+        UserError, match=r"val: class folders differ from .*train's; missing: disk; not in train: zdisk"
+    ):
+        build_datasets(folder_cfg(tmp_path, batch_size=2), 10, 0)
+    (tmp_path / "val" / "zdisk").rename(tmp_path / "val" / "disk")
+    (tmp_path / "val" / "ring").rename(tmp_path / "ring")
+    with pytest.raises(UserError, match=r"val: class folders differ .*; missing: ring$"):
+        build_datasets(folder_cfg(tmp_path, batch_size=2), 10, 0)
+
+
+def test_hidden_entries_are_skipped_and_bad_entries_named_when_listing(tmp_path: Path) -> None:
+    generate(tmp_path, train_per_class=2, val_per_class=1, size=16)
+    train = tmp_path / "train"
+    (train / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
+    (train / "disk" / "._disk_00000.jpg").write_bytes(b"macOS metadata")  # nor a hidden file an image
+    (train / "disk" / "scan.TIF").write_bytes((train / "disk" / "disk_00000.jpg").read_bytes())
+    listed, _ = build_datasets(folder_cfg(tmp_path, batch_size=2), 10, 0)
+    names = [Path(p).name for p, _ in listed.samples]  # type: ignore[attr-defined]
+    assert len(names) == 21 and "scan.TIF" in names and "._disk_00000.jpg" not in names
+    (train / "ring" / "missing.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(
+        UserError, match=r"ring/missing.jpg: not a readable file \(a broken link, or a folder\)"
+    ):
+        build_datasets(folder_cfg(tmp_path, batch_size=2), 10, 0)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit PNG reads as its 8-bit counterpart, not as the white that Pillow's convert gives."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "flat.png")
+    cfg = folder_cfg(tmp_path, mean=[0.0] * 3, std=[1.0] * 3)
+    samples = [(str(tmp_path / "deep.png"), 0), (str(tmp_path / "flat.png"), 0)]
+    reader = ImageFolder(cfg, "val", 1, 0, samples)
+    deep, flat = reader.item(0, 0)[0], reader.item(1, 0)[0]
+    assert float(flat.min()) < 0.1 and float(flat.max()) > 0.9
+    torch.testing.assert_close(deep, flat, atol=1.5 / 255, rtol=0)
 
 
 def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
