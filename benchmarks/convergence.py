@@ -5,7 +5,7 @@
 
 On the demo set (3,000 training images) a batch of 1,000 is a third of the training set, 3 steps an
 epoch. Every run starts from the same seed, uses the run file's data and model with a poly schedule
-(power 2, one warm-up epoch) that ends at --max-steps, evaluates the whole validation set after every
+(one warm-up epoch, then power 2 down to 0 at --max-steps), evaluates the whole validation set after every
 step, and stops at the first step whose top-1 reaches the highest target. Prints one line per step,
 then a table of the first step reaching each target and of the training loss at fixed steps.
 """
@@ -70,6 +70,7 @@ def main() -> None:
         "optim.schedule=poly",
         "optim.power=2.0",
         "optim.warmup_epochs=1.0",
+        "optim.e_start=1.0",
         f"optim.e_end={args.max_steps / steps_per_epoch}",
     ]
     runs: list[tuple[str, list[str]]] = [

@@ -404,6 +404,14 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
             f"written by {a['world_size']} ranks, resuming on {size} with the same global batch: "
             "per-rank random streams (MC Fisher sampling) restart from the seed"
         )
+        saved = config.loads(str(a["run_file"]), "the checkpoint's run file").data
+        old_micro = saved.micro_batch_size or saved.batch_size // int(a["world_size"])
+        if old_micro != trainer.micro_batch:
+            notes.append(
+                f"BatchNorm's batch changes from {old_micro} to {trainer.micro_batch} images "
+                "(data.micro_batch_size = 0 is the per-rank batch): losses part from the uninterrupted "
+                "run's; a fixed data.micro_batch_size keeps them"
+            )
     if spe != spe_old:
         notes.append(
             f"steps per epoch changed ({spe_old} -> {spe}): resuming at epoch {a['epoch']} step {step % spe}"

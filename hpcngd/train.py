@@ -332,6 +332,7 @@ class Trainer:
         """Run every step of the run; returns the last train and eval figures."""
         cfg, spe = self.cfg, self.loader.steps_per_epoch
         last: dict[str, Any] = {}
+        self.timer.take()  # set-up and restore (minutes, for a large checkpoint) are not training throughput
         batches = self.loader.batches(self.step // spe, self.step % spe, cfg.run.epochs)
         while self.step < self.total_steps:
             with self.timer.phase("data"):

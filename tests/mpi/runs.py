@@ -38,6 +38,7 @@ weight_decay = 1e-3
 label_smoothing = 0.1
 schedule = "poly"
 warmup_epochs = 1.0
+e_start = 1.0
 """
 NUM_STEPS = 10
 

@@ -153,11 +153,45 @@ def test_resume_on_fewer_ranks_with_the_same_global_batch(comm: MPI.Comm, folder
             assert any(
                 f"written by {comm.size} ranks, resuming on {comm.size // 2}" in n for n in resumed["notes"]
             )
+            assert not any("BatchNorm's batch" in n for n in resumed["notes"])  # fixed: 4 images
         got, want = figures(resumed["records"], 5), figures(whole["records"], 5)
         assert [r[:2] for r in got] == [r[:2] for r in want]
         losses = [(g[2], w[2]) for g, w in zip(got, want, strict=True) if g[0] == "train"]
         assert max(abs(g - w) / abs(w) for g, w in losses) <= 1e-5, losses
     comm.Barrier()
+
+
+def test_resume_on_fewer_ranks_says_when_the_batchnorm_batch_changes(comm: MPI.Comm, folder: Path) -> None:
+    """With data.micro_batch_size = 0 BatchNorm normalizes over the per-rank batch, which doubles when
+    the ranks halve: the losses then part from the uninterrupted run's, and the log says why."""
+    if comm.size == 1:
+        pytest.skip("needs ranks to drop")
+    overrides = [*SAVE, "data.micro_batch_size=0", "run.max_steps=6"]
+    run(comm, overrides, folder, "whole")
+    half = comm.Split(color=0 if comm.rank < comm.size // 2 else MPI.UNDEFINED, key=comm.rank)
+    if half != MPI.COMM_NULL:
+        ckpt = folder / "whole" / "checkpoints" / "ckpt-000000005.h5"
+        notes = run(half, overrides, folder, "half", resume=str(ckpt))["notes"]
+        half.Free()
+        old, new = 16 // comm.size, 16 // (comm.size // 2)
+        assert f"BatchNorm's batch changes from {old} to {new} images" in " ".join(notes)
+    comm.Barrier()
+
+
+def test_set_up_and_restore_are_not_counted_as_training_time(comm: MPI.Comm, folder: Path) -> None:
+    """The first record's img/s counts its steps only, not the time before train() (a restore of a large
+    checkpoint made the first record after every resume look several times slower)."""
+    metrics = folder / "timed.jsonl"
+    overrides = ["run.max_steps=3", f"run.output_dir={folder}", "run.name=timed"]
+    with make_trainer(comm, overrides, MetricsLog(metrics, active=comm.rank == 0)) as t:
+        t.timer.started -= 1000.0  # as if set-up and restore had taken 1000 s
+        t.train()
+        t.log.close()
+    comm.Barrier()
+    first = next(json.loads(line) for line in metrics.read_text().splitlines() if '"train"' in line)
+    assert first["step"] == 3 and first["step_ms"] < 100e3, (
+        first
+    )  # (end of epoch 0) 333,333 ms with the 1000 s
 
 
 def test_nonfinite_state_is_never_saved(comm: MPI.Comm, folder: Path) -> None:
