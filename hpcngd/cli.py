@@ -124,10 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _one_process(lambda: _eval(args))
     if args.command == "data":
         return _one_process(lambda: _demo(args))
-    from mpi4py import MPI
+    from hpcngd.stopping import StopSignals
 
-    world = MPI.COMM_WORLD
-    return run_guarded(world, lambda: _train(world, args.run_file, args.overrides))
+    # From before MPI starts (a signal during set-up stops the run after step 1) to the process's end.
+    with StopSignals(ignore_after=True) as stop:
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD
+        return run_guarded(world, lambda: _train(world, args.run_file, args.overrides, stop))
 
 
 def run_guarded(world: MPI.Comm, fn: Callable[[], int]) -> int:
@@ -213,14 +217,7 @@ def _threads(run_threads: int, local_size: int) -> int:
     return usable if bound else max(1, usable // local_size)
 
 
-def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str]) -> int:
-    from hpcngd.stopping import StopSignals
-
-    with StopSignals() as stop:  # from the start: a signal during set-up stops the run after step 1
-        return _train_with(world, run_file, overrides, stop)
-
-
-def _train_with(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopSignals) -> int:
+def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopSignals) -> int:
     import torch
 
     from hpcngd import state

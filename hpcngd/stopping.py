@@ -15,10 +15,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
-    """Installs the handlers while in use (``with``); ``received`` is the first signal seen, or None."""
+    """Installs the handlers while in use (``with``); ``received`` is the first signal seen, or None.
 
-    def __init__(self) -> None:
+    Args:
+        ignore_after: on leaving, ignore the signals instead of restoring the previous handlers. For the
+            command's own run: once it is over a late signal has nothing to stop, and the default action
+            would kill the ranks in MPI's finalize, so that a scheduler records a finished job as failed.
+    """
+
+    def __init__(self, ignore_after: bool = False) -> None:
         self.received: int | None = None
+        self.ignore_after = ignore_after
         self._previous: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
@@ -34,7 +41,7 @@ class StopSignals:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.ignore_after else handler)
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "none"

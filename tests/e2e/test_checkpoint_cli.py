@@ -101,6 +101,26 @@ def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(tmp_pat
     assert "stopped by SIGTERM at step" in out
 
 
+def test_stop_signal_after_the_run_is_over_changes_nothing(tmp_path: Path, demo: Path) -> None:
+    """A signal in the seconds between "done" and the ranks' exit (MPI's finalize, interpreter teardown)
+    killed them with signal 10, so that a scheduler recorded a finished run as failed."""
+    cmd = command(str(write_run(tmp_path, demo, extra=NO_SAVE)), ranks=2)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    assert job.stdout is not None
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "done:" in line:
+            break
+    assert any("done:" in line for line in lines), lines
+    for pid in rank_pids(job.pid):
+        with contextlib.suppress(ProcessLookupError):  # a rank may have ended already
+            os.kill(pid, signal.SIGUSR1)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err
+    assert "signal" not in err, err
+
+
 def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
     run_file = write_run(tmp_path, demo, extra=SAVE)
     crashed = hpcngd(str(run_file), env={CRASH_HOOK: "4:5"})  # dies in the checkpoint of step 4
