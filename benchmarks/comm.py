@@ -14,8 +14,10 @@ of --repeats passes (slowest rank). The same script runs unchanged on a cluster.
 
 Error: each rank's values are a part shared by all ranks plus its own noise (as gradients and factors
 of one model on different micro-batches are), and one pass of each mode is compared with the fp64 mean
-of the same values (an fp64 MPI sum): ||mean - fp64 mean|| / ||fp64 mean||. A 16-bit wire costs at
-least one rounding (about 1e-3 for bf16, 1.3e-4 for fp16); more shows where partial sums were rounded.
+of the same values (an fp64 MPI sum): ||mean - fp64 mean|| / ||fp64 mean||. One rounding of such values
+costs about 1.7e-3 in bf16 and 2.1e-4 in fp16; a 16-bit level rounds once (the inputs' rounding is
+shared by all ranks here, so it does not average out), hierarchical runs round at two levels (about
+2.4e-3 and 3.0e-4); more shows where partial sums were rounded.
 """
 
 from __future__ import annotations

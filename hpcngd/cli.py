@@ -268,6 +268,14 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
                 f"note: ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
                 "preconditioning in fp32 here"
             )
+        optim = cfg.optim
+        if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
+            # A note, not an error: checkpoints of runs started so must stay resumable.
+            log.say(
+                f"note: optim.e_start = {optim.e_start} < optim.warmup_epochs = {optim.warmup_epochs}: the "
+                "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
+                "warmup_epochs for a continuous schedule)"
+            )
         if trainer.step >= trainer.total_steps:
             log.say(f"nothing to do: the run is complete at step {trainer.step}")
             log.close()

@@ -187,7 +187,11 @@ class OptimConfig(Section):
     schedule: str = opt("poly", "LR shape.", choices=("constant", "poly", "cosine", "step"))
     warmup_epochs: float = opt(0.0, "Linear warmup from warmup_init_lr to lr.", ge=0.0)
     warmup_init_lr: float = opt(0.0, "LR at step 0 when warmup_epochs > 0.", ge=0.0)
-    e_start: float = opt(0.0, "poly: constant lr until this epoch (>= warmup_epochs).", ge=0.0)
+    e_start: float = opt(
+        0.0,
+        "poly: constant lr until this epoch (below warmup_epochs the rate drops at the warmup's end).",
+        ge=0.0,
+    )
     e_end: float = opt(0.0, "poly: lr reaches 0 at this epoch (0 = end of the run).", ge=0.0)
     power: float = opt(2.0, "poly: exponent.", gt=0.0)
     min_lr: float = opt(0.0, "cosine: final lr.", ge=0.0)
@@ -205,12 +209,6 @@ class OptimConfig(Section):
             self.fail("milestones", "must be increasing")
         if self.warmup_epochs and self.warmup_init_lr > self.lr:
             self.fail("warmup_init_lr", f"must be <= optim.lr = {self.lr}")
-        if self.schedule == "poly" and self.e_start < self.warmup_epochs:
-            self.fail(
-                "e_start",
-                f"must be >= optim.warmup_epochs = {self.warmup_epochs}: the decay would start inside the "
-                "warmup and the rate drop at its end",
-            )
 
 
 @dataclass(frozen=True)

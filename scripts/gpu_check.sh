@@ -272,6 +272,7 @@ fi
 if lacks $needed PIL nvidia.dali; then
   skip "DALI GPU training" "needs NVIDIA DALI and Pillow (missing: $missing)"
 else
+  rm -rf "$OUT/dali_data"  # the demo writer refuses a non-empty folder (a second run of this script)
   step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$OUT/dali_data" --size "$dali_size" \
     --train-per-class "$dali_images" --val-per-class 4
   cat >"$OUT/dali.toml" <<EOF

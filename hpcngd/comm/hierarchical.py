@@ -11,8 +11,9 @@ share of the buffer), a sum of the shares in fp32 on rank r, divided by their co
 bytes of a ring allreduce, but no partial sum is ever rounded to 16 bits. An MPI sum of 16-bit partial
 sums (a ring adds one rank after another) loses what falls below half a unit in the last place of the
 running sum: on Open MPI's ring a bf16 mean over 256 ranks was off by 7.4e-2 (a 3% bias), against
-1.7e-3 for one rounding. Here the error of a level is one rounding (plus the fp32 sum's, at most 2^-14
-at 1,024 ranks) whatever the number of ranks, and all ranks get the same bits.
+1.7e-3 for one rounding. Here the error of a level is one rounding, plus the fp32 sum's (at most
+1,023 x 2^-24 of the sum of the values' magnitudes at 1,024 ranks: negligible unless the values cancel),
+whatever the number of ranks, and all ranks get the same bits.
 
 fp16 tensors are multiplied by powers of two agreed over all ranks (:meth:`WireReducer.scales`, one per
 tensor) that put each tensor's largest value near 2^14, far from fp16's subnormals (bf16 has fp32's
@@ -44,8 +45,8 @@ class WireReducer:
     Args:
         topo: world, node and leaders communicators.
         wire: "fp32", "fp16" or "bf16".
-        hierarchical: two levels (node, leaders) instead of one flat allreduce; with one node, or one
-            rank a node, there is only one level and the flat allreduce is used.
+        hierarchical: two levels (node, leaders) instead of one flat allreduce; with one node, one rank
+            a node, or nodes of unequal sizes (whose means would weigh alike) the flat allreduce is used.
         device: where the tensors to average live.
         direct: MPI takes ``device`` memory (CUDA-aware MPI, fp32 wire only); False stages through host.
     """
@@ -68,7 +69,8 @@ class WireReducer:
         self.topo = topo
         self.dtype = WIRE_DTYPES[wire]
         self.native = wire == "fp32"  # send the buffer's own dtype (fp32, or fp64 factors)
-        self.hierarchical = hierarchical and topo.num_nodes > 1 and topo.local_size > 1
+        # Decided alike on every rank: one rank going flat while its node reduces would hang the job.
+        self.hierarchical = hierarchical and topo.num_nodes > 1 and topo.uniform and topo.local_size > 1
         self.bytes_sent: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
 
@@ -106,7 +108,10 @@ class WireReducer:
         node, leaders = topo.node, topo.leaders
         if self.native:
             flat.div_(node.size)
-            node.Reduce(MPI.IN_PLACE if node.rank == 0 else _msg(flat), _msg(flat), op=MPI.SUM, root=0)
+            if node.rank == 0:
+                node.Reduce(MPI.IN_PLACE, _msg(flat), op=MPI.SUM, root=0)
+            else:
+                node.Reduce(_msg(flat), None, op=MPI.SUM, root=0)
             self._count("node", flat)
             wire = flat
         else:
@@ -157,9 +162,9 @@ class WireReducer:
         """This rank's share of the mean over ``comm`` of the 16-bit vector ``wire``, rounded once.
 
         Rank r owns ``counts[r]`` values from offset ``displs[r]``. One alltoallv brings it every rank's
-        values there; they are summed in fp32 (for 1,024 ranks within 2^-14 of the exact sum at worst,
-        far below the rounding to 16 bits; fp64 took twice the time) and divided by the rank count
-        before the one rounding to 16 bits. Two collectives make a
+        values there; they are summed in fp32 (off by at most (n - 1) 2^-24 of the sum of magnitudes for
+        n ranks, far below a 16-bit rounding unless the values cancel; fp64 took twice the time) and
+        divided by the rank count before the one rounding to 16 bits. Two collectives make a
         level: this one and the caller's allgatherv (or gatherv).
         """
         size, n = comm.size, wire.numel()

@@ -3,6 +3,9 @@
 A node is the set of ranks that share memory (``MPI.COMM_TYPE_SHARED``) unless ``ranks_per_node``
 forces consecutive blocks of that many ranks, which simulates several nodes on one host. The leader of
 a node is its local rank 0; ``leaders`` is a communicator of the leaders only (``None`` elsewhere).
+Nodes may hold unequal numbers of ranks (a job of 10 ranks placed 4 + 4 + 2): ``node_sizes`` says so on
+every rank, and the two-level reduction, whose leaders average node means with equal weights, is then
+not used (:class:`~hpcngd.comm.hierarchical.WireReducer`).
 The Topology frees the communicators it derives (``close()`` or ``with``).
 """
 
@@ -37,6 +40,7 @@ class Topology:
         # Node index = rank of this node's leader among the leaders, told to the whole node.
         self.node_index: int = self.node.bcast(self.leaders.rank if self.leaders else None, root=0)
         self.num_nodes: int = self.node.bcast(self.leaders.size if self.leaders else None, root=0)
+        self.node_sizes: list[int] = sorted(set(world.allgather(self.node.size)))  # the distinct ones
 
     @property
     def rank(self) -> int:
@@ -54,9 +58,19 @@ class Topology:
     def local_size(self) -> int:
         return int(self.node.size)
 
+    @property
+    def uniform(self) -> bool:
+        """Every node holds the same number of ranks (the same answer on every rank)."""
+        return len(self.node_sizes) == 1
+
     def describe(self) -> str:
         """One line for the log."""
-        return f"{self.size} ranks on {self.num_nodes} node(s) of {self.local_size}"
+        if self.uniform:
+            return f"{self.size} ranks on {self.num_nodes} node(s) of {self.local_size}"
+        sizes = "/".join(map(str, self.node_sizes))
+        return (
+            f"{self.size} ranks on {self.num_nodes} nodes of unequal sizes ({sizes}: communication is flat)"
+        )
 
     def close(self) -> None:
         """Free the derived communicators (collective)."""

@@ -154,7 +154,8 @@ def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo:
 
 def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     run_file = write_run(tmp_path, demo)
-    res = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", 'ngd.exclude=["fc"]')
+    warmup = ["--set", "optim.warmup_epochs=0.5"]  # with the default e_start = 0
+    res = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", 'ngd.exclude=["fc"]', *warmup)
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -166,6 +167,7 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert "devices on " in res.stdout and "rank 0 -> cpu (cpu)" in res.stdout
     assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
     assert "note: ngd.precondition_precision" not in res.stdout and "note: run.precision" not in res.stdout
+    assert "note: optim.e_start = 0.0 < optim.warmup_epochs = 0.5: the poly decay starts inside" in res.stdout
     tf32x3 = ["--set", "ngd.precondition_precision=tf32x3"]
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
@@ -231,6 +233,7 @@ def test_mixed_precision_run_reports_its_loss_scale(tmp_path: Path, demo: Path) 
     assert res.returncode == 0, res.stderr
     assert "precision fp16 | wire fp32" in res.stdout
     assert res.stdout.count("note: run.precision = fp16 on a CPU") == 1  # rank 0 says it, once
+    assert "note: optim.e_start" not in res.stdout
     records = [json.loads(line) for line in (tmp_path / "out/tiny/metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     # growth after every good step from 65536: 2 steps per record, less a halving per skipped step

@@ -53,8 +53,9 @@ def test_16bit_mean_is_rounded_once_a_level(comm: MPI.Comm, wire: str, hierarchi
     """Bit for bit: a level's result is the exact mean of its 16-bit inputs, rounded once to 16 bits.
 
     No partial sum is rounded, so the result does not depend on the rank count's tree or on MPI's
-    algorithm (a ring of 16-bit partial sums over 256 ranks lost 3% of a bf16 mean; 4 ranks in a
-    recursive-doubling tree already differ from this reference).
+    algorithm (a ring of 16-bit partial sums over 256 ranks lost 3% of a bf16 mean). At 4 ranks the flat
+    case is where rounded partial sums differ from this reference; the two-level case (2 nodes of 2
+    here) checks the gatherv, leaders and broadcast wiring, whose levels of 2 round alike either way.
     """
     dtype, numel = WIRE_DTYPES[wire], 4099
 
@@ -82,6 +83,31 @@ def test_16bit_mean_is_rounded_once_a_level(comm: MPI.Comm, wire: str, hierarchi
             expected = wire_values(range(comm.size)).mean(0).to(dtype).float()
         assert torch.equal(flat, expected)
         assert reducer.calls["node" if reducer.hierarchical else "world"] == (2 if comm.size > 1 else 0)
+
+
+class UnevenNodes(MPI.Intracomm):
+    """The world, whose shared-memory nodes are all ranks but the last, and the last (as a job of 10
+    ranks placed 4 + 4 + 2 has nodes of unequal sizes)."""
+
+    def Split_type(self, split_type: int, key: int = 0, info: MPI.Info = MPI.INFO_NULL) -> MPI.Intracomm:
+        return self.Split(color=int(self.rank == self.size - 1), key=key)
+
+
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+def test_nodes_of_unequal_sizes_average_flat(comm: MPI.Comm, wire: str) -> None:
+    """Equal weights for node means of 3 and 1 ranks gave 2.25 for the mean 1.5 of 0..3; a node of one
+    rank went flat while the other reduced inside its node, and the job hung."""
+    with Topology(UnevenNodes(comm)) as topo:
+        reducer = WireReducer(topo, wire, hierarchical=True)
+        flat = torch.full((6,), float(comm.rank))
+        reducer.average_(flat)
+        assert torch.equal(flat, torch.full((6,), (comm.size - 1) / 2))
+        assert topo.uniform == (comm.size <= 2) and not reducer.hierarchical
+        if comm.size > 2:
+            assert (
+                topo.describe()
+                == f"{comm.size} ranks on 2 nodes of unequal sizes (1/{comm.size - 1}: communication is flat)"
+            )
 
 
 def test_fp16_mean_of_values_near_the_maximum_does_not_overflow(comm: MPI.Comm) -> None:
