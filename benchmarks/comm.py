@@ -14,10 +14,12 @@ of --repeats passes (slowest rank). The same script runs unchanged on a cluster.
 
 Error: each rank's values are a part shared by all ranks plus its own noise (as gradients and factors
 of one model on different micro-batches are), and one pass of each mode is compared with the fp64 mean
-of the same values (an fp64 MPI sum): ||mean - fp64 mean|| / ||fp64 mean||. One rounding of such values
-costs about 1.7e-3 in bf16 and 2.1e-4 in fp16; a 16-bit level rounds once (the inputs' rounding is
-shared by all ranks here, so it does not average out), hierarchical runs round at two levels (about
-2.4e-3 and 3.0e-4); more shows where partial sums were rounded.
+of the values as sent (each rank's values rounded to the wire format, then an fp64 MPI sum):
+||mean - fp64 mean|| / ||fp64 mean||. So the column shows the reduction's own rounding, not the
+inputs': a flat 16-bit level rounds once (measured: 1.7e-3 in bf16, 2.2e-4 in fp16 at 4 and 8 ranks;
+2.0e-3 and 2.5e-4 at 2, where the sum of two 16-bit values has one bit too many, so its rounding is
+none or exactly half a unit), a hierarchical run rounds the node means and then their mean (2.3e-3 and
+2.9e-4 on 2 nodes), and fp32 gives about 4e-8; more shows where partial sums were rounded.
 """
 
 from __future__ import annotations
@@ -94,9 +96,11 @@ def main() -> None:
             make: Callable[[], list[torch.Tensor]],
             run: Callable[[list[torch.Tensor]], object],
         ) -> None:
-            """Error of one pass on fresh values against their fp64 mean, then the timed passes."""
+            """Error of one pass on fresh values against the fp64 mean of the values as sent, then the
+            timed passes."""
             tensors = make()
-            ref = torch.cat([t.double().reshape(-1) for t in tensors])
+            sent = torch.float32 if wire.native else wire.dtype
+            ref = torch.cat([t.to(sent).double().reshape(-1) for t in tensors])
             world.Allreduce(MPI.IN_PLACE, ref.numpy(), op=MPI.SUM)
             ref /= world.size
             run(tensors)

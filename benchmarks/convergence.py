@@ -7,7 +7,9 @@ On the demo set (3,000 training images) a batch of 1,000 is a third of the train
 epoch. Every run starts from the same seed, uses the run file's data and model with a poly schedule
 (one warm-up epoch, then power 2 down to 0 at --max-steps), evaluates the whole validation set after every
 step, and stops at the first step whose top-1 reaches the highest target. Prints one line per step,
-then a table of the first step reaching each target and of the training loss at fixed steps.
+then a table of the first step reaching each target and of the training loss at fixed steps. Its
+"wall s" column is each run's whole wall time: set-up, training and the evaluation after every step (a
+comparison of steps, not of time to accuracy; benchmarks/step_time.py times the steps).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from hpcngd.train import Trainer
 def run_to_target(
     world: MPI.Comm, run_file: str, overrides: list[str], target: float, max_steps: int
 ) -> tuple[list[tuple[float, float]], float]:
-    """([(train loss, val top-1) after each step], seconds); stops once top-1 reaches ``target``."""
+    """([(train loss, val top-1) after each step], wall seconds of the whole run: set-up, steps and
+    evaluations); stops once top-1 reaches ``target``."""
     cfg = config.load(run_file, overrides)
     config.check_world_size(cfg, world.size)
     t0 = time.perf_counter()
@@ -108,7 +111,7 @@ def main() -> None:
     print(f"\n{setting}, budget {args.max_steps} steps")
     marks = [s for s in (10, 20, 30, 40) if s <= args.max_steps]
     head = "".join(f"{f'top-1 {t:g}%':>12s}" for t in targets) + "".join(f"{f'loss@{s}':>9s}" for s in marks)
-    print(f"{'run':14s}{head}{'best top-1':>11s}{'seconds':>9s}")
+    print(f"{'run':14s}{head}{'best top-1':>11s}{'wall s':>9s}")
     first: dict[str, list[int | None]] = {}
     for label, history, seconds in results:
         first[label] = [next((i + 1 for i, (_, v) in enumerate(history) if v >= t), None) for t in targets]

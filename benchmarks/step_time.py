@@ -80,6 +80,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sgd-steps", type=int, default=4, help="SGD steps, the first not timed")
     args = p.parse_args()
+    if args.sgd_steps < 2:
+        p.error("--sgd-steps must be at least 2 (the first step is not timed)")
     threads, ranks = torch.get_num_threads(), MPI.COMM_WORLD.size
     say = print if MPI.COMM_WORLD.rank == 0 else (lambda *a, **k: None)
     say(f"{args.arch} {args.image_size}px global batch {args.batch} on {ranks} rank(s) x {threads} threads")
