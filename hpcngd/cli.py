@@ -28,6 +28,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, TypeVar
 
 from hpcngd import __version__, config
@@ -36,6 +37,7 @@ from hpcngd.errors import AgreedError, UserError, agree
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from hpcngd.comm.topology import Topology
     from hpcngd.data import Dataset
     from hpcngd.stopping import StopSignals
 
@@ -220,11 +222,8 @@ def _threads(run_threads: int, local_size: int) -> int:
 def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopSignals) -> int:
     import torch
 
-    from hpcngd import state
     from hpcngd.comm.topology import Topology
-    from hpcngd.device import bind, placement, placement_lines
-    from hpcngd.metrics import MetricsLog
-    from hpcngd.train import Trainer, prepare_run_dir
+    from hpcngd.runlock import RunLock
 
     # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
     text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
@@ -232,63 +231,86 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
     torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
     train_set, val_set = datasets(world, cfg)
+    # Rank 0 holds the run directory's lock from before anything is written there to the run's end.
+    holds = world.rank == 0 and cfg.run.lock_renew_s > 0
+    lock = agree(world, lambda: RunLock.take(cfg.run_dir, cfg.run.lock_renew_s) if holds else None)
+    with lock or nullcontext(), topo:
+        return _run(world, cfg, topo, train_set, val_set, stop, lock.notes if lock else [])
+
+
+def _run(
+    world: MPI.Comm,
+    cfg: config.Config,
+    topo: Topology,
+    train_set: Dataset,
+    val_set: Dataset,
+    stop: StopSignals,
+    notes: list[str],
+) -> int:
+    """Train in the run directory that this run holds; returns the exit code."""
+    import torch
+
+    from hpcngd import state
+    from hpcngd.device import bind, placement, placement_lines
+    from hpcngd.metrics import MetricsLog
+    from hpcngd.train import Trainer, prepare_run_dir
+
     run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
-    with topo:
-        device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
-        rows = world.gather(placement(device), root=0)
-        trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device)
-        resumed_from, notes = state.resume(trainer)  # AgreedError: see run_guarded
-        if resumed_from is not None:
-            log.say(f"resuming from {resumed_from} (step {trainer.step})")
-        log.open(resume_step=trainer.step if resumed_from else None)
-        for note in notes:
-            log.say(f"note: {note}")
+    device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
+    rows = world.gather(placement(device), root=0)
+    trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device)
+    resumed_from, resume_notes = state.resume(trainer)  # AgreedError: see run_guarded
+    if resumed_from is not None:
+        log.say(f"resuming from {resumed_from} (step {trainer.step})")
+    log.open(resume_step=trainer.step if resumed_from else None)
+    for note in notes + resume_notes:
+        log.say(f"note: {note}")
+    log.say(
+        f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "
+        f"{torch.get_num_threads()} thread(s) each | {cfg.model.arch} "
+        f"({sum(p.numel() for p in trainer.params):,} parameters) | {_loader(cfg.data)} data: "
+        f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
+        f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
+        f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
+        + (f", from step {trainer.step}" if resumed_from else "")
+    )
+    for line in placement_lines(rows or []):
+        log.say(line)
+    log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
+    if cfg.run.precision == "fp16" and trainer.device.type == "cpu":
         log.say(
-            f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "
-            f"{torch.get_num_threads()} thread(s) each | {cfg.model.arch} "
-            f"({sum(p.numel() for p in trainer.params):,} parameters) | {_loader(cfg.data)} data: "
-            f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
-            f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
-            f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
-            + (f", from step {trainer.step}" if resumed_from else "")
+            "note: run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (the "
+            "quickstart's step took 14-20x fp32's); bf16 is the CPU's 16-bit format"
         )
-        for line in placement_lines(rows or []):
-            log.say(line)
-        log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
-        if cfg.run.precision == "fp16" and trainer.device.type == "cpu":
-            log.say(
-                "note: run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (the "
-                "quickstart's step took 14-20x fp32's); bf16 is the CPU's 16-bit format"
-            )
-        wanted = cfg.ngd.precondition_precision
-        if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
-            log.say(
-                f"note: ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
-                "preconditioning in fp32 here"
-            )
-        optim = cfg.optim
-        if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
-            # A note, not an error: checkpoints of runs started so must stay resumable.
-            log.say(
-                f"note: optim.e_start = {optim.e_start} < optim.warmup_epochs = {optim.warmup_epochs}: the "
-                "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
-                "warmup_epochs for a continuous schedule)"
-            )
-        if trainer.step >= trainer.total_steps:
-            log.say(f"nothing to do: the run is complete at step {trainer.step}")
-            log.close()
-            return 0
-        result = trainer.train()
-        if trainer.stopped:
-            log.say(
-                f"stopped by {trainer.stopped} at step {trainer.step} after a checkpoint; exit {EXIT_STOPPED}"
-            )
-            log.close()
-            return EXIT_STOPPED
-        log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
+    wanted = cfg.ngd.precondition_precision
+    if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
+        log.say(
+            f"note: ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
+            "preconditioning in fp32 here"
+        )
+    optim = cfg.optim
+    if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
+        # A note, not an error: checkpoints of runs started so must stay resumable.
+        log.say(
+            f"note: optim.e_start = {optim.e_start} < optim.warmup_epochs = {optim.warmup_epochs}: the "
+            "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
+            "warmup_epochs for a continuous schedule)"
+        )
+    if trainer.step >= trainer.total_steps:
+        log.say(f"nothing to do: the run is complete at step {trainer.step}")
         log.close()
+        return 0
+    result = trainer.train()
+    if trainer.stopped:
+        log.say(
+            f"stopped by {trainer.stopped} at step {trainer.step} after a checkpoint; exit {EXIT_STOPPED}"
+        )
+        log.close()
+        return EXIT_STOPPED
+    log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
+    log.close()
     return 0
 
 

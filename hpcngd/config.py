@@ -64,6 +64,14 @@ class RunConfig(Section):
     loss_scale_growth_interval: int = opt(
         2000, "fp16: double the loss scale after this many steps without overflow.", ge=1
     )
+    lock_renew_s: float = opt(
+        30.0,
+        "Seconds between renewals of <run dir>/run.lock, which keeps a second run out of this run "
+        "directory (0 = no lock). A run finding another's lock watches it for 3 of its renewals and "
+        "takes it over if it is not renewed (at once if its process is gone: same host, or a Slurm "
+        "requeue).",
+        ge=0.0,
+    )
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):

@@ -121,6 +121,31 @@ def test_stop_signal_after_the_run_is_over_changes_nothing(tmp_path: Path, demo:
     assert "signal" not in err, err
 
 
+def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path: Path, demo: Path) -> None:
+    """The same job submitted twice: the second must not resume from the first's checkpoints and write
+    its records and checkpoints beside the first's."""
+    args = [str(write_run(tmp_path, demo, extra=SAVE)), *LONG]
+    job = start_long_run([*args, "--set", "run.lock_renew_s=0.5"], tmp_path)
+    ranks = rank_pids(job.pid)
+    config_toml = (tmp_path / "out/tiny/config.toml").read_text()
+    second = hpcngd(*args, "--set", "run.max_steps=3", ranks=2)
+    assert second.returncode == 2, second.stderr
+    lines = error_lines(second.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"hpcngd: error: run.name: the run directory {tmp_path}/out/tiny is in use by another run (host "
+    ), second.stderr
+    assert f"pid {ranks[0]}, started" in lines[0] or f"pid {ranks[1]}, started" in lines[0], (lines, ranks)
+    assert "watching it for 1.5 s" in second.stderr
+    assert (tmp_path / "out/tiny/config.toml").read_text() == config_toml  # the second wrote nothing
+
+    os.kill(ranks[0], signal.SIGTERM)
+    _, err = job.communicate(timeout=90)
+    assert job.returncode == 3, err
+    assert not (tmp_path / "out/tiny/run.lock").exists()  # removed at the end of the run
+    steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))
+
+
 def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
     run_file = write_run(tmp_path, demo, extra=SAVE)
     crashed = hpcngd(str(run_file), env={CRASH_HOOK: "4:5"})  # dies in the checkpoint of step 4
@@ -131,6 +156,10 @@ def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Pa
     resumed = hpcngd(str(run_file), ranks=2)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "ckpt-000000002.h5 (step 2)" in resumed.stdout
+    # the killed run's lock: its process is gone, so it is taken over without watching it (30 s beats)
+    assert f"note: took over {tmp_path}/out/tiny/run.lock from a run that ended without removing it" in (
+        resumed.stdout
+    )
     assert "from step 2" in resumed.stdout and "done: 4 steps" in resumed.stdout
     assert checkpoints(tmp_path) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
     done = hpcngd(str(run_file))  # resubmitted after it finished

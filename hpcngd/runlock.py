@@ -1,0 +1,223 @@
+"""One live run per run directory: ``RUN_DIR/run.lock``, renewed by its holder.
+
+Two jobs on one run directory (the same batch script submitted twice, a resubmission while the first
+job still runs) would both resume from the same checkpoint and then interleave their records in
+``metrics.jsonl`` and their checkpoints in one folder. Rank 0 therefore takes the run directory's lock
+before anything is written there, and a second run is refused with one line naming the holder.
+
+A lock left by a run that died without removing it (killed, node lost) must not block its restart, and
+file systems shared between nodes give no lock that dies with its process (``flock`` is off on many
+Lustre and NFS mounts) and no clock to compare modification times against. So the holder rewrites the
+file every ``beat`` seconds with a counter, and a newcomer that finds the lock decides:
+
+- the holder is gone for certain: a process of this host that no longer exists, or the same Slurm job
+  at an earlier restart (``SLURM_RESTART_COUNT``, a requeue): taken over at once;
+- otherwise it watches the file for 3 of the holder's beats (``run.lock_renew_s``, written in the file):
+  any change means a live holder and the run is refused; none means a dead holder, and the lock is
+  taken over (the start-up log says so).
+
+This is a guard against mistakes, not a lock manager: two newcomers taking over one dead run's lock in
+the same moment would both run (the one whose lock was overwritten warns at its next renewal), and so
+would a run whose holder stalled for 3 beats (a suspended job).
+
+The holder rewrites the file in place (not by rename), because an NFS client revalidates a file's
+data when it opens it but may keep a folder's listing cached for up to a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hpcngd.errors import UserError
+
+NAME = "run.lock"
+WATCHED_BEATS = 3  # a newcomer watches another's lock this many of its beats before calling it dead
+
+
+def _identity() -> dict[str, Any]:
+    """Who holds a lock: host, process, batch job (Slurm or PBS) and when it started."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job": job,
+        "restart": _count(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _count(text: object) -> int:
+    """A restart count (0 when it is not one)."""
+    return int(text) if isinstance(text, int) or (isinstance(text, str) and text.isdigit()) else 0
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    job = f"job {holder['job']}, " if holder.get("job") else ""
+    host, pid, started = (holder.get(k, "?") for k in ("host", "pid", "started"))
+    return f"{job}host {host}, pid {pid}, started {started}"
+
+
+def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The lock's bytes and what they say (an empty dict while its writer is midway)."""
+    raw = path.read_bytes()
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return raw, {}
+    return raw, holder if isinstance(holder, dict) else {}
+
+
+def _certainly_gone(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+    """True when the holder cannot be alive: known without waiting."""
+    if holder.get("job") and holder.get("job") == me["job"] and _count(holder.get("restart")) < me["restart"]:
+        return True  # Slurm requeued this job: its earlier run has ended
+    if holder.get("host") != me["host"] or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == me["pid"]:
+        return True  # this process, from an earlier run in it that ended
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # a process of another user: alive
+    return False
+
+
+class RunLock:
+    """The lock of one run directory, held by rank 0 from start-up to the end of the run.
+
+    Use :meth:`take`; then ``with lock:`` releases it at the end. ``notes`` says what taking it found.
+    """
+
+    def __init__(self, path: Path, beat: float) -> None:
+        self.path = path
+        self.beat = beat
+        self.me = {**_identity(), "token": uuid.uuid4().hex, "beat_s": beat, "beats": 0}
+        self.notes: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def take(cls, run_dir: Path, beat: float, say: Callable[[str], None] | None = None) -> RunLock:
+        """Take ``run_dir``'s lock, or raise :class:`UserError` naming the live run that holds it.
+
+        Args:
+            run_dir: the run directory (made if missing).
+            beat: seconds between this run's renewals of its lock.
+            say: prints a line while watching a lock whose holder may be alive (default: stderr).
+        """
+        lock = cls(run_dir / NAME, beat)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not lock._create():
+                lock._contend(say or (lambda line: print(line, file=sys.stderr, flush=True)))
+        except OSError as exc:
+            raise UserError(f"run.output_dir: cannot take the lock {lock.path}: {exc}") from None
+        lock._thread = threading.Thread(target=lock._renew, name="hpcngd-run-lock", daemon=True)
+        lock._thread.start()
+        return lock
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.me))
+        return True
+
+    def _contend(self, say: Callable[[str], None]) -> None:
+        """Another lock is there: refuse if its holder lives, else take it over."""
+        try:
+            raw, holder = _read(self.path)
+        except FileNotFoundError:  # its holder ended just now
+            if self._create():
+                return
+            raw, holder = _read(self.path)
+        if not _certainly_gone(holder, self.me):
+            beat = holder.get("beat_s")
+            if isinstance(beat, bool) or not isinstance(beat, (int, float)) or beat <= 0:
+                beat = self.beat  # unknown (a file midway through a write): this run's own
+            wait = WATCHED_BEATS * beat
+            say(
+                f"hpcngd: {self.path} is held by {_describe(holder)}; watching it for {wait:g} s to see "
+                "whether that run is alive"
+            )
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                time.sleep(min(1.0, wait / 10))
+                try:
+                    now, renewed = _read(self.path)
+                except FileNotFoundError:  # its run ended
+                    if self._create():
+                        return
+                    now, renewed = _read(self.path)
+                if now != raw:
+                    raise UserError(
+                        f"run.name: the run directory {self.path.parent} is in use by another run "
+                        f"({_describe(renewed or holder)}; it renews {self.path}): two runs there would "
+                        "mix their metrics and checkpoints; wait for it to end, or give this run another "
+                        "run.name"
+                    )
+        self.notes.append(
+            f"took over {self.path} from a run that ended without removing it ({_describe(holder)})"
+        )
+        self._write()
+
+    def _write(self) -> None:
+        """Rewrite the lock in place with the next counter (readers compare its bytes)."""
+        with open(self.path, "r+" if self.path.exists() else "w") as f:
+            f.write(json.dumps(self.me))
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+
+    def held(self) -> bool:
+        """Whether the lock file still names this run (it may have been taken over while stalled)."""
+        try:
+            return _read(self.path)[1].get("token") == self.me["token"]
+        except OSError:
+            return False
+
+    def _renew(self) -> None:
+        warned = False
+        while not self._stop.wait(self.beat):
+            try:
+                if not self.held():
+                    print(
+                        f"hpcngd: warning: {self.path} no longer names this run (removed, or taken over by "
+                        "another run); not renewing it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return
+                self.me["beats"] += 1
+                self._write()
+            except OSError as exc:
+                if not warned:  # a file system hiccup: keep trying; a watcher may take the lock over
+                    print(f"hpcngd: warning: cannot renew {self.path}: {exc}", file=sys.stderr, flush=True)
+                    warned = True
+
+    def release(self) -> None:
+        """Stop renewing and remove the lock if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.held():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

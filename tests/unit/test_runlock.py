@@ -1,0 +1,157 @@
+"""The run directory's lock: a live holder refuses a second run; a dead one's lock is taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcngd.errors import UserError
+from hpcngd.runlock import NAME, RunLock
+
+HOLD = """
+import sys, time
+from collections.abc import Iterator
+from pathlib import Path
+from hpcngd.runlock import RunLock
+lock = RunLock.take(Path(sys.argv[1]), float(sys.argv[2]))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def stale(run_dir: Path, **fields: object) -> None:
+    """A lock left by a run that is gone, as written by another host unless ``fields`` say otherwise."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = {"host": "elsewhere", "pid": 4242, "job": "", "restart": 0, "started": "then", "beat_s": 0.1}
+    (run_dir / NAME).write_text(json.dumps({**holder, "token": "theirs", "beats": 7, **fields}))
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``tmp_path/run``'s lock, renewed every 0.1 s."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "run"), "0.1"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_take_renew_release(tmp_path: Path) -> None:
+    run_dir = tmp_path / "out" / "run"  # made when missing
+    with RunLock.take(run_dir, 0.05) as lock:
+        first = json.loads((run_dir / NAME).read_text())
+        assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
+        assert first["beat_s"] == 0.05 and lock.held() and lock.notes == []
+        time.sleep(0.4)
+        assert json.loads((run_dir / NAME).read_text())["beats"] >= 3  # renewed
+    assert not (run_dir / NAME).exists()
+
+
+def test_a_live_holder_refuses_a_second_run_and_a_killed_one_is_taken_over_at_once(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    said: list[str] = []
+    with pytest.raises(UserError) as exc:
+        RunLock.take(run_dir, 30.0, say=said.append)  # watches for 3 of the holder's beats: 0.3 s
+    message = str(exc.value)
+    assert message.startswith(f"run.name: the run directory {run_dir} is in use by another run")
+    assert f"pid {holder.pid}" in message and "give this run another run.name" in message
+    assert said and "watching it for 0.3 s to see whether that run is alive" in said[0]
+    assert json.loads((run_dir / NAME).read_text())["pid"] == holder.pid  # untouched
+
+    holder.send_signal(signal.SIGKILL)  # dies without removing its lock
+    holder.wait()
+    left = json.loads((run_dir / NAME).read_text())
+    (run_dir / NAME).write_text(json.dumps({**left, "beat_s": 30.0}))  # watching it would take 90 s
+    t0 = time.monotonic()
+    with RunLock.take(run_dir, 30.0, say=said.append) as lock:
+        assert time.monotonic() - t0 < 0.5  # its process is gone: no watching
+        assert lock.held() and len(said) == 1
+        assert len(lock.notes) == 1 and lock.notes[0].startswith(
+            f"took over {run_dir / NAME} from a run that ended without removing it "
+            f"(host {socket.gethostname()}, pid {holder.pid}, started "
+        )
+
+
+def test_a_lock_not_renewed_is_taken_over_after_three_of_its_beats(tmp_path: Path) -> None:
+    stale(tmp_path, beat_s=0.2)
+    t0 = time.monotonic()
+    with RunLock.take(tmp_path, 30.0, say=lambda line: None) as lock:
+        assert 0.6 <= time.monotonic() - t0 < 2.0
+        assert lock.notes == [
+            f"took over {tmp_path / NAME} from a run that ended without removing it "
+            "(host elsewhere, pid 4242, started then)"
+        ]
+        assert lock.held() and json.loads((tmp_path / NAME).read_text())["token"] == lock.me["token"]
+
+
+def test_a_requeued_slurm_job_takes_its_earlier_run_s_lock_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    stale(tmp_path, job="77", restart=0, beat_s=30.0)
+    t0 = time.monotonic()
+    with RunLock.take(tmp_path, 30.0) as lock:
+        assert time.monotonic() - t0 < 0.5 and "job 77, host elsewhere" in lock.notes[0]
+    stale(tmp_path, job="77", restart=1, beat_s=0.1)  # the same run of the job, on another node: watch
+    with pytest.raises(UserError, match="in use by another run"):
+        threading.Timer(0.1, lambda: stale(tmp_path, job="77", restart=1, beat_s=0.1, beats=8)).start()
+        RunLock.take(tmp_path, 30.0, say=lambda line: None)
+
+
+def test_a_lock_removed_while_watched_is_taken(tmp_path: Path) -> None:
+    """Its holder ended during the watch: the directory is free."""
+    stale(tmp_path, beat_s=10.0)
+    threading.Timer(0.3, (tmp_path / NAME).unlink).start()
+    t0 = time.monotonic()
+    with RunLock.take(tmp_path, 30.0, say=lambda line: None) as lock:
+        assert time.monotonic() - t0 < 3.0 and lock.notes == [] and lock.held()
+
+
+def test_a_run_whose_lock_was_taken_over_leaves_the_new_holder_s_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lock = RunLock.take(tmp_path, 0.05)
+    stale(tmp_path)  # another run took it over while this one stalled
+    time.sleep(0.3)
+    assert (
+        not lock.held()
+        and "no longer names this run (removed, or taken over by another run)" in capsys.readouterr().err
+    )
+    lock.release()
+    assert json.loads((tmp_path / NAME).read_text())["token"] == "theirs"
+
+
+def test_a_run_directory_that_cannot_be_made_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"^run.output_dir: cannot take the lock .*file/run/run.lock"):
+        RunLock.take(tmp_path / "file" / "run", 30.0)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\x00not json", b'{"job": "78", "restart": "x", "pid": "y", "beat_s": true}']
+)
+def test_a_lock_of_unreadable_content_is_watched_for_this_run_s_beats(
+    tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / NAME).write_bytes(content)
+    t0 = time.monotonic()
+    with RunLock.take(tmp_path, 0.1, say=lambda line: None) as lock:
+        assert 0.3 <= time.monotonic() - t0 < 2.0
+        assert lock.notes[0].startswith(f"took over {tmp_path / NAME} from a run that ended without")
