@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from hpcngd.comm.topology import Topology
     from hpcngd.data import Dataset
+    from hpcngd.runlock import RunLock
     from hpcngd.stopping import StopSignals
 
 T = TypeVar("T")
@@ -235,7 +236,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     holds = world.rank == 0 and cfg.run.lock_renew_s > 0
     lock = agree(world, lambda: RunLock.take(cfg.run_dir, cfg.run.lock_renew_s) if holds else None)
     with lock or nullcontext(), topo:
-        return _run(world, cfg, topo, train_set, val_set, stop, lock.notes if lock else [])
+        return _run(world, cfg, topo, train_set, val_set, stop, lock)
 
 
 def _run(
@@ -245,7 +246,7 @@ def _run(
     train_set: Dataset,
     val_set: Dataset,
     stop: StopSignals,
-    notes: list[str],
+    lock: RunLock | None,
 ) -> int:
     """Train in the run directory that this run holds; returns the exit code."""
     import torch
@@ -260,12 +261,14 @@ def _run(
     device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
     rows = world.gather(placement(device), root=0)
-    trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device)
+    trainer = Trainer(
+        cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device, lock=lock
+    )
     resumed_from, resume_notes = state.resume(trainer)  # AgreedError: see run_guarded
     if resumed_from is not None:
         log.say(f"resuming from {resumed_from} (step {trainer.step})")
     log.open(resume_step=trainer.step if resumed_from else None)
-    for note in notes + resume_notes:
+    for note in (lock.notes if lock else []) + resume_notes:
         log.say(f"note: {note}")
     log.say(
         f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "

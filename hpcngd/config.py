@@ -67,10 +67,11 @@ class RunConfig(Section):
     lock_renew_s: float = opt(
         30.0,
         "Seconds between renewals of <run dir>/run.lock, which keeps a second run out of this run "
-        "directory (0 = no lock). A run finding another's lock watches it for 3 of its renewals and "
-        "takes it over if it is not renewed (at once if its process is gone: same host, or a Slurm "
-        "requeue).",
+        "directory: 0 (no lock) or 1 to 300. A run finding another's lock watches it for 3 of its "
+        "renewals and takes it over if it is not renewed (at once if its process is gone: same machine, "
+        "or a Slurm requeue).",
         ge=0.0,
+        le=300.0,
     )
 
     def check(self) -> None:
@@ -79,6 +80,8 @@ class RunConfig(Section):
                 "name",
                 "must be non-empty, use only letters, digits, '.', '_' and '-', and not be '.' or '..'",
             )
+        if 0 < self.lock_renew_s < 1:
+            self.fail("lock_renew_s", "must be 0 (no lock) or 1 to 300 seconds")
 
 
 @dataclass(frozen=True)

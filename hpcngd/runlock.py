@@ -10,15 +10,17 @@ file systems shared between nodes give no lock that dies with its process (``flo
 Lustre and NFS mounts) and no clock to compare modification times against. So the holder rewrites the
 file every ``beat`` seconds with a counter, and a newcomer that finds the lock decides:
 
-- the holder is gone for certain: a process of this host that no longer exists, or the same Slurm job
-  at an earlier restart (``SLURM_RESTART_COUNT``, a requeue): taken over at once;
+- the holder is gone for certain: its process id names no process, or a later one, on this machine
+  since its boot and in this PID namespace (containers sharing a host name have their own), or it was
+  the same Slurm job at an earlier restart (``SLURM_RESTART_COUNT``, a requeue): taken over at once;
 - otherwise it watches the file for 3 of the holder's beats (``run.lock_renew_s``, written in the file):
   any change means a live holder and the run is refused; none means a dead holder, and the lock is
   taken over (the start-up log says so).
 
 This is a guard against mistakes, not a lock manager: two newcomers taking over one dead run's lock in
-the same moment would both run (the one whose lock was overwritten warns at its next renewal), and so
-would a run whose holder stalled for 3 beats (a suspended job).
+the same moment both run until the first renewal. A holder that finds its lock taken (it was suspended
+for 3 beats, or the lock was overwritten) sets ``lost``, and the trainer stops every rank at the next
+step without a checkpoint (exit 2).
 
 The holder rewrites the file in place (not by rename), because an NFS client revalidates a file's
 data when it opens it but may keep a folder's listing cached for up to a minute.
@@ -43,13 +45,38 @@ NAME = "run.lock"
 WATCHED_BEATS = 3  # a newcomer watches another's lock this many of its beats before calling it dead
 
 
+def _proc_space() -> str:
+    """Where a process id means one process: this boot of this machine and this PID namespace (containers
+    that share a host name have their own); "" where /proc does not say (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1  # there, but unreadable
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
 def _identity() -> dict[str, Any]:
     """Who holds a lock: host, process, batch job (Slurm or PBS) and when it started."""
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or ""
+    cluster = os.environ.get("SLURM_CLUSTER_NAME")
+    space = _proc_space()
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "job": job,
+        "space": space,
+        "start_ticks": _start_ticks(os.getpid()) if space else None,
+        "job": f"{job} on {cluster}" if job and cluster else job,
         "restart": _count(os.environ.get("SLURM_RESTART_COUNT", "0")),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -80,17 +107,17 @@ def _certainly_gone(holder: dict[str, Any], me: dict[str, Any]) -> bool:
     """True when the holder cannot be alive: known without waiting."""
     if holder.get("job") and holder.get("job") == me["job"] and _count(holder.get("restart")) < me["restart"]:
         return True  # Slurm requeued this job: its earlier run has ended
-    if holder.get("host") != me["host"] or not isinstance(holder.get("pid"), int):
-        return False
-    if holder["pid"] == me["pid"]:
+    pid = holder.get("pid")
+    if not me["space"] or holder.get("space") != me["space"] or not isinstance(pid, int):
+        return False  # another machine, boot or container, or no /proc: only watching tells
+    if pid == me["pid"]:
         return True  # this process, from an earlier run in it that ended
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # a process of another user: alive
-    return False
+    ticks = _start_ticks(pid)
+    if ticks is None:
+        return True  # no such process
+    if ticks == -1 or holder.get("start_ticks") is None:
+        return False  # a process, but which one cannot be told
+    return ticks != holder["start_ticks"]  # the id names a later process now
 
 
 class RunLock:
@@ -104,6 +131,7 @@ class RunLock:
         self.beat = beat
         self.me = {**_identity(), "token": uuid.uuid4().hex, "beat_s": beat, "beats": 0}
         self.notes: list[str] = []
+        self.lost = False  # set when another run took the lock over
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -183,10 +211,11 @@ class RunLock:
             os.fsync(f.fileno())
 
     def held(self) -> bool:
-        """Whether the lock file still names this run (it may have been taken over while stalled)."""
+        """Whether the lock file still names this run (it may have been taken over while this run stalled:
+        a suspended job). Raises OSError when the file cannot be read (not when it is gone)."""
         try:
             return _read(self.path)[1].get("token") == self.me["token"]
-        except OSError:
+        except FileNotFoundError:
             return False
 
     def _renew(self) -> None:
@@ -194,12 +223,7 @@ class RunLock:
         while not self._stop.wait(self.beat):
             try:
                 if not self.held():
-                    print(
-                        f"hpcngd: warning: {self.path} no longer names this run (removed, or taken over by "
-                        "another run); not renewing it",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    self.lost = True  # the trainer stops every rank at its next step
                     return
                 self.me["beats"] += 1
                 self._write()
@@ -208,13 +232,28 @@ class RunLock:
                     print(f"hpcngd: warning: cannot renew {self.path}: {exc}", file=sys.stderr, flush=True)
                     warned = True
 
+    def lost_message(self) -> str:
+        """Why a run whose lock was taken from it stops."""
+        try:
+            holder = _describe(_read(self.path)[1])
+        except OSError:
+            holder = "removed"
+        return (
+            f"run.name: {self.path} no longer names this run (now: {holder}): another run took over the run "
+            f"directory while this one did not renew it for {WATCHED_BEATS} x run.lock_renew_s (suspended?); "
+            "stopping without a checkpoint"
+        )
+
     def release(self) -> None:
         """Stop renewing and remove the lock if it is still this run's."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.held():
-            self.path.unlink(missing_ok=True)
+        try:
+            if self.held():
+                self.path.unlink()
+        except OSError as exc:
+            print(f"hpcngd: warning: cannot remove {self.path}: {exc}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> RunLock:
         return self

@@ -9,10 +9,11 @@ One step (``train_step``):
      gradient is preconditioned (:mod:`hpcngd.ngd.preconditioner`);
   4. the optimizer applies the same update on every rank, so replicas stay identical.
 A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
-Three control values ride along with the loss in phase 2, so every rank takes the same decision at the
+Four control values ride along with the loss in phase 2, so every rank takes the same decision at the
 same step boundary without an extra collective: "some rank received a stop signal", "rank 0's clock
-says a timed checkpoint is due" and (fp16) "some rank's gradients or factors overflowed": then every
-rank skips the update, keeps its factors' schedule (they are due again) and halves the loss scale.
+says a timed checkpoint is due", (fp16) "some rank's gradients or factors overflowed": then every
+rank skips the update, keeps its factors' schedule (they are due again) and halves the loss scale; and
+"another run took this run's directory over" (:mod:`hpcngd.runlock`): every rank stops, exit 2.
 
 Devices (:mod:`hpcngd.device`): the model, batches, factors, inverses and optimizer state live on the
 rank's device; the wire buffers on it too when MPI is CUDA-aware, else in pinned host memory.
@@ -49,7 +50,7 @@ from hpcngd.config import Config
 from hpcngd.data import Dataset, evaluation_batches, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
-from hpcngd.errors import UserError
+from hpcngd.errors import AgreedError, UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.batchnorm import StepRunningStatistics
 from hpcngd.models.resnet import build
@@ -59,6 +60,7 @@ from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 from hpcngd.precision import LossScaler, autocast, unscale_
 from hpcngd.records import log_eval, log_train
+from hpcngd.runlock import RunLock
 from hpcngd.stopping import StopSignals
 
 
@@ -72,6 +74,8 @@ class Trainer:
         log: rank 0's console and metrics writer.
         checkpoints: save checkpoints as the [checkpoint] section says (off: never save).
         stop: the stop-signal note of this process (None: signals are not watched).
+        lock: the run directory's lock, on the rank that holds it (see :mod:`hpcngd.runlock`): when another
+            run takes it over, every rank stops at the next step.
         device: this rank's device (None: chosen from run.device, see :func:`hpcngd.device.bind`).
     """
 
@@ -85,9 +89,10 @@ class Trainer:
         checkpoints: bool = False,
         stop: StopSignals | None = None,
         device: torch.device | None = None,
+        lock: RunLock | None = None,
     ) -> None:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
-        self.checkpoints, self.stop = checkpoints, stop
+        self.checkpoints, self.stop, self.lock = checkpoints, stop, lock
         data, run = cfg.data, cfg.run
         self.device = device if device is not None else bind(run.device, topo.local_rank)
         use(self.device)
@@ -127,8 +132,8 @@ class Trainer:
         self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
-        # [stop signal seen, timed checkpoint due, fp16 overflow]: its own fp16 scale on the wire
-        self.control = torch.zeros(3)
+        # [stop signal seen, timed checkpoint due, fp16 overflow, run directory lost]: its own fp16 scale
+        self.control = torch.zeros(4)
         # BatchNorm running statistics move once a step, by the mean statistics of all ranks' micro-batches
         # (models/batchnorm.py): the same on every rank and at any rank count with a fixed micro-batch
         self.bn_stats = StepRunningStatistics(self.model)
@@ -193,12 +198,17 @@ class Trainer:
             overflow = self.scaler.enabled and (unscale_(grads, scale) | unscale_(list(fresh.values()), 1.0))
         with self.timer.phase("comm"):
             self.loss_buf.copy_(local_loss)
-            self.control.copy_(torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow)]))
+            lost = self.lock is not None and self.lock.lost
+            self.control.copy_(
+                torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow), float(lost)])
+            )
             self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
             if self.bn_stats.sums:
                 self.bn_reducer.average_(self.bn_stats.means())
         loss_value = float(self.loss_buf.item())
-        stop, timed, overflowed = self.control.tolist()
+        stop, timed, overflowed, lost_anywhere = self.control.tolist()
+        if lost_anywhere > 0:  # every rank at once: printed once, exit 2, no checkpoint
+            raise AgreedError(self.lock.lost_message() if self.lock is not None else "run.name: lock lost")
         self.stop_requested, self.save_due = stop > 0, timed > 0
         skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
         self.bn_stats.finish(keep=not skip)  # before the scaler, which may raise (diverged)

@@ -125,17 +125,17 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path: Path, demo:
     """The same job submitted twice: the second must not resume from the first's checkpoints and write
     its records and checkpoints beside the first's."""
     args = [str(write_run(tmp_path, demo, extra=SAVE)), *LONG]
-    job = start_long_run([*args, "--set", "run.lock_renew_s=0.5"], tmp_path)
+    job = start_long_run([*args, "--set", "run.lock_renew_s=1"], tmp_path)
     ranks = rank_pids(job.pid)
     config_toml = (tmp_path / "out/tiny/config.toml").read_text()
     second = hpcngd(*args, "--set", "run.max_steps=3", ranks=2)
     assert second.returncode == 2, second.stderr
     lines = error_lines(second.stderr)
     assert len(lines) == 1 and lines[0].startswith(
-        f"hpcngd: error: run.name: the run directory {tmp_path}/out/tiny is in use by another run (host "
+        f"hpcngd: error: run.name: the run directory {tmp_path}/out/tiny is in use by another run ("
     ), second.stderr
     assert f"pid {ranks[0]}, started" in lines[0] or f"pid {ranks[1]}, started" in lines[0], (lines, ranks)
-    assert "watching it for 1.5 s" in second.stderr
+    assert "watching it for 3 s" in second.stderr
     assert (tmp_path / "out/tiny/config.toml").read_text() == config_toml  # the second wrote nothing
 
     os.kill(ranks[0], signal.SIGTERM)
@@ -144,6 +144,39 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path: Path, demo:
     assert not (tmp_path / "out/tiny/run.lock").exists()  # removed at the end of the run
     steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
     assert steps == list(range(1, len(steps) + 1))
+
+
+def test_a_run_whose_directory_was_taken_over_while_suspended_stops(tmp_path: Path, demo: Path) -> None:
+    """A job suspended for longer than 3 renewals (Slurm's gang scheduling, PreemptMode=SUSPEND) looks
+    dead: a second run takes its directory over. When the first resumes it must stop, not write
+    records and checkpoints beside the second's."""
+    args = [str(write_run(tmp_path, demo, extra=SAVE)), *LONG, "--set", "run.lock_renew_s=1"]
+    first = start_long_run(args, tmp_path)
+    first_ranks = rank_pids(first.pid)
+    for pid in first_ranks:
+        os.kill(pid, signal.SIGSTOP)
+    second = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+    assert second.stdout is not None
+    for line in second.stdout:
+        if "note: took over" in line:
+            break
+    for pid in first_ranks:
+        os.kill(pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"hpcngd: error: run.name: {tmp_path}/out/tiny/run.lock no longer names this run (now: "
+    ), err
+    assert "stopping without a checkpoint" in lines[0]
+    assert (tmp_path / "out/tiny/run.lock").exists()  # the second run's, left in place
+    second_ranks = rank_pids(second.pid)
+    os.kill(second_ranks[0], signal.SIGTERM)
+    _, err = second.communicate(timeout=90)
+    assert second.returncode == 3, err
+    assert not (tmp_path / "out/tiny/run.lock").exists()
 
 
 def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
@@ -160,6 +193,7 @@ def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Pa
     assert f"note: took over {tmp_path}/out/tiny/run.lock from a run that ended without removing it" in (
         resumed.stdout
     )
+    assert "watching" not in resumed.stderr
     assert "from step 2" in resumed.stdout and "done: 4 steps" in resumed.stdout
     assert checkpoints(tmp_path) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
     done = hpcngd(str(run_file))  # resubmitted after it finished
@@ -212,6 +246,7 @@ def test_when_every_checkpoint_is_damaged_no_resubmission_starts_over(tmp_path: 
         "checkpoint.resume"
     ]
     assert (tmp_path / "out/tiny/metrics.jsonl").read_text() == history
+    assert not (tmp_path / "out/tiny/run.lock").exists()  # an exit 2 after the lock was taken removes it
     for path in folder.glob("*.corrupt"):
         path.rename(tmp_path / path.name)
     fresh = hpcngd(str(run_file), "--set", "run.epochs=3")

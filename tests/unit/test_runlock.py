@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcngd import runlock
 from hpcngd.errors import UserError
 from hpcngd.runlock import NAME, RunLock
 
@@ -103,6 +105,7 @@ def test_a_requeued_slurm_job_takes_its_earlier_run_s_lock_at_once(
 ) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.delenv("SLURM_CLUSTER_NAME", raising=False)
     stale(tmp_path, job="77", restart=0, beat_s=30.0)
     t0 = time.monotonic()
     with RunLock.take(tmp_path, 30.0) as lock:
@@ -122,18 +125,49 @@ def test_a_lock_removed_while_watched_is_taken(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 3.0 and lock.notes == [] and lock.held()
 
 
-def test_a_run_whose_lock_was_taken_over_leaves_the_new_holder_s_lock(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_run_whose_lock_was_taken_over_is_told_and_leaves_the_new_holder_s_lock(tmp_path: Path) -> None:
     lock = RunLock.take(tmp_path, 0.05)
-    stale(tmp_path)  # another run took it over while this one stalled
+    stale(tmp_path)  # another run took it over while this one was suspended
     time.sleep(0.3)
-    assert (
-        not lock.held()
-        and "no longer names this run (removed, or taken over by another run)" in capsys.readouterr().err
+    assert lock.lost and not lock.held()
+    assert lock.lost_message().startswith(
+        f"run.name: {tmp_path / NAME} no longer names this run (now: host elsewhere, pid 4242, started then)"
     )
     lock.release()
     assert json.loads((tmp_path / NAME).read_text())["token"] == "theirs"
+
+
+def test_a_failed_read_of_its_own_lock_does_not_end_the_renewals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One EIO (a Lustre client evicted) must not stop the renewals: watchers would take the lock of a
+    live run after 3 beats."""
+    real, failures = runlock._read, [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(path: Path) -> tuple[bytes, dict[str, object]]:
+        if failures:
+            raise failures.pop()
+        return real(path)
+
+    with RunLock.take(tmp_path, 0.05) as lock:
+        monkeypatch.setattr(runlock, "_read", flaky)
+        time.sleep(0.4)
+        assert not failures and not lock.lost and lock.held()
+        assert json.loads((tmp_path / NAME).read_text())["beats"] >= 3
+    assert "cannot renew" in capsys.readouterr().err and not (tmp_path / NAME).exists()
+
+
+def test_a_process_is_gone_only_when_its_id_names_no_process_or_a_later_one_of_this_machine() -> None:
+    me = runlock._identity()
+    parent = {**runlock._identity(), "pid": os.getppid(), "start_ticks": runlock._start_ticks(os.getppid())}
+    assert not runlock._certainly_gone(parent, me)  # alive
+    assert runlock._certainly_gone({**parent, "start_ticks": parent["start_ticks"] + 1}, me)  # id reused
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = {**parent, "pid": int(done.stdout)}
+    assert runlock._certainly_gone(dead, me)
+    # another container of this host (its own PID namespace), or another boot: only watching tells
+    assert not runlock._certainly_gone({**dead, "space": "other-boot:4026531836"}, me)
+    assert not runlock._certainly_gone({**dead, "space": ""}, {**me, "space": ""})
 
 
 def test_a_run_directory_that_cannot_be_made_names_the_key(tmp_path: Path) -> None:
