@@ -301,6 +301,12 @@ def _run(
             "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
             "warmup_epochs for a continuous schedule)"
         )
+    if optim.name == "spngd" and not optim.weight_rescaling:
+        log.say(
+            "note: optim.name = spngd without optim.weight_rescaling (weight_decay = "
+            f"{optim.weight_decay:g}): SP-NGD's published runs rescale weights and use no weight decay, "
+            "as runs/resnet50_*.toml do"
+        )
     if trainer.step >= trainer.total_steps:
         log.say(f"nothing to do: the run is complete at step {trainer.step}")
         log.close()

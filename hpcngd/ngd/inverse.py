@@ -111,14 +111,20 @@ def robust_inverse(m: Tensor) -> tuple[Tensor | None, str]:
     return robust_inverses([m])[0]
 
 
-def bn_block_inverse(blocks: Tensor, damping: float) -> Tensor:
-    """Closed-form ``(F_c + damping I)^-1`` of (C, 2, 2) blocks; a non-finite channel gets ``I/damping``."""
+def bn_block_inverse(blocks: Tensor, damping: float, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Closed-form ``(F_c + damping I)^-1`` of (C, 2, 2) blocks, and which channels failed.
+
+    A channel whose block is not finite (or not positive definite) keeps its ``previous`` inverse, or
+    gets the identity (its plain gradient, as a layer without curvature yet); returns (inverses, a (C,)
+    bool tensor of the failed channels), without reading it: nothing waits for the device here.
+    """
     a = blocks[:, 0, 0] + damping
     b = blocks[:, 0, 1]
     c = blocks[:, 1, 0]
     d = blocks[:, 1, 1] + damping
     det = a * d - b * c
     inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[:, None, None]
-    bad = ~torch.isfinite(inv).all(dim=(1, 2)) | (det <= 0)
-    eye = torch.eye(2, dtype=blocks.dtype, device=blocks.device) / damping
-    return torch.where(bad[:, None, None], eye, inv)  # no read of ``bad``: nothing waits for the device
+    bad = ~torch.isfinite(inv).all(dim=(1, 2)) | ~(det > 0)
+    if previous is None:
+        previous = torch.eye(2, dtype=blocks.dtype, device=blocks.device).expand_as(inv)
+    return torch.where(bad[:, None, None], previous, inv), bad

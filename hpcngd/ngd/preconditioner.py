@@ -219,12 +219,16 @@ class Preconditioner:
         The traces for the damping (once a layer) and the inverses' checks are read once for all."""
         pairs: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> its current (A, G)
         due: list[Key] = []
+        bn_failed: list[tuple[str, Tensor]] = []  # layer -> its failed channels (read once, below)
         for key in keys:
             name, kind = key
-            value = self.stats[key].value
-            assert value is not None
+            stat = self.stats[key]
+            assert stat.value is not None
             if kind == "F":
-                self.stats[key].inverse = inverse.bn_block_inverse(value, self.cfg.bn_damping or damping)
+                stat.inverse, bad = inverse.bn_block_inverse(
+                    stat.value, self.cfg.bn_damping or damping, stat.inverse
+                )
+                bn_failed.append((name, bad))
                 report.inverted += 1
                 continue
             a, g = self.stats[(name, "A")].value, self.stats[(name, "G")].value
@@ -245,17 +249,25 @@ class Preconditioner:
             report.inverted += 1
             report.retried_fp64 += how == "fp64"
             if inv is None:
-                report.failed += 1
-                self.failures[f"{name}.{kind}"] += 1
-                if name not in self._warned:
-                    self._warned.add(name)
-                    log.warning(
-                        "SP-NGD: inverting %s.%s failed in fp32 and fp64; keeping the previous one",
-                        name,
-                        kind,
-                    )
+                self._failed(report, name, kind, "failed in fp32 and fp64; keeping the previous one")
                 continue
             self.stats[key].inverse = inv
+        if bn_failed:  # one read for every BatchNorm layer (after the matrices' checks: no extra wait)
+            counts = torch.stack([bad.sum() for _, bad in bn_failed]).tolist()
+            for (name, bad), count in zip(bn_failed, counts, strict=True):
+                if count:
+                    why = (
+                        f"failed for {count} of {len(bad)} channels (not finite); keeping their previous ones"
+                    )
+                    self._failed(report, name, "F", why)
+
+    def _failed(self, report: StepReport, name: str, kind: str, why: str) -> None:
+        """Count a failed inversion; warn once a layer."""
+        report.failed += 1
+        self.failures[f"{name}.{kind}"] += 1
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning("SP-NGD: inverting %s.%s %s", name, kind, why)
 
     def _precondition(self, name: str, module: nn.Module) -> None:
         assert isinstance(module, (nn.Conv2d, nn.Linear))

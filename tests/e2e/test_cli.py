@@ -168,9 +168,13 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
     assert "note: ngd.precondition_precision" not in res.stdout and "note: run.precision" not in res.stdout
     assert "note: optim.e_start = 0.0 < optim.warmup_epochs = 0.5: the poly decay starts inside" in res.stdout
-    tf32x3 = ["--set", "ngd.precondition_precision=tf32x3"]
+    assert "note: optim.name = spngd without optim.weight_rescaling (weight_decay = 5e-05): SP-NGD's" in (
+        res.stdout
+    )
+    tf32x3 = ["--set", "ngd.precondition_precision=tf32x3", "--set", "optim.weight_rescaling=true"]
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
+    assert "weight_rescaling" not in two.stdout
     # no tensor cores on a CPU: said once, and the products stay fp32
     assert two.stdout.count("note: ngd.precondition_precision = tf32x3 needs TF32 tensor cores") == 1
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()

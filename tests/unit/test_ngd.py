@@ -533,8 +533,10 @@ def test_the_update_runs_a_fixed_number_of_kernels_and_bn_layers_add_none() -> N
 def test_a_refresh_step_reads_the_device_a_fixed_number_of_times(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU each read of a value (``float()``, ``bool()``, ``tolist()``) waits for every queued kernel.
     Refreshing every statistic reads the relative changes, the traces for the damping and the inverses'
-    checks once each for all layers: the same number of reads for 10 or 22 conv/fc layers (and their
-    BatchNorm layers), where the reads of one factor at a time were about a dozen a layer."""
+    checks once each for all layers, and the BatchNorm blocks' failed channels once for all BatchNorm
+    layers (after the checks, so it waits for nothing more): the same number of reads for 10 or 22
+    conv/fc layers (and their BatchNorm layers), where the reads of one factor at a time were about a
+    dozen a layer."""
     reads = {"tolist": 0, "scalar": 0}
     tolist = torch.Tensor.tolist
 
@@ -565,7 +567,7 @@ def test_a_refresh_step_reads_the_device_a_fixed_number_of_times(monkeypatch: py
             assert report.refreshed == len(fresh) == len(pre.stats) and report.failed == 0
         seen[arch] = dict(reads)
         pre.close()
-    assert seen["resnet8"] == seen["resnet20"] == {"tolist": 3, "scalar": 0}
+    assert seen["resnet8"] == seen["resnet20"] == {"tolist": 4, "scalar": 0}
 
 
 def test_tf32x3_adds_eight_kernels_a_layer_and_splits_each_inverse_once() -> None:
@@ -593,9 +595,37 @@ def test_tf32x3_adds_eight_kernels_a_layer_and_splits_each_inverse_once() -> Non
 
 def test_bn_block_inverse_closed_form() -> None:
     blocks = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[float("nan"), 0.0], [0.0, 1.0]]])
-    inv = inverse.bn_block_inverse(blocks, 0.1)
+    inv, bad = inverse.bn_block_inverse(blocks, 0.1)
     torch.testing.assert_close(inv[0], torch.linalg.inv(blocks[0] + 0.1 * torch.eye(2)))
-    torch.testing.assert_close(inv[1], torch.eye(2) / 0.1)  # a non-finite channel never gives NaN
+    # a non-finite channel never gives NaN: its plain gradient when it has no inverse yet (not I/0.1,
+    # a step 10x the gradient), else its previous inverse
+    torch.testing.assert_close(inv[1], torch.eye(2))
+    assert bad.tolist() == [False, True]
+    previous = torch.full((2, 2, 2), 3.0)
+    inv, bad = inverse.bn_block_inverse(blocks, 0.1, previous)
+    assert torch.equal(inv[1], previous[1]) and bad.tolist() == [False, True]
+
+
+def test_non_finite_batchnorm_block_keeps_the_channel_s_previous_inverse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(2, (8,))
+    pre = Preconditioner(model, NgdConfig(bn_damping=1e-4))
+    for step in range(2):
+        model.zero_grad()
+        pre.begin(step, grad_scale=8)
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            previous = pre.stats[("1", "F")].inverse.clone()
+            pre.capture.sums[("1", "F")].total[1, 0, 0] = float("inf")
+        report = pre.step(step, damping=1e-3)
+    assert report.failed == 1 and pre.failures["1.F"] == 1
+    inv = pre.stats[("1", "F")].inverse
+    assert torch.equal(inv[1], previous[1])  # the old code gave I/1e-4: a step 10^4 times the gradient
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert "inverting 1.F failed for 1 of 3 channels" in caplog.text
 
 
 def test_ill_conditioned_factor_is_retried_in_fp64() -> None:
