@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from hpcngd.data import Dataset
     from hpcngd.runlock import RunLock
     from hpcngd.stopping import StopSignals
+    from hpcngd.train import Trainer
 
 T = TypeVar("T")
 COMMANDS = ("train", "validate", "plan", "inspect", "eval", "data")
@@ -282,31 +283,8 @@ def _run(
     for line in placement_lines(rows or []):
         log.say(line)
     log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
-    if cfg.run.precision == "fp16" and trainer.device.type == "cpu":
-        log.say(
-            "note: run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (the "
-            "quickstart's step took 14-20x fp32's); bf16 is the CPU's 16-bit format"
-        )
-    wanted = cfg.ngd.precondition_precision
-    if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
-        log.say(
-            f"note: ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
-            "preconditioning in fp32 here"
-        )
-    optim = cfg.optim
-    if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
-        # A note, not an error: checkpoints of runs started so must stay resumable.
-        log.say(
-            f"note: optim.e_start = {optim.e_start} < optim.warmup_epochs = {optim.warmup_epochs}: the "
-            "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
-            "warmup_epochs for a continuous schedule)"
-        )
-    if optim.name == "spngd" and not optim.weight_rescaling:
-        log.say(
-            "note: optim.name = spngd without optim.weight_rescaling (weight_decay = "
-            f"{optim.weight_decay:g}): SP-NGD's published runs rescale weights and use no weight decay, "
-            "as runs/resnet50_*.toml do"
-        )
+    for note in _setting_notes(cfg, trainer):
+        log.say(f"note: {note}")
     if trainer.step >= trainer.total_steps:
         log.say(f"nothing to do: the run is complete at step {trainer.step}")
         log.close()
@@ -321,6 +299,37 @@ def _run(
     log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
     log.close()
     return 0
+
+
+def _setting_notes(cfg: config.Config, trainer: Trainer) -> list[str]:
+    """What the start-up log says about settings that work but are likely not what was meant."""
+    notes = []
+    if cfg.run.precision == "fp16" and trainer.device.type == "cpu":
+        notes.append(
+            "run.precision = fp16 on a CPU runs torch's fp16 CPU kernels, which are slow (the "
+            "quickstart's step took 14-20x fp32's); bf16 is the CPU's 16-bit format"
+        )
+    wanted = cfg.ngd.precondition_precision
+    if trainer.ngd is not None and wanted != "fp32" and not trainer.ngd.tf32:
+        notes.append(
+            f"ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
+            "preconditioning in fp32 here"
+        )
+    optim = cfg.optim
+    if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
+        # A note, not an error: checkpoints of runs started so must stay resumable.
+        notes.append(
+            f"optim.e_start = {optim.e_start} < optim.warmup_epochs = {optim.warmup_epochs}: the "
+            "poly decay starts inside the warmup, so the rate drops at its end (set e_start to "
+            "warmup_epochs for a continuous schedule)"
+        )
+    if optim.name == "spngd" and not optim.weight_rescaling:
+        notes.append(
+            "optim.name = spngd without optim.weight_rescaling (weight_decay = "
+            f"{optim.weight_decay:g}): SP-NGD's published runs rescale weights and use no weight decay, "
+            "as runs/resnet50_*.toml do"
+        )
+    return notes
 
 
 def _loader(data: config.DataConfig) -> str:
