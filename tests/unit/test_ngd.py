@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hpcngd.config import NgdConfig, OptimConfig
 from hpcngd.models import resnet
 from hpcngd.ngd import Preconditioner, curvature, factors, inverse
+from hpcngd.ngd.preconditioner import StepReport
 from hpcngd.ngd.stale import StaleInterval, relative_change
 from hpcngd.optim import SPNGD, damping_at, param_groups, rescale_weights
 
@@ -606,25 +607,38 @@ def test_bn_block_inverse_closed_form() -> None:
     assert torch.equal(inv[1], previous[1]) and bad.tolist() == [False, True]
 
 
+def second_step_with_an_inf(
+    model: nn.Module, x: torch.Tensor, cfg: NgdConfig, key: tuple[str, str], at: tuple[int, ...]
+) -> tuple[Preconditioner, StepReport, torch.Tensor]:
+    """Two steps of a Preconditioner, the second with ``inf`` at ``at`` in the statistic ``key``'s sum;
+    returns it, the second step's report and ``key``'s inverse from the first step."""
+    torch.manual_seed(8)
+    y = torch.randint(2, (len(x),))
+    pre = Preconditioner(model, cfg)
+    for step in range(2):
+        model.zero_grad()
+        pre.begin(step, grad_scale=len(x))
+        F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            previous = pre.stats[key].inverse.clone()
+            pre.capture.sums[key].total[at] = float("inf")
+        report = pre.step(step, damping=1e-3)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    return pre, report, previous
+
+
 def test_non_finite_batchnorm_block_keeps_the_channel_s_previous_inverse(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     torch.manual_seed(8)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
-    x, y = torch.randn(8, 2, 4, 4), torch.randint(2, (8,))
-    pre = Preconditioner(model, NgdConfig(bn_damping=1e-4))
-    for step in range(2):
-        model.zero_grad()
-        pre.begin(step, grad_scale=8)
-        F.cross_entropy(model(x), y).backward()
-        if step == 1:
-            previous = pre.stats[("1", "F")].inverse.clone()
-            pre.capture.sums[("1", "F")].total[1, 0, 0] = float("inf")
-        report = pre.step(step, damping=1e-3)
+    x = torch.randn(8, 2, 4, 4)
+    pre, report, previous = second_step_with_an_inf(
+        model, x, NgdConfig(bn_damping=1e-4), ("1", "F"), (1, 0, 0)
+    )
     assert report.failed == 1 and pre.failures["1.F"] == 1
-    inv = pre.stats[("1", "F")].inverse
-    assert torch.equal(inv[1], previous[1])  # the old code gave I/1e-4: a step 10^4 times the gradient
-    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    # the old code gave I/1e-4: a step 10^4 times the gradient
+    assert torch.equal(pre.stats[("1", "F")].inverse[1], previous[1])
     assert "inverting 1.F failed for 1 of 3 channels" in caplog.text
 
 
@@ -651,19 +665,9 @@ def test_ill_conditioned_factor_is_retried_in_fp64() -> None:
 def test_non_finite_factor_keeps_previous_inverse(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    x, y = torch.randn(8, 3), torch.randint(2, (8,))
-    pre = Preconditioner(model, NgdConfig())
-    for step in range(2):
-        model.zero_grad()
-        pre.begin(step, grad_scale=8)
-        F.cross_entropy(model(x), y).backward()
-        if step == 1:
-            previous = pre.stats[("0", "A")].inverse.clone()
-            pre.capture.sums[("0", "A")].total[0, 0] = float("inf")
-        report = pre.step(step, damping=1e-3)
+    pre, report, previous = second_step_with_an_inf(model, torch.randn(8, 3), NgdConfig(), ("0", "A"), (0, 0))
     assert report.failed == 1 and pre.failures["0.A"] == 1
     assert torch.equal(pre.stats[("0", "A")].inverse, previous)
-    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     assert "inverting 0.A failed" in caplog.text
 
 
