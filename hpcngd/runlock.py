@@ -156,22 +156,26 @@ class RunLock:
         return lock
 
     def _create(self) -> bool:
+        """Make the lock file with this run's contents; False if there is one already."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fill(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.me))
         return True
+
+    def _read_or_create(self) -> tuple[bytes, dict[str, Any]] | None:
+        """Another's lock as :func:`_read` gives it, or None when it was gone and this run made its own."""
+        try:
+            return _read(self.path)
+        except FileNotFoundError:  # its holder ended just now
+            return None if self._create() else _read(self.path)
 
     def _contend(self, say: Callable[[str], None]) -> None:
         """Another lock is there: refuse if its holder lives, else take it over."""
-        try:
-            raw, holder = _read(self.path)
-        except FileNotFoundError:  # its holder ended just now
-            if self._create():
-                return
-            raw, holder = _read(self.path)
+        found = self._read_or_create()
+        if found is None:
+            return
+        raw, holder = found
         if not _certainly_gone(holder, self.me):
             beat = holder.get("beat_s")
             if isinstance(beat, bool) or not isinstance(beat, (int, float)) or beat <= 0:
@@ -184,12 +188,10 @@ class RunLock:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 time.sleep(min(1.0, wait / 10))
-                try:
-                    now, renewed = _read(self.path)
-                except FileNotFoundError:  # its run ended
-                    if self._create():
-                        return
-                    now, renewed = _read(self.path)
+                found = self._read_or_create()
+                if found is None:
+                    return
+                now, renewed = found
                 if now != raw:
                     raise UserError(
                         f"run.name: the run directory {self.path.parent} is in use by another run "
@@ -204,7 +206,11 @@ class RunLock:
 
     def _write(self) -> None:
         """Rewrite the lock in place with the next counter (readers compare its bytes)."""
-        with open(self.path, "r+" if self.path.exists() else "w") as f:
+        self._fill(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+    def _fill(self, fd: int) -> None:
+        """Write this run's contents over the file open at ``fd``, durably, and close it."""
+        with os.fdopen(fd, "w") as f:
             f.write(json.dumps(self.me))
             f.truncate()
             f.flush()
