@@ -7,12 +7,15 @@ Layout of a checkpoint folder::
 
     ckpt-000001200.h5    complete checkpoints, named by the step they hold (steps done)
     latest               the name of the newest complete one (one line)
-    .ckpt-*.h5.tmp       a checkpoint being written (or left by a writer that died: ignored, removed)
+    .ckpt-*.tmp          a checkpoint being written, named by its writer (or left by a writer that
+                         died: ignored; the next run removes it when it starts, see remove_leftovers)
     *.corrupt            a checkpoint found unreadable at resume, set aside
 
 Atomicity: the writer fills a temporary file in the same folder, flushes and fsyncs it, renames it to
 its final name and fsyncs the folder; ``latest`` is replaced the same way; only then are checkpoints
-beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoint complete.
+beyond ``keep_last`` removed. A crash at any point leaves every earlier checkpoint complete. A writer
+touches no temporary file but its own, and it may be told to check, just before it publishes, that the
+folder is still its run's (a run suspended mid-write whose folder was taken over must not publish).
 
 Integrity: the file's first 512 bytes are an HDF5 user block (HDF5 skips it) holding the SHA-256 and
 size of the rest of the file, written after HDF5 closed it. The reader compares them before HDF5 parses
@@ -35,8 +38,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,11 +55,16 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint whose bytes are damaged (truncated, checksum mismatch): resume = auto skips it."""
 
 
+class NotPublished(CheckpointError):
+    """The writer's run no longer holds the folder: the checkpoint was dropped, nothing else touched."""
+
+
 FORMAT = "hpcngd-checkpoint"
 SCHEMA_VERSION = 1
 NAME = re.compile(r"ckpt-(\d{9})\.h5")
 LATEST = "latest"
-# Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets.
+# Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets;
+# "STEP:N:STOP" stops it there (SIGSTOP: a job suspended mid-write) until it gets SIGCONT.
 CRASH_HOOK = "HPCNGD_TEST_CRASH_IN_SAVE"
 _WRITE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)  # what h5py raises on failure
 # What h5py raises reading a damaged file; which one depends on the damaged structure (KeyError for a
@@ -117,10 +126,12 @@ def check_seal(path: Path) -> bool:
     return True
 
 
-def _crash_after(step: int) -> int:
-    """The dataset count after which the test hook kills the writer of ``step`` (-1: never)."""
-    wanted, _, count = os.environ.get(CRASH_HOOK, "").partition(":")
-    return int(count) if wanted == str(step) and count.isdigit() else -1
+def _crash_after(step: int) -> tuple[int, signal.Signals]:
+    """The dataset count after which the test hook signals the writer of ``step`` (-1: never), and how."""
+    wanted, _, rest = os.environ.get(CRASH_HOOK, "").partition(":")
+    count, _, how = rest.partition(":")
+    sig = signal.SIGSTOP if how == "STOP" else signal.SIGKILL
+    return (int(count) if wanted == str(step) and count.isdigit() else -1), sig
 
 
 _NUMERIC = "biuf"
@@ -139,9 +150,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _replace_durably(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _replace_durably(tmp: Path, final: Path) -> None:
+    _fsync_file(tmp)  # a no-op when the caller has just done it
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 
@@ -174,6 +189,21 @@ def step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Remove the temporary files of writers that died (call it when a run starts, holding the folder)."""
+    if not directory.is_dir():
+        return []
+    found = sorted(directory.glob(".ckpt-*.tmp")) + sorted(directory.glob(f".{LATEST}*.tmp"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def _private(path: Path) -> Path:
+    """A temporary name for ``path`` that no other writer uses: ``.NAME.HOST-PID-RANDOM.tmp``."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+
+
 def set_aside(path: Path) -> Path:
     """Rename an unusable checkpoint to ``NAME.corrupt`` so that resume never picks it again."""
     target = path.with_name(path.name + ".corrupt")
@@ -195,15 +225,13 @@ class Writer:
         self.directory = directory
         self.step = step
         self.final = directory / file_name(step)
-        self.tmp = directory / f".{file_name(step)}.tmp"
+        self.tmp = _private(self.final)
         self.error: str | None = None
         self.datasets = 0
         self.file: h5py.File | None = None
         self._crash_after = _crash_after(step)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            for old in directory.glob(".ckpt-*.h5.tmp"):  # left by a writer that died
-                old.unlink()
             free = shutil.disk_usage(directory).free
             needed = int(1.02 * expected_bytes) + 2**20  # with HDF5's metadata and checksums
             if free < needed:
@@ -254,9 +282,9 @@ class Writer:
             self._fail(exc)
             return
         self.datasets += 1
-        if self.datasets == self._crash_after:
+        if self.datasets == self._crash_after[0]:
             self.file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self._crash_after[1])
 
     def set_attrs(self, group: str, **attrs: Any) -> None:
         """Attributes of a group, created if needed."""
@@ -267,8 +295,12 @@ class Writer:
         except _WRITE_ERRORS as exc:
             self._fail(exc)
 
-    def commit(self, keep_last: int) -> Path:
-        """Make the checkpoint durable and visible, point ``latest`` at it, then prune old ones."""
+    def commit(self, keep_last: int, still_ours: Callable[[], bool] | None = None) -> Path:
+        """Make the checkpoint durable and visible, point ``latest`` at it, then prune old ones.
+
+        ``still_ours``: asked just before the file is published; False drops it (:class:`NotPublished`)
+        and leaves the folder as it was (another run holds it now).
+        """
         try:
             if self.file is not None:
                 f, self.file = self.file, None
@@ -276,20 +308,23 @@ class Writer:
             if self.error:
                 raise CheckpointError(self.error)
             seal(self.tmp)
+            _fsync_file(self.tmp)
+            if still_ours is not None and not still_ours():
+                raise NotPublished(f"checkpoint {self.final} not published: the folder is another run's now")
             _replace_durably(self.tmp, self.final)
-            pointer = self.directory / f".{LATEST}.tmp"
+            pointer = _private(self.directory / LATEST)
             pointer.write_text(self.final.name + "\n", encoding="utf-8")
             _replace_durably(pointer, self.directory / LATEST)
             older = [p for p in candidates(self.directory) if step_of(p) < self.step]
             for p in older[keep_last - 1 :]:
                 p.unlink()
+        except CheckpointError:  # first: it is a ValueError too
+            self.abort()
+            raise
         except _WRITE_ERRORS as exc:
             self._fail(exc)
             self.abort()
             raise CheckpointError(self.error or str(exc)) from None
-        except CheckpointError:
-            self.abort()
-            raise
         return self.final
 
     def abort(self) -> None:

@@ -28,7 +28,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, TypeVar
 
 from hpcngd import __version__, config
@@ -225,7 +225,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     import torch
 
     from hpcngd.comm.topology import Topology
-    from hpcngd.runlock import RunLock
+    from hpcngd.runlock import CHECKPOINT_DIR, RUN_DIR, take_all
 
     # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
     text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
@@ -233,11 +233,17 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
     torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
     train_set, val_set = datasets(world, cfg)
-    # Rank 0 holds the run directory's lock from before anything is written there to the run's end.
+    # Rank 0 holds the run directory's lock from before anything is written there to the run's end, and
+    # the checkpoint folder's when it lies elsewhere.
+    places = [(cfg.run_dir, RUN_DIR)]
+    if cfg.checkpoints_apart:
+        places.append((cfg.checkpoint_dir, CHECKPOINT_DIR))
     holds = world.rank == 0 and cfg.run.lock_renew_s > 0
-    lock = agree(world, lambda: RunLock.take(cfg.run_dir, cfg.run.lock_renew_s) if holds else None)
-    with lock or nullcontext(), topo:
-        return _run(world, cfg, topo, train_set, val_set, stop, lock)
+    locks = agree(world, lambda: take_all(places, cfg.run.lock_renew_s) if holds else [])
+    with ExitStack() as held, topo:
+        for lock in locks:
+            held.enter_context(lock)
+        return _run(world, cfg, topo, train_set, val_set, stop, locks)
 
 
 def _run(
@@ -247,7 +253,7 @@ def _run(
     train_set: Dataset,
     val_set: Dataset,
     stop: StopSignals,
-    lock: RunLock | None,
+    locks: list[RunLock],
 ) -> int:
     """Train in the run directory that this run holds; returns the exit code."""
     import torch
@@ -263,13 +269,13 @@ def _run(
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
     rows = world.gather(placement(device), root=0)
     trainer = Trainer(
-        cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device, lock=lock
+        cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device, locks=locks
     )
     resumed_from, resume_notes = state.resume(trainer)  # AgreedError: see run_guarded
     if resumed_from is not None:
         log.say(f"resuming from {resumed_from} (step {trainer.step})")
     log.open(resume_step=trainer.step if resumed_from else None)
-    for note in (lock.notes if lock else []) + resume_notes:
+    for note in [n for lock in locks for n in lock.notes] + resume_notes:
         log.say(f"note: {note}")
     log.say(
         f"hpcngd {__version__}: run {cfg.run.name} -> {cfg.run_dir} | {topo.describe()}, "

@@ -66,10 +66,10 @@ class RunConfig(Section):
     )
     lock_renew_s: float = opt(
         30.0,
-        "Seconds between renewals of <run dir>/run.lock, which keeps a second run out of this run "
-        "directory: 0 (no lock) or 1 to 300. A run finding another's lock watches it for 3 of its "
-        "renewals and takes it over if it is not renewed (at once if its process is gone: same machine, "
-        "or a Slurm requeue).",
+        "Seconds between renewals of <run dir>/run.lock (and <checkpoint.dir>/run.lock when elsewhere), "
+        "which keeps a second run out of this run's folders: 0 (no lock) or 1 to 300. A run finding "
+        "another's lock watches it for 3 of its renewals and takes it over if it is not renewed (at once "
+        "if its process is gone: same machine, or a Slurm requeue).",
         ge=0.0,
         le=300.0,
     )
@@ -301,6 +301,9 @@ class CommConfig(Section):
 
 # Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
 TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name", "run.seed")
+# Keys that tell runs apart: a checkpoint found in a checkpoint.dir outside the run directory with other
+# values is another run's (the folder is shared), unless checkpoint.allow_changes lists them.
+IDENTITY_KEYS = ("run.name", "run.output_dir")
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,8 @@ class CheckpointConfig(Section):
     allow_changes: tuple[str, ...] = opt(
         (),
         "Run-file keys (section.key) that may differ from the checkpoint's although they change the "
-        "trajectory: model.*, data.batch_size, optim.name, run.seed.",
+        "trajectory: model.*, data.batch_size, optim.name, run.seed; with a checkpoint.dir outside the run "
+        "directory also run.name and run.output_dir (the folder may be another run's).",
     )
 
     def check(self) -> None:
@@ -390,6 +394,12 @@ class Config:
     def checkpoint_dir(self) -> Path:
         """The folder of this run's checkpoints."""
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def checkpoints_apart(self) -> bool:
+        """Whether the checkpoint folder lies outside the run directory (``checkpoint.dir`` elsewhere,
+        where other runs may put theirs too)."""
+        return not self.checkpoint_dir.resolve().is_relative_to(self.run_dir.resolve())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,10 +17,17 @@ file every ``beat`` seconds with a counter, and a newcomer that finds the lock d
   any change means a live holder and the run is refused; none means a dead holder, and the lock is
   taken over (the start-up log says so).
 
-This is a guard against mistakes, not a lock manager: two newcomers taking over one dead run's lock in
-the same moment both run until the first renewal. A holder that finds its lock taken (it was suspended
-for 3 beats, or the lock was overwritten) sets ``lost``, and the trainer stops every rank at the next
-step without a checkpoint (exit 2).
+This is a guard against mistakes, not a lock manager. Two newcomers that take over one dead run's lock
+in the same moment (the same job submitted twice, started together) both write it; each reads it back
+after two of its polls and only the one it names goes on (the other is refused). A holder that finds
+its lock taken (it was suspended for 3 beats, or the lock was overwritten) sets ``lost``, and the trainer
+stops every rank at the next step without a checkpoint (exit 2). :meth:`RunLock.confirm` tells the
+trainer, and the checkpoint writer just before it publishes a file: while renewals keep up it costs
+nothing, and after a stall (a suspended job) it renews at once, so a run that resumes learns at its next
+step, and before it publishes a checkpoint, that its directory was taken over.
+
+A checkpoint folder outside the run directory (``checkpoint.dir``) gets a lock of its own: runs of
+different names sharing one would resume from, and prune, each other's checkpoints.
 
 The holder rewrites the file in place (not by rename), because an NFS client revalidates a file's
 data when it opens it but may keep a folder's listing cached for up to a minute.
@@ -37,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hpcngd.errors import UserError
 
@@ -120,37 +127,63 @@ def _certainly_gone(holder: dict[str, Any], me: dict[str, Any]) -> bool:
     return ticks != holder["start_ticks"]  # the id names a later process now
 
 
+class Place(NamedTuple):
+    """What a lock keeps, for its messages."""
+
+    where: str  # the run-file key that places the folder
+    what: str  # what the folder is
+    key: str  # the key a refused run changes to go elsewhere
+    holds: str  # what two runs there would mix
+
+
+RUN_DIR = Place("run.output_dir", "the run directory", "run.name", "metrics and checkpoints")
+CHECKPOINT_DIR = Place("checkpoint.dir", "the checkpoint folder", "checkpoint.dir", "checkpoints")
+
+
 class RunLock:
-    """The lock of one run directory, held by rank 0 from start-up to the end of the run.
+    """The lock of one run directory (or checkpoint folder), held by rank 0 from start-up to the end of
+    the run.
 
     Use :meth:`take`; then ``with lock:`` releases it at the end. ``notes`` says what taking it found.
     """
 
-    def __init__(self, path: Path, beat: float) -> None:
+    def __init__(self, path: Path, beat: float, place: Place = RUN_DIR) -> None:
         self.path = path
         self.beat = beat
+        self.place = place
         self.me = {**_identity(), "token": uuid.uuid4().hex, "beat_s": beat, "beats": 0}
         self.notes: list[str] = []
         self.lost = False  # set when another run took the lock over
+        self._confirmed = time.monotonic()  # when the file last surely named this run (before a rewrite)
+        self._renewing = threading.Lock()  # the renewal thread's and confirm()'s rewrites
+        self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def take(cls, run_dir: Path, beat: float, say: Callable[[str], None] | None = None) -> RunLock:
-        """Take ``run_dir``'s lock, or raise :class:`UserError` naming the live run that holds it.
+    def take(
+        cls,
+        folder: Path,
+        beat: float,
+        say: Callable[[str], None] | None = None,
+        place: Place = RUN_DIR,
+    ) -> RunLock:
+        """Take ``folder``'s lock, or raise :class:`UserError` naming the live run that holds it.
 
         Args:
-            run_dir: the run directory (made if missing).
+            folder: the run directory, or a checkpoint folder outside it (made if missing).
             beat: seconds between this run's renewals of its lock.
             say: prints a line while watching a lock whose holder may be alive (default: stderr).
+            place: :data:`RUN_DIR` or :data:`CHECKPOINT_DIR`, for the messages.
         """
-        lock = cls(run_dir / NAME, beat)
+        lock = cls(folder / NAME, beat, place)
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             if not lock._create():
                 lock._contend(say or (lambda line: print(line, file=sys.stderr, flush=True)))
         except OSError as exc:
-            raise UserError(f"run.output_dir: cannot take the lock {lock.path}: {exc}") from None
+            raise UserError(f"{lock.place.where}: cannot take the lock {lock.path}: {exc}") from None
+        lock._confirmed = time.monotonic()
         lock._thread = threading.Thread(target=lock._renew, name="hpcngd-run-lock", daemon=True)
         lock._thread.start()
         return lock
@@ -176,33 +209,44 @@ class RunLock:
         if found is None:
             return
         raw, holder = found
+        beat = holder.get("beat_s")
+        if isinstance(beat, bool) or not isinstance(beat, (int, float)) or beat <= 0:
+            beat = self.beat  # unknown (a file midway through a write): this run's own
+        wait = WATCHED_BEATS * beat
+        poll = min(1.0, wait / 10)
         if not _certainly_gone(holder, self.me):
-            beat = holder.get("beat_s")
-            if isinstance(beat, bool) or not isinstance(beat, (int, float)) or beat <= 0:
-                beat = self.beat  # unknown (a file midway through a write): this run's own
-            wait = WATCHED_BEATS * beat
             say(
                 f"hpcngd: {self.path} is held by {_describe(holder)}; watching it for {wait:g} s to see "
                 "whether that run is alive"
             )
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                time.sleep(min(1.0, wait / 10))
+                time.sleep(poll)
                 found = self._read_or_create()
                 if found is None:
                     return
                 now, renewed = found
                 if now != raw:
-                    raise UserError(
-                        f"run.name: the run directory {self.path.parent} is in use by another run "
-                        f"({_describe(renewed or holder)}; it renews {self.path}): two runs there would "
-                        "mix their metrics and checkpoints; wait for it to end, or give this run another "
-                        "run.name"
-                    )
+                    raise self._in_use(renewed or holder)
+        self._write()
+        # Another newcomer may have judged the same lock dead in the same moment and written it too: the
+        # file keeps the last write. Both read it back after two polls (more than the spread of their
+        # decisions), and only the run it names goes on.
+        time.sleep(2 * poll)
+        _, now_holder = _read(self.path)
+        if now_holder.get("token") != self.me["token"]:
+            raise self._in_use(now_holder)
         self.notes.append(
             f"took over {self.path} from a run that ended without removing it ({_describe(holder)})"
         )
-        self._write()
+
+    def _in_use(self, holder: dict[str, Any]) -> UserError:
+        key, what, holds = self.place.key, self.place.what, self.place.holds
+        return UserError(
+            f"{key}: {what} {self.path.parent} is in use by another run ({_describe(holder)}; it renews "
+            f"{self.path}): two runs there would mix their {holds}; wait for it to end, or give this run "
+            f"another {key}"
+        )
 
     def _write(self) -> None:
         """Rewrite the lock in place with the next counter (readers compare its bytes)."""
@@ -225,8 +269,15 @@ class RunLock:
             return False
 
     def _renew(self) -> None:
-        warned = False
-        while not self._stop.wait(self.beat):
+        while not self._stop.wait(self.beat) and not self.lost:
+            self._renew_once()
+
+    def _renew_once(self) -> None:
+        """Rewrite the lock if it still names this run; set ``lost`` if it does not."""
+        with self._renewing:
+            if self.lost:
+                return
+            checked = time.monotonic()
             try:
                 if not self.held():
                     self.lost = True  # the trainer stops every rank at its next step
@@ -234,9 +285,23 @@ class RunLock:
                 self.me["beats"] += 1
                 self._write()
             except OSError as exc:
-                if not warned:  # a file system hiccup: keep trying; a watcher may take the lock over
+                if not self._warned:  # a file system hiccup: keep trying; a watcher may take the lock over
                     print(f"hpcngd: warning: cannot renew {self.path}: {exc}", file=sys.stderr, flush=True)
-                    warned = True
+                    self._warned = True
+                return
+            self._confirmed = checked
+
+    def confirm(self) -> bool:
+        """Whether the lock is still this run's, and will be for at least one more beat.
+
+        A newcomer takes a lock over only after it saw it unchanged for 3 beats, so a lock renewed less
+        than 2 beats ago is surely this run's for one more: then this costs nothing. After a longer
+        stall (the job was suspended) it renews the lock now, or finds it taken and sets ``lost``. While
+        the file cannot be read it answers True, as the renewals keep going then.
+        """
+        if not self.lost and time.monotonic() - self._confirmed >= (WATCHED_BEATS - 1) * self.beat:
+            self._renew_once()
+        return not self.lost
 
     def lost_message(self) -> str:
         """Why a run whose lock was taken from it stops."""
@@ -245,9 +310,9 @@ class RunLock:
         except OSError:
             holder = "removed"
         return (
-            f"run.name: {self.path} no longer names this run (now: {holder}): another run took over the run "
-            f"directory while this one did not renew it for {WATCHED_BEATS} x run.lock_renew_s (suspended?); "
-            "stopping without a checkpoint"
+            f"{self.place.key}: {self.path} no longer names this run (now: {holder}): another run took "
+            f"over {self.place.what} while this one did not renew it for {WATCHED_BEATS} x run.lock_renew_s "
+            "(suspended?); stopping without a checkpoint"
         )
 
     def release(self) -> None:
@@ -266,3 +331,17 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def take_all(places: list[tuple[Path, Place]], beat: float) -> list[RunLock]:
+    """The locks of several folders (the run directory first), or none: one that cannot be taken
+    releases those taken before it and raises."""
+    taken: list[RunLock] = []
+    try:
+        for folder, place in places:
+            taken.append(RunLock.take(folder, beat, place=place))
+    except BaseException:
+        for lock in reversed(taken):
+            lock.release()
+        raise
+    return taken

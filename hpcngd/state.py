@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from hpcngd import __version__, config
-from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer, candidates, resume_order, set_aside
+from hpcngd.checkpoint import (
+    CorruptCheckpoint,
+    NotPublished,
+    Reader,
+    Writer,
+    candidates,
+    resume_order,
+    set_aside,
+)
 from hpcngd.errors import AgreedError, CheckpointError, InvalidToml, agree
 from hpcngd.metrics import NGD_COUNTS
 
@@ -113,8 +121,9 @@ def nonfinite(trainer: Trainer) -> str | None:
 def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
     """Write the state of ``trainer`` as one checkpoint (collective); returns its path on every rank.
 
-    Raises AgreedError on every rank when the state holds NaN/Inf (nothing is written) or the file
-    cannot be written (the temporary file is removed); earlier checkpoints are untouched either way.
+    Raises AgreedError on every rank when the state holds NaN/Inf (nothing is written), the file
+    cannot be written (the temporary file is removed), or rank 0 finds that another run took its run
+    directory over (the file is dropped); earlier checkpoints are untouched either way.
     """
     comm, rank = trainer.topo.world, trainer.topo.rank
     bad = [b for b in comm.allgather(nonfinite(trainer)) if b]
@@ -163,10 +172,12 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
                 w.put(f"ranks/{r}/{key}", arr)
     error, path = None, None
     if w is not None:
-        try:
-            path = w.commit(keep_last)
+        try:  # not published once another run took the folder over (a suspended run that resumed)
+            path = w.commit(keep_last, trainer.holds_locks if trainer.locks else None)
         except Exception as exc:  # noqa: BLE001 - rank 0 must reach the bcast below, whatever happened
             error = str(exc) if isinstance(exc, CheckpointError) else f"cannot write checkpoint: {exc!r}"
+            if isinstance(exc, NotPublished) or not trainer.holds_locks():
+                error = trainer.lost_message()  # the cause (its start removed this run's temporary file)
     error, path = comm.bcast((error, path), root=0)
     if error:
         raise AgreedError(error)
@@ -301,12 +312,21 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
         raise reader.fail(f"its stored run file is not valid here: {exc}") from None
     notes = []
     changed = [(k, o, n) for k, o, n in config.differences(saved, cfg) if not k.startswith("checkpoint.")]
+    # found by itself in a checkpoint folder that other runs may share: it must be this run's
+    shared = cfg.checkpoint.resume == "auto" and cfg.checkpoints_apart
     for key, old, new in changed:
-        trajectory = any(fnmatch.fnmatchcase(key, p) for p in config.TRAJECTORY_KEYS)
-        if trajectory and not any(fnmatch.fnmatchcase(key, p) for p in cfg.checkpoint.allow_changes):
+        if any(fnmatch.fnmatchcase(key, p) for p in cfg.checkpoint.allow_changes):
+            continue
+        if any(fnmatch.fnmatchcase(key, p) for p in config.TRAJECTORY_KEYS):
             raise reader.fail(
                 f"was written with {key} = {old!r}, the run file says {new!r}: that is not the same run "
                 f"(list {key} in checkpoint.allow_changes to resume anyway)"
+            )
+        if shared and key in config.IDENTITY_KEYS:
+            raise reader.fail(
+                f"was written by another run ({key} = {old!r}, this run's is {new!r}) in checkpoint.dir "
+                f"{cfg.checkpoint_dir}: give each run its own checkpoint.dir (list {key} in "
+                "checkpoint.allow_changes to resume from it anyway)"
             )
     if changed:
         notes.append(

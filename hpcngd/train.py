@@ -27,6 +27,7 @@ import hashlib
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcngd import inference, state
+from hpcngd.checkpoint import remove_leftovers
 from hpcngd.comm.collectives import (
     FusedAllreduce,
     allreduce_sum,
@@ -74,8 +76,9 @@ class Trainer:
         log: rank 0's console and metrics writer.
         checkpoints: save checkpoints as the [checkpoint] section says (off: never save).
         stop: the stop-signal note of this process (None: signals are not watched).
-        lock: the run directory's lock, on the rank that holds it (see :mod:`hpcngd.runlock`): when another
-            run takes it over, every rank stops at the next step.
+        locks: the run directory's lock (and the checkpoint folder's), on the rank that holds them (see
+            :mod:`hpcngd.runlock`): when another run takes one over, every rank stops at the next step,
+            and no checkpoint is published.
         device: this rank's device (None: chosen from run.device, see :func:`hpcngd.device.bind`).
     """
 
@@ -89,10 +92,10 @@ class Trainer:
         checkpoints: bool = False,
         stop: StopSignals | None = None,
         device: torch.device | None = None,
-        lock: RunLock | None = None,
+        locks: Sequence[RunLock] = (),
     ) -> None:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
-        self.checkpoints, self.stop, self.lock = checkpoints, stop, lock
+        self.checkpoints, self.stop, self.locks = checkpoints, stop, list(locks)
         data, run = cfg.data, cfg.run
         self.device = device if device is not None else bind(run.device, topo.local_rank)
         use(self.device)
@@ -198,7 +201,7 @@ class Trainer:
             overflow = self.scaler.enabled and (unscale_(grads, scale) | unscale_(list(fresh.values()), 1.0))
         with self.timer.phase("comm"):
             self.loss_buf.copy_(local_loss)
-            lost = self.lock is not None and self.lock.lost
+            lost = not self.holds_locks()
             self.control.copy_(
                 torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow), float(lost)])
             )
@@ -208,7 +211,7 @@ class Trainer:
         loss_value = float(self.loss_buf.item())
         stop, timed, overflowed, lost_anywhere = self.control.tolist()
         if lost_anywhere > 0:  # every rank at once: printed once, exit 2, no checkpoint
-            raise AgreedError(self.lock.lost_message() if self.lock is not None else "run.name: lock lost")
+            raise AgreedError(self.lost_message())
         self.stop_requested, self.save_due = stop > 0, timed > 0
         skip = overflowed > 0  # fp16: skipped on every rank; no update, the due factors stay due
         self.bn_stats.finish(keep=not skip)  # before the scaler, which may raise (diverged)
@@ -234,6 +237,15 @@ class Trainer:
         if self.cfg.comm.check_replicas and self.step % self.cfg.comm.check_replicas == 0:
             self.check_replicas()
         return loss_value
+
+    def holds_locks(self) -> bool:
+        """Whether this rank's locks (if any) are still this run's (see :meth:`RunLock.confirm`)."""
+        return all([lock.confirm() for lock in self.locks])
+
+    def lost_message(self) -> str:
+        """Why the run stops when a rank found one of its locks taken over."""
+        lost = [lock.lost_message() for lock in self.locks if lock.lost]
+        return lost[0] if lost else "run.name: another run took this run's directory over"
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return to_device(images, labels, self.device, self.cfg.run.channels_last)
@@ -399,8 +411,9 @@ class Trainer:
 
 
 def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
-    """Create the run directory and write the resolved run file (rank 0 only); create the checkpoint
-    folder too, so that one that cannot be made stops the run now, not at its first checkpoint."""
+    """Create the run directory and write the resolved run file (rank 0 only, holding the folders'
+    locks); create the checkpoint folder too, so that one that cannot be made stops the run now, not at
+    its first checkpoint, and remove the temporary files of checkpoint writers that died there."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +424,8 @@ def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
         raise UserError(f"run.output_dir = {cfg.run.output_dir!r}: cannot write {run_dir}: {exc}") from None
     try:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(cfg.checkpoint_dir)
     except OSError as exc:
         key = "checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir"
-        raise UserError(f"{key}: cannot make the checkpoint folder {cfg.checkpoint_dir}: {exc}") from None
+        raise UserError(f"{key}: cannot use the checkpoint folder {cfg.checkpoint_dir}: {exc}") from None
     return run_dir

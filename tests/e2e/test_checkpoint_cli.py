@@ -44,6 +44,14 @@ def rank_pids(launcher: int) -> list[int]:
     return sorted(children)
 
 
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), ... or "" when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def start_long_run(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     """A 2-rank run of ``args`` (with LONG), once it has logged 3 records."""
     cmd = command(*args, ranks=2)
@@ -146,13 +154,46 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path: Path, demo:
     assert steps == list(range(1, len(steps) + 1))
 
 
+def test_runs_of_different_names_cannot_share_a_checkpoint_dir(tmp_path: Path, demo: Path) -> None:
+    """A checkpoint.dir outside the run directory (a scratch folder) may be set for several runs: at the
+    same time they would prune each other's checkpoints; one after the other, the second would resume
+    from the first's."""
+    shared = tmp_path / "scratch"
+    run_file = write_run(tmp_path, demo, extra=f'\n[checkpoint]\nevery_steps = 0\ndir = "{shared}"\n')
+    args = [str(run_file), "--set", "run.lock_renew_s=1"]
+    first = start_long_run([*args, *LONG], tmp_path)
+    assert (shared / "run.lock").exists() and (tmp_path / "out/tiny/run.lock").exists()
+    other = hpcngd(*args, "--set", "run.name=other", ranks=2)
+    assert other.returncode == 2, other.stderr
+    assert error_lines(other.stderr)[0].startswith(
+        f"hpcngd: error: checkpoint.dir: the checkpoint folder {shared} is in use by another run ("
+    ), other.stderr
+    assert "give this run another checkpoint.dir" in other.stderr
+    assert not (tmp_path / "out/other/metrics.jsonl").exists()  # refused before it wrote anything
+    os.kill(rank_pids(first.pid)[0], signal.SIGTERM)
+    _, err = first.communicate(timeout=90)
+    assert first.returncode == 3, err
+    assert not (shared / "run.lock").exists() and not (tmp_path / "out/tiny/run.lock").exists()
+    (saved,) = [p.name for p in shared.iterdir() if p.name.startswith("ckpt-")]
+
+    later = hpcngd(*args, "--set", "run.name=other")  # after the first: it must not resume from its file
+    assert later.returncode == 2, later.stderr
+    assert error_lines(later.stderr) == [
+        f"hpcngd: error: checkpoint {shared / saved}: was written by another run (run.name = 'tiny', this "
+        f"run's is 'other') in checkpoint.dir {shared}: give each run its own checkpoint.dir (list "
+        "run.name in checkpoint.allow_changes to resume from it anyway)"
+    ]
+    allowed = hpcngd(*args, "--set", "run.name=other", "--set", 'checkpoint.allow_changes=["run.name"]')
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"resuming from {shared / saved}" in allowed.stdout
+
+
 def test_a_run_whose_directory_was_taken_over_while_suspended_stops(tmp_path: Path, demo: Path) -> None:
     """A job suspended for longer than 3 renewals (Slurm's gang scheduling, PreemptMode=SUSPEND) looks
-    dead: a second run takes its directory over. When the first resumes it must stop, not write
-    records and checkpoints beside the second's. No checkpoints here: a run suspended inside a
-    checkpoint's write finishes that write when it resumes, before its next step can stop it, and can
-    then fail the second run's checkpoint (1 run in about 8 failed so); that window is documented."""
-    args = [str(write_run(tmp_path, demo, extra=NO_SAVE)), *LONG, "--set", "run.lock_renew_s=1"]
+    dead: a second run takes its directory over. When the first resumes it must stop at once, not
+    write records and checkpoints beside the second's (a checkpoint every 2 steps: it may have been
+    suspended inside one's write)."""
+    args = [str(write_run(tmp_path, demo, extra=SAVE)), *LONG, "--set", "run.lock_renew_s=1"]
     first = start_long_run(args, tmp_path)
     first_ranks = rank_pids(first.pid)
     for pid in first_ranks:
@@ -181,11 +222,58 @@ def test_a_run_whose_directory_was_taken_over_while_suspended_stops(tmp_path: Pa
     assert not (tmp_path / "out/tiny/run.lock").exists()
 
 
+def test_a_run_suspended_while_writing_a_checkpoint_does_not_publish_it_after_a_takeover(
+    tmp_path: Path, demo: Path
+) -> None:
+    """Suspended inside the write of step 4's checkpoint (the test hook stops the writer), the first run
+    looks dead; a second run takes over, removes the first's temporary file and resumes from step 2.
+    When the first resumes, it must not publish its checkpoint, prune or move ``latest``: it stops."""
+    args = [str(write_run(tmp_path, demo, extra=SAVE)), *LONG, "--set", "run.lock_renew_s=1"]
+    env = {**ENV, CRASH_HOOK: "4:5:STOP"}
+    first = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    deadline, stopped = time.monotonic() + 90, []
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stopped = [pid for pid in rank_pids(first.pid) if process_state(pid) == "T"]
+    assert len(stopped) == 1, "the writer never reached the hook"
+    stopped_at = time.time()  # after the first run's writer began its step 4
+    assert [p for p in checkpoints(tmp_path) if not p.startswith(".")] == ["ckpt-000000002.h5", "latest"]
+    second = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+    assert second.stdout is not None
+    for line in second.stdout:
+        if "note: took over" in line:
+            break
+    os.kill(stopped[0], signal.SIGCONT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 2, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "run.lock no longer names this run" in lines[0], err
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(r["kind"] == "checkpoint" for r in records(tmp_path)) < 3:
+        time.sleep(0.2)
+    os.kill(rank_pids(second.pid)[0], signal.SIGTERM)
+    _, err = second.communicate(timeout=90)
+    assert second.returncode == 3, err
+    saved = [r["step"] for r in records(tmp_path) if r["kind"] == "checkpoint"]
+    assert saved[:3] == [2, 4, 6], saved  # the first run's step 2 (kept by the resume), then the second's
+    names = checkpoints(tmp_path)
+    assert names == [*(f"ckpt-{s:09d}.h5" for s in saved[-5:]), "latest"], names  # keep_last = 5
+    assert (tmp_path / "out/tiny/checkpoints/latest").read_text() == f"ckpt-{saved[-1]:09d}.h5\n"
+    for step in saved[-5:]:
+        with h5py.File(tmp_path / f"out/tiny/checkpoints/ckpt-{step:09d}.h5", "r") as f:
+            assert step == 2 or f.attrs["created"] > stopped_at  # the second run's
+
+
 def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Path, demo: Path) -> None:
     run_file = write_run(tmp_path, demo, extra=SAVE)
     crashed = hpcngd(str(run_file), env={CRASH_HOOK: "4:5"})  # dies in the checkpoint of step 4
     assert crashed.returncode != 0
-    assert checkpoints(tmp_path) == [".ckpt-000000004.h5.tmp", "ckpt-000000002.h5", "latest"]
+    left = checkpoints(tmp_path)
+    assert left[0].startswith(".ckpt-000000004.h5.") and left[1:] == ["ckpt-000000002.h5", "latest"], left
     assert (tmp_path / "out/tiny/checkpoints/latest").read_text() == "ckpt-000000002.h5\n"
 
     resumed = hpcngd(str(run_file), ranks=2)

@@ -54,17 +54,48 @@ def test_keep_last_prunes_only_older_after_the_new_one_is_complete(tmp_path: Pat
     assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000008.h5", "ckpt-000000006.h5"]
 
 
-def test_an_unfinished_write_leaves_earlier_checkpoints_and_is_cleaned_later(tmp_path: Path) -> None:
+def test_an_unfinished_write_leaves_earlier_checkpoints_and_is_removed_when_a_run_starts(
+    tmp_path: Path,
+) -> None:
     write(tmp_path, 2)
     w = Writer(tmp_path, 4, {})
     w.put("model/w", np.ones(3, np.float32))
     w.file.flush()  # the writer dies here: no commit
     assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000002.h5"]
     assert (tmp_path / "latest").read_text() == "ckpt-000000002.h5\n"
-    assert (tmp_path / ".ckpt-000000004.h5.tmp").exists()
+    (left,) = tmp_path.glob(".ckpt-000000004.h5.*.tmp")
     w.file.close()
-    write(tmp_path, 6)
-    assert not (tmp_path / ".ckpt-000000004.h5.tmp").exists()
+    write(tmp_path, 6)  # other writers leave it alone: it may be a live writer's
+    earlier = tmp_path / ".ckpt-000000008.h5.tmp"  # an earlier hpcngd's name
+    earlier.write_bytes(b"x")
+    assert left.exists()
+    assert checkpoint.remove_leftovers(tmp_path) == [left, earlier]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000002.h5", "ckpt-000000006.h5", "latest"]
+
+
+def test_a_writer_whose_folder_was_taken_over_publishes_nothing_and_spares_the_new_writer(
+    tmp_path: Path,
+) -> None:
+    """A run suspended mid-write resumes after another run took its folder over: both write the same
+    step at once. The old one must neither publish, prune nor touch the new one's file."""
+    for step in (2, 4):
+        write(tmp_path, step, keep_last=2)
+    old = Writer(tmp_path, 6, {"who": "old"})
+    old.put("model/w", np.zeros(3, np.float32))
+    new = Writer(tmp_path, 6, {"who": "new"})
+    new.put("model/w", np.ones(3, np.float32))
+    assert old.tmp != new.tmp and old.tmp.exists() and new.tmp.exists()
+    asked: list[bool] = []
+    with pytest.raises(checkpoint.NotPublished, match=r"ckpt-000000006\.h5 not published: the folder is"):
+        old.commit(1, lambda: asked.append(True) or False)
+    assert asked == [True] and not old.tmp.exists() and new.tmp.exists()
+    names = ["ckpt-000000004.h5", "ckpt-000000002.h5"]
+    assert [p.name for p in checkpoint.candidates(tmp_path)] == names  # nothing pruned
+    assert (tmp_path / "latest").read_text() == "ckpt-000000004.h5\n"
+    assert new.commit(2, lambda: True).name == "ckpt-000000006.h5"
+    with Reader(tmp_path / "ckpt-000000006.h5") as r:
+        assert r.attrs["who"] == "new" and r.array("model/w").tolist() == [1, 1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000004.h5", "ckpt-000000006.h5", "latest"]
 
 
 def test_a_write_that_fails_raises_and_keeps_the_previous(tmp_path: Path) -> None:
