@@ -52,6 +52,18 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def start_taking_over(args: list[str]) -> subprocess.Popen[str]:
+    """A 2-rank run of ``args`` on a directory whose holder looks dead, once it has taken the lock over."""
+    job = subprocess.Popen(
+        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
+    )
+    assert job.stdout is not None
+    for line in job.stdout:
+        if "note: took over" in line:
+            break
+    return job
+
+
 def start_long_run(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     """A 2-rank run of ``args`` (with LONG), once it has logged 3 records."""
     cmd = command(*args, ranks=2)
@@ -198,13 +210,7 @@ def test_a_run_whose_directory_was_taken_over_while_suspended_stops(tmp_path: Pa
     first_ranks = rank_pids(first.pid)
     for pid in first_ranks:
         os.kill(pid, signal.SIGSTOP)
-    second = subprocess.Popen(
-        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
-    )
-    assert second.stdout is not None
-    for line in second.stdout:
-        if "note: took over" in line:
-            break
+    second = start_taking_over(args)
     for pid in first_ranks:
         os.kill(pid, signal.SIGCONT)
     _, err = first.communicate(timeout=60)
@@ -240,13 +246,7 @@ def test_a_run_suspended_while_writing_a_checkpoint_does_not_publish_it_after_a_
     assert len(stopped) == 1, "the writer never reached the hook"
     stopped_at = time.time()  # after the first run's writer began its step 4
     assert [p for p in checkpoints(tmp_path) if not p.startswith(".")] == ["ckpt-000000002.h5", "latest"]
-    second = subprocess.Popen(
-        command(*args, ranks=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT
-    )
-    assert second.stdout is not None
-    for line in second.stdout:
-        if "note: took over" in line:
-            break
+    second = start_taking_over(args)
     os.kill(stopped[0], signal.SIGCONT)
     _, err = first.communicate(timeout=60)
     assert first.returncode == 2, err
