@@ -174,7 +174,21 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     tf32x3 = ["--set", "ngd.precondition_precision=tf32x3", "--set", "optim.weight_rescaling=true"]
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
-    assert "weight_rescaling" not in two.stdout
+    assert "weight_rescaling" not in two.stdout and "note: comm.dtype" not in two.stdout
+    bf16 = hpcngd(
+        str(run_file),
+        "--set",
+        "optim.name=spngd",
+        "--set",
+        "run.name=bf16",
+        "--set",
+        "comm.dtype=bf16",
+        "--set",
+        "run.max_steps=1",
+        ranks=2,
+    )
+    assert bf16.returncode == 0, bf16.stderr
+    assert "note: comm.dtype = bf16 rounds the Kronecker factors to 8 significant bits" in bf16.stdout
     # no tensor cores on a CPU: said once, and the products stay fp32
     assert two.stdout.count("note: ngd.precondition_precision = tf32x3 needs TF32 tensor cores") == 1
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()
