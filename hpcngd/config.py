@@ -397,9 +397,10 @@ class Config:
 
     @property
     def checkpoints_apart(self) -> bool:
-        """Whether the checkpoint folder lies outside the run directory (``checkpoint.dir`` elsewhere,
-        where other runs may put theirs too)."""
-        return not self.checkpoint_dir.resolve().is_relative_to(self.run_dir.resolve())
+        """Whether ``checkpoint.dir`` puts the checkpoints outside the run directory, where other runs may
+        put theirs too (the default folder is the run's own, even when it is a link to elsewhere)."""
+        inside = self.checkpoint_dir.resolve().is_relative_to(self.run_dir.resolve())
+        return bool(self.checkpoint.dir) and not inside
 
 
 # --------------------------------------------------------------------------------------------------
