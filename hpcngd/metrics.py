@@ -88,6 +88,10 @@ class MetricsLog:
 
     def _open(self, path: Path, resume_step: int | None) -> None:
         if resume_step is None or not path.exists():
+            if path.is_file() and not path.is_symlink():
+                # A new file, not the old one truncated: a run whose directory this run took over (it was
+                # suspended) may still append one record through its open handle; that goes to its file.
+                path.unlink()
             self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
             return
         kept = [

@@ -291,6 +291,26 @@ def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> N
     ]
 
 
+def test_a_run_that_lost_its_directory_writes_no_record_into_the_new_runs_metrics(tmp_path: Path) -> None:
+    """A suspended run whose directory was taken over may finish its step and append one record through
+    its open handle: it must land in its own (now unlinked) file, whether the new run starts fresh or
+    resumes, never in the new run's file (truncated in place, it got a hole of NUL bytes and the record)."""
+    path = tmp_path / "metrics.jsonl"
+    for resume_step in (None, 1):
+        path.unlink(missing_ok=True)
+        old = MetricsLog(path, active=True)
+        for step in (1, 2, 3):
+            old.record(kind="train", step=step, run="old")
+        new = MetricsLog(path, active=True)
+        new.open(resume_step=resume_step)
+        new.record(kind="train", step=2, run="new")
+        old.record(kind="train", step=4, run="old")  # the stray record
+        old.close()
+        new.close()
+        kept = ['{"kind": "train", "step": 1, "run": "old"}\n'] if resume_step else []
+        assert path.read_text() == "".join([*kept, '{"kind": "train", "step": 2, "run": "new"}\n'])
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_metrics_log_on_a_full_disk_is_one_line_naming_the_file() -> None:
     log = MetricsLog(Path("/dev/full"), active=True)  # opens; every write fails with ENOSPC
