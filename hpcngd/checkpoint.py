@@ -298,9 +298,16 @@ class Writer:
     def commit(self, keep_last: int, still_ours: Callable[[], bool] | None = None) -> Path:
         """Make the checkpoint durable and visible, point ``latest`` at it, then prune old ones.
 
-        ``still_ours``: asked just before the file is published; False drops it (:class:`NotPublished`)
-        and leaves the folder as it was (another run holds it now).
+        ``still_ours``: asked just before the file is published, again before ``latest`` moves (a stall in
+        between: a suspended job, a slow file system) and before pruning; False drops the file
+        (:class:`NotPublished`) and leaves the folder as it was (another run holds it now). Past the move
+        of ``latest`` it only stops the pruning.
         """
+
+        def ours() -> None:
+            if still_ours is not None and not still_ours():
+                raise NotPublished(f"checkpoint {self.final} not published: the folder is another run's now")
+
         try:
             if self.file is not None:
                 f, self.file = self.file, None
@@ -309,12 +316,17 @@ class Writer:
                 raise CheckpointError(self.error)
             seal(self.tmp)
             _fsync_file(self.tmp)
-            if still_ours is not None and not still_ours():
-                raise NotPublished(f"checkpoint {self.final} not published: the folder is another run's now")
+            ours()
             _replace_durably(self.tmp, self.final)
+            try:
+                ours()
+            except NotPublished:
+                self.final.unlink(missing_ok=True)  # nothing points to it yet
+                raise
             pointer = _private(self.directory / LATEST)
             pointer.write_text(self.final.name + "\n", encoding="utf-8")
             _replace_durably(pointer, self.directory / LATEST)
+            ours()
             older = [p for p in candidates(self.directory) if step_of(p) < self.step]
             for p in older[keep_last - 1 :]:
                 p.unlink()
@@ -337,6 +349,13 @@ class Writer:
                 self.tmp.unlink()
         except _WRITE_ERRORS as exc:
             self._fail(exc)
+
+
+def header(path: Path) -> dict[str, Any]:
+    """A checkpoint's top-level attributes, read without checking its bytes: cheap, for telling whose it
+    is, not for loading it. Raises OSError or ValueError when the file cannot be read as HDF5."""
+    with h5py.File(path, "r", locking=False) as f:
+        return {k: _plain(v) for k, v in f.attrs.items()}
 
 
 def _plain(value: Any) -> Any:

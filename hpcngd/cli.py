@@ -234,9 +234,9 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
     train_set, val_set = datasets(world, cfg)
     # Rank 0 holds the run directory's lock from before anything is written there to the run's end, and
-    # the checkpoint folder's when it lies elsewhere.
+    # the checkpoint folder's (another run's checkpoint.dir may name this run's default one).
     places = [(cfg.run_dir, RUN_DIR)]
-    if cfg.checkpoints_apart:
+    if cfg.checkpoint_dir.resolve() != cfg.run_dir.resolve():
         places.append((cfg.checkpoint_dir, CHECKPOINT_DIR))
     holds = world.rank == 0 and cfg.run.lock_renew_s > 0
     locks = agree(world, lambda: take_all(places, cfg.run.lock_renew_s) if holds else [])

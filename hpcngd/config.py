@@ -301,8 +301,8 @@ class CommConfig(Section):
 
 # Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
 TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name", "run.seed")
-# Keys that tell runs apart: a checkpoint found in a checkpoint.dir outside the run directory with other
-# values is another run's (the folder is shared), unless checkpoint.allow_changes lists them.
+# Keys that place the run directory: a checkpoint.dir outside it that holds checkpoints written from
+# another run directory is refused (state.check_folder_owner), unless checkpoint.allow_changes lists one.
 IDENTITY_KEYS = ("run.name", "run.output_dir")
 
 

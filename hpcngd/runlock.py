@@ -26,8 +26,9 @@ trainer, and the checkpoint writer just before it publishes a file: while renewa
 nothing, and after a stall (a suspended job) it renews at once, so a run that resumes learns at its next
 step, and before it publishes a checkpoint, that its directory was taken over.
 
-A checkpoint folder outside the run directory (``checkpoint.dir``) gets a lock of its own: runs of
-different names sharing one would resume from, and prune, each other's checkpoints.
+The checkpoint folder has a lock of its own, the default one inside the run directory too: a run whose
+``checkpoint.dir`` names a folder that another run uses would resume from, and prune, its checkpoints.
+A holder found dead at the run directory is not watched again at its checkpoint folder.
 
 The holder rewrites the file in place (not by rename), because an NFS client revalidates a file's
 data when it opens it but may keep a folder's listing cached for up to a minute.
@@ -42,7 +43,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,6 +111,12 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
     return raw, holder if isinstance(holder, dict) else {}
 
 
+def _same_process(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two locks' contents name the same process of the same job (its start time included)."""
+    keys = ("host", "pid", "space", "start_ticks", "job", "restart", "started")
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("pid") is not None
+
+
 def _certainly_gone(holder: dict[str, Any], me: dict[str, Any]) -> bool:
     """True when the holder cannot be alive: known without waiting."""
     if holder.get("job") and holder.get("job") == me["job"] and _count(holder.get("restart")) < me["restart"]:
@@ -154,6 +161,8 @@ class RunLock:
         self.me = {**_identity(), "token": uuid.uuid4().hex, "beat_s": beat, "beats": 0}
         self.notes: list[str] = []
         self.lost = False  # set when another run took the lock over
+        self.taken_from: dict[str, Any] | None = None  # the dead holder this run took the lock over from
+        self.error: OSError | None = None  # why the last renewal failed (None: it did not)
         self._confirmed = time.monotonic()  # when the file last surely named this run (before a rewrite)
         self._renewing = threading.Lock()  # the renewal thread's and confirm()'s rewrites
         self._warned = False
@@ -167,6 +176,7 @@ class RunLock:
         beat: float,
         say: Callable[[str], None] | None = None,
         place: Place = RUN_DIR,
+        dead: Sequence[dict[str, Any]] = (),
     ) -> RunLock:
         """Take ``folder``'s lock, or raise :class:`UserError` naming the live run that holds it.
 
@@ -175,12 +185,14 @@ class RunLock:
             beat: seconds between this run's renewals of its lock.
             say: prints a line while watching a lock whose holder may be alive (default: stderr).
             place: :data:`RUN_DIR` or :data:`CHECKPOINT_DIR`, for the messages.
+            dead: holders already found dead (by :func:`take_all`, at the run directory): a lock of theirs
+                is taken over without watching it again.
         """
         lock = cls(folder / NAME, beat, place)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if not lock._create():
-                lock._contend(say or (lambda line: print(line, file=sys.stderr, flush=True)))
+                lock._contend(say or (lambda line: print(line, file=sys.stderr, flush=True)), dead)
         except OSError as exc:
             raise UserError(f"{lock.place.where}: cannot take the lock {lock.path}: {exc}") from None
         lock._confirmed = time.monotonic()
@@ -203,7 +215,7 @@ class RunLock:
         except FileNotFoundError:  # its holder ended just now
             return None if self._create() else _read(self.path)
 
-    def _contend(self, say: Callable[[str], None]) -> None:
+    def _contend(self, say: Callable[[str], None], dead: Sequence[dict[str, Any]] = ()) -> None:
         """Another lock is there: refuse if its holder lives, else take it over."""
         found = self._read_or_create()
         if found is None:
@@ -214,7 +226,7 @@ class RunLock:
             beat = self.beat  # unknown (a file midway through a write): this run's own
         wait = WATCHED_BEATS * beat
         poll = min(1.0, wait / 10)
-        if not _certainly_gone(holder, self.me):
+        if not _certainly_gone(holder, self.me) and not any(_same_process(holder, d) for d in dead):
             say(
                 f"hpcngd: {self.path} is held by {_describe(holder)}; watching it for {wait:g} s to see "
                 "whether that run is alive"
@@ -233,12 +245,23 @@ class RunLock:
         # file keeps the last write. Both read it back after two polls (more than the spread of their
         # decisions), and only the run it names goes on.
         time.sleep(2 * poll)
-        _, now_holder = _read(self.path)
+        now_holder = self._read_back(poll)
         if now_holder.get("token") != self.me["token"]:
             raise self._in_use(now_holder)
+        self.taken_from = holder
         self.notes.append(
             f"took over {self.path} from a run that ended without removing it ({_describe(holder)})"
         )
+
+    def _read_back(self, poll: float) -> dict[str, Any]:
+        """The lock as it reads after this run wrote it; a read that fails is tried for 3 more polls (an
+        error here would refuse this run after it wrote its token: both contenders could end)."""
+        for _ in range(3):
+            try:
+                return _read(self.path)[1]
+            except OSError:
+                time.sleep(poll)
+        return _read(self.path)[1]
 
     def _in_use(self, holder: dict[str, Any]) -> UserError:
         key, what, holds = self.place.key, self.place.what, self.place.holds
@@ -285,30 +308,44 @@ class RunLock:
                 self.me["beats"] += 1
                 self._write()
             except OSError as exc:
+                self.error = exc
                 if not self._warned:  # a file system hiccup: keep trying; a watcher may take the lock over
                     print(f"hpcngd: warning: cannot renew {self.path}: {exc}", file=sys.stderr, flush=True)
                     self._warned = True
                 return
-            self._confirmed = checked
+            self._confirmed, self.error = checked, None
 
-    def confirm(self) -> bool:
+    def confirm(self, strict: bool = False) -> bool:
         """Whether the lock is still this run's, and will be for at least one more beat.
 
         A newcomer takes a lock over only after it saw it unchanged for 3 beats, so a lock renewed less
         than 2 beats ago is surely this run's for one more: then this costs nothing. After a longer
         stall (the job was suspended) it renews the lock now, or finds it taken and sets ``lost``. While
-        the file cannot be read it answers True, as the renewals keep going then.
+        the file cannot be read it answers True (the renewals keep trying; the run goes on), unless
+        ``strict``: a checkpoint writer about to publish needs a real answer, and gets False.
         """
-        if not self.lost and time.monotonic() - self._confirmed >= (WATCHED_BEATS - 1) * self.beat:
+        if not self.lost and self._stale():
             self._renew_once()
-        return not self.lost
+        return not self.lost and not (strict and self._stale())
+
+    def _stale(self) -> bool:
+        """Whether the lock was last seen to name this run 2 beats ago or more (a third one may be enough
+        for a newcomer to take it over)."""
+        return time.monotonic() - self._confirmed >= (WATCHED_BEATS - 1) * self.beat
 
     def lost_message(self) -> str:
-        """Why a run whose lock was taken from it stops."""
+        """Why a run whose lock was taken from it (or cannot be read to tell) stops."""
+        if not self.lost:
+            return (
+                f"{self.place.key}: cannot tell whether {self.path} still names this run ({self.error}): "
+                "stopping without publishing the checkpoint"
+            )
         try:
             holder = _describe(_read(self.path)[1])
-        except OSError:
+        except FileNotFoundError:
             holder = "removed"
+        except OSError as exc:
+            holder = f"unreadable: {exc}"
         return (
             f"{self.place.key}: {self.path} no longer names this run (now: {holder}): another run took "
             f"over {self.place.what} while this one did not renew it for {WATCHED_BEATS} x run.lock_renew_s "
@@ -339,7 +376,8 @@ def take_all(places: list[tuple[Path, Place]], beat: float) -> list[RunLock]:
     taken: list[RunLock] = []
     try:
         for folder, place in places:
-            taken.append(RunLock.take(folder, beat, place=place))
+            dead = [lock.taken_from for lock in taken if lock.taken_from is not None]
+            taken.append(RunLock.take(folder, beat, place=place, dead=dead))
     except BaseException:
         for lock in reversed(taken):
             lock.release()

@@ -39,6 +39,7 @@ from hpcngd.checkpoint import (
     Reader,
     Writer,
     candidates,
+    header,
     resume_order,
     set_aside,
 )
@@ -97,6 +98,7 @@ def _header(trainer: Trainer) -> dict[str, Any]:
         "num_classes": cfg.model.num_classes,
         "optimizer": cfg.optim.name,
         "run_file": config.to_toml(cfg),
+        "run_dir": str(cfg.run_dir.resolve()),  # whose checkpoint it is, in a shared checkpoint.dir
     }
 
 
@@ -173,7 +175,7 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
     error, path = None, None
     if w is not None:
         try:  # not published once another run took the folder over (a suspended run that resumed)
-            path = w.commit(keep_last, trainer.holds_locks if trainer.locks else None)
+            path = w.commit(keep_last, (lambda: trainer.holds_locks(strict=True)) if trainer.locks else None)
         except Exception as exc:  # noqa: BLE001 - rank 0 must reach the bcast below, whatever happened
             error = str(exc) if isinstance(exc, CheckpointError) else f"cannot write checkpoint: {exc!r}"
             if isinstance(exc, NotPublished) or not trainer.holds_locks():
@@ -246,6 +248,31 @@ def resume(trainer: Trainer) -> tuple[Path | None, list[str]]:
     return path, notes
 
 
+def check_folder_owner(cfg: config.Config) -> None:
+    """Rank 0, before the run writes anything: refuse a ``checkpoint.dir`` outside the run directory whose
+    newest readable checkpoint another run wrote (another run directory, resolved): the two runs would
+    resume from, and prune, each other's checkpoints. ``checkpoint.allow_changes`` listing ``run.name``
+    or ``run.output_dir`` accepts it (a run directory that was moved). Checkpoints of an hpcngd that did
+    not record the run directory count as this run's."""
+    allowed = cfg.checkpoint.allow_changes
+    if not cfg.checkpoints_apart or any(fnmatch.filter(config.IDENTITY_KEYS, p) for p in allowed):
+        return
+    mine = str(cfg.run_dir.resolve())
+    for path in resume_order(cfg.checkpoint_dir):
+        try:
+            owner = header(path).get("run_dir")
+        except (OSError, ValueError):  # damaged: resuming sets it aside, or refuses it
+            continue
+        if owner is not None and owner != mine:
+            raise CheckpointError(
+                f"checkpoint.dir: {cfg.checkpoint_dir} holds another run's checkpoints ({path.name} was "
+                f"written by the run in {owner}; this run's directory is {mine}): two runs there would "
+                "resume from and prune each other's; give each run its own checkpoint.dir (list run.name "
+                "in checkpoint.allow_changes to use them anyway)"
+            )
+        return
+
+
 def open_for_resume(trainer: Trainer) -> tuple[Reader | None, list[str]]:
     """Rank 0: the checkpoint ``checkpoint.resume`` asks for, opened and checked, and notes to log.
 
@@ -312,8 +339,6 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
         raise reader.fail(f"its stored run file is not valid here: {exc}") from None
     notes = []
     changed = [(k, o, n) for k, o, n in config.differences(saved, cfg) if not k.startswith("checkpoint.")]
-    # found by itself in a checkpoint folder that other runs may share: it must be this run's
-    shared = cfg.checkpoint.resume == "auto" and cfg.checkpoints_apart
     for key, old, new in changed:
         if any(fnmatch.fnmatchcase(key, p) for p in cfg.checkpoint.allow_changes):
             continue
@@ -321,12 +346,6 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
             raise reader.fail(
                 f"was written with {key} = {old!r}, the run file says {new!r}: that is not the same run "
                 f"(list {key} in checkpoint.allow_changes to resume anyway)"
-            )
-        if shared and key in config.IDENTITY_KEYS:
-            raise reader.fail(
-                f"was written by another run ({key} = {old!r}, this run's is {new!r}) in checkpoint.dir "
-                f"{cfg.checkpoint_dir}: give each run its own checkpoint.dir (list {key} in "
-                "checkpoint.allow_changes to resume from it anyway)"
             )
     if changed:
         notes.append(

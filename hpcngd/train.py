@@ -238,13 +238,14 @@ class Trainer:
             self.check_replicas()
         return loss_value
 
-    def holds_locks(self) -> bool:
+    def holds_locks(self, strict: bool = False) -> bool:
         """Whether this rank's locks (if any) are still this run's (see :meth:`RunLock.confirm`)."""
-        return all([lock.confirm() for lock in self.locks])
+        return all([lock.confirm(strict) for lock in self.locks])
 
     def lost_message(self) -> str:
-        """Why the run stops when a rank found one of its locks taken over."""
+        """Why the run stops when a rank found one of its locks taken over (or could not tell)."""
         lost = [lock.lost_message() for lock in self.locks if lock.lost]
+        lost += [lock.lost_message() for lock in self.locks if not lock.lost and lock.error is not None]
         return lost[0] if lost else "run.name: another run took this run's directory over"
 
     def _to_device(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -412,8 +413,10 @@ class Trainer:
 
 def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
     """Create the run directory and write the resolved run file (rank 0 only, holding the folders'
-    locks); create the checkpoint folder too, so that one that cannot be made stops the run now, not at
-    its first checkpoint, and remove the temporary files of checkpoint writers that died there."""
+    locks), once a shared checkpoint folder was found to be this run's (:func:`state.check_folder_owner`);
+    create the checkpoint folder too, so that one that cannot be made stops the run now, not at its first
+    checkpoint, and remove the temporary files of checkpoint writers that died there."""
+    state.check_folder_owner(cfg)
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

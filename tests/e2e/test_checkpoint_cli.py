@@ -24,7 +24,8 @@ LONG = ["--set", "run.epochs=500", "--set", "log.every_steps=1"]  # a record a s
 
 
 def checkpoints(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "out/tiny/checkpoints").iterdir())
+    """The run's checkpoint folder, but for its lock (left there by a run that was killed)."""
+    return sorted(p.name for p in (tmp_path / "out/tiny/checkpoints").iterdir() if p.name != "run.lock")
 
 
 def records(tmp_path: Path) -> list[dict[str, object]]:
@@ -157,6 +158,13 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path: Path, demo:
     assert f"pid {ranks[0]}, started" in lines[0] or f"pid {ranks[1]}, started" in lines[0], (lines, ranks)
     assert "watching it for 3 s" in second.stderr
     assert (tmp_path / "out/tiny/config.toml").read_text() == config_toml  # the second wrote nothing
+    # Another run whose checkpoint.dir names this run's default folder: it would prune its checkpoints.
+    folder = tmp_path / "out/tiny/checkpoints"
+    intruder = hpcngd(*args, "--set", "run.name=other", "--set", f"checkpoint.dir={folder}", ranks=2)
+    assert intruder.returncode == 2, intruder.stderr
+    assert error_lines(intruder.stderr)[0].startswith(
+        f"hpcngd: error: checkpoint.dir: the checkpoint folder {folder} is in use by another run ("
+    ), intruder.stderr
 
     os.kill(ranks[0], signal.SIGTERM)
     _, err = job.communicate(timeout=90)
@@ -188,13 +196,22 @@ def test_runs_of_different_names_cannot_share_a_checkpoint_dir(tmp_path: Path, d
     assert not (shared / "run.lock").exists() and not (tmp_path / "out/tiny/run.lock").exists()
     (saved,) = [p.name for p in shared.iterdir() if p.name.startswith("ckpt-")]
 
+    refusal = [
+        f"hpcngd: error: checkpoint.dir: {shared} holds another run's checkpoints ({saved} was written by "
+        f"the run in {tmp_path}/out/tiny; this run's directory is {tmp_path}/out/other): two runs there "
+        "would resume from and prune each other's; give each run its own checkpoint.dir (list run.name in "
+        "checkpoint.allow_changes to use them anyway)"
+    ]
     later = hpcngd(*args, "--set", "run.name=other")  # after the first: it must not resume from its file
     assert later.returncode == 2, later.stderr
-    assert error_lines(later.stderr) == [
-        f"hpcngd: error: checkpoint {shared / saved}: was written by another run (run.name = 'tiny', this "
-        f"run's is 'other') in checkpoint.dir {shared}: give each run its own checkpoint.dir (list "
-        "run.name in checkpoint.allow_changes to resume from it anyway)"
-    ]
+    assert error_lines(later.stderr) == refusal
+    assert list((tmp_path / "out/other").iterdir()) == []  # refused before it wrote anything
+    named = hpcngd(*args, "--set", "run.name=other", "--set", f"checkpoint.resume={shared / saved}")
+    assert error_lines(named.stderr) == refusal  # nor write (and prune) there after resuming from a file
+    # The first run's directory spelled another way is the same run: it resumes (and has nothing to do).
+    spelled = hpcngd(*args, "--set", f"run.output_dir={os.path.relpath(tmp_path / 'out', ROOT)}/")
+    assert spelled.returncode == 0, spelled.stderr
+    assert f"resuming from {shared / saved}" in spelled.stdout
     allowed = hpcngd(*args, "--set", "run.name=other", "--set", 'checkpoint.allow_changes=["run.name"]')
     assert allowed.returncode == 0, allowed.stderr
     assert f"resuming from {shared / saved}" in allowed.stdout

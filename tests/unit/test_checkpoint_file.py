@@ -98,6 +98,26 @@ def test_a_writer_whose_folder_was_taken_over_publishes_nothing_and_spares_the_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000004.h5", "ckpt-000000006.h5", "latest"]
 
 
+def test_a_writer_that_stalls_after_its_rename_while_its_folder_is_taken_over_unpublishes_or_spares(
+    tmp_path: Path,
+) -> None:
+    """The lock is asked again after the rename (a stall in the directory's sync: a suspended job, a
+    slow NFS server) and before pruning: the new run's ``latest`` and checkpoints stay as they were."""
+    for step in (2, 4):
+        write(tmp_path, step, keep_last=2)
+    answers = iter([True, False])
+    w = Writer(tmp_path, 6, {"who": "old"})
+    with pytest.raises(checkpoint.NotPublished):
+        w.commit(1, lambda: next(answers))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
+    assert (tmp_path / "latest").read_text() == "ckpt-000000004.h5\n"
+    answers = iter([True, True, False])  # taken over once latest moved: nothing pruned
+    with pytest.raises(checkpoint.NotPublished):
+        Writer(tmp_path, 6, {"who": "old"}).commit(1, lambda: next(answers))
+    names = ["ckpt-000000002.h5", "ckpt-000000004.h5", "ckpt-000000006.h5", "latest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
 def test_a_write_that_fails_raises_and_keeps_the_previous(tmp_path: Path) -> None:
     write(tmp_path, 2)
     blocker = tmp_path / "file"

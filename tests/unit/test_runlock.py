@@ -251,3 +251,71 @@ def test_two_runs_taking_over_one_dead_lock_at_once_leave_one_holder(
     finally:
         for lock in taken:
             lock.release()
+
+
+def test_confirm_for_a_checkpoint_is_false_when_the_lock_cannot_be_read_after_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read error tells nothing about who holds the lock: the run goes on (the renewals keep trying),
+    but a checkpoint writer about to publish (and prune) after a stall must not take it as a yes."""
+    with RunLock.take(tmp_path, 30.0) as lock:
+
+        def unreadable(path: Path) -> tuple[bytes, dict[str, object]]:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(runlock, "_read", unreadable)
+        assert lock.confirm(strict=True)  # renewed less than 2 beats ago: no read needed
+        lock._confirmed -= 61.0  # suspended
+        assert lock.confirm() and not lock.lost  # the step goes on
+        assert not lock.confirm(strict=True) and not lock.lost
+        assert lock.lost_message() == (
+            f"run.name: cannot tell whether {tmp_path / NAME} still names this run ([Errno 5] "
+            "Input/output error): stopping without publishing the checkpoint"
+        )
+        monkeypatch.undo()
+        assert lock.confirm(strict=True) and lock.error is None  # readable again: renewed
+
+
+def test_a_dead_holder_found_at_the_run_directory_is_not_watched_again_at_its_checkpoint_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crashed run on another machine leaves both locks: one watch (3 beats) tells it is dead."""
+    stale(tmp_path / "run")
+    stale(tmp_path / "run/checkpoints")
+    places = [(tmp_path / "run", runlock.RUN_DIR), (tmp_path / "run/checkpoints", runlock.CHECKPOINT_DIR)]
+    locks = runlock.take_all(places, 30.0)
+    try:
+        assert [lock.held() for lock in locks] == [True, True]
+        assert capsys.readouterr().err.count("watching it for 0.3 s") == 1
+        assert all(lock.notes[0].startswith("took over") for lock in locks)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    stale(tmp_path / "run")
+    stale(tmp_path / "run/checkpoints", pid=4343)  # another holder there: watched too
+    locks = runlock.take_all(places, 30.0)
+    for lock in reversed(locks):
+        lock.release()
+    assert capsys.readouterr().err.count("watching it for 0.3 s") == 2
+
+
+def test_a_read_error_at_the_takeovers_read_back_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused after it wrote its token, a run would leave a lock that names no live run: the other
+    contender, if any, has been refused already, and both would end."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    stale(tmp_path, job="77", restart=0)  # a requeue: taken over at once
+    calls: list[int] = []
+    real = runlock._read
+
+    def flaky(path: Path) -> tuple[bytes, dict[str, object]]:
+        calls.append(1)
+        if len(calls) == 2:  # the read-back
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(runlock, "_read", flaky)
+    with RunLock.take(tmp_path, 30.0, say=lambda line: None) as lock:
+        assert lock.held() and lock.notes[0].startswith("took over") and len(calls) >= 3
