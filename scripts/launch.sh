@@ -22,6 +22,12 @@ if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 
+# Slurm >= 22.05: srun no longer inherits the job's --cpus-per-task, so each rank would get one core
+# (torch threads, data workers and MPI progress on it); pass it on unless the user set it.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
+fi
+
 EXIT_STOPPED=3  # hpcngd: stopped by SIGTERM/SIGUSR1 after writing a checkpoint (README, "Exit codes")
 
 requeue() {

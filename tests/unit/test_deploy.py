@@ -129,3 +129,19 @@ def test_launch_passes_the_warning_signal_on_and_requeues_on_exit_3(
     if requeued:
         assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
         assert "passing USR1 to the ranks" in out and "exit 3" in out
+
+
+@pytest.mark.parametrize(("given", "expected"), [({"SLURM_CPUS_PER_TASK": "8"}, "8"), ({}, "unset")])
+def test_launch_passes_the_jobs_cpus_per_task_on_to_srun(
+    tmp_path: Path, given: dict[str, str], expected: str
+) -> None:
+    """Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task (sbatch(1)): without
+    SRUN_CPUS_PER_TASK each rank of the presets' srun line was bound to one core (seen on Slurm 22.05.8
+    with task/affinity)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
+    env.update(given, SLURM_SUBMIT_DIR=str(tmp_path))
+    out = subprocess.run(
+        ["bash", "-c", f'source {ROOT}/scripts/launch.sh; echo "${{SRUN_CPUS_PER_TASK:-unset}}"'],
+        env=env, stdout=subprocess.PIPE, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out == f"{expected}\n"
