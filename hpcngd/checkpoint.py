@@ -60,7 +60,8 @@ class NotPublished(CheckpointError):
 
 
 FORMAT = "hpcngd-checkpoint"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-rank state stacked, one dataset per key (1: one group per rank)
+READABLE_SCHEMAS = (1, 2)
 NAME = re.compile(r"ckpt-(\d{9})\.h5")
 LATEST = "latest"
 # Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets;
@@ -257,6 +258,17 @@ class Writer:
         self.create(name, array.shape, array.dtype, **attrs)
         self.fill(name, 0, array)
 
+    def put_stacked(self, name: str, arrays: list[np.ndarray]) -> None:
+        """Store equally shaped ``arrays`` as the rows of one dataset ``name`` (one per rank)."""
+        if self.file is None or self.error:
+            return
+        try:
+            stacked = np.stack(arrays)
+        except ValueError as exc:  # unequal shapes: a failure like any other, agreed at commit
+            self._fail(exc)
+            return
+        self.put(name, stacked)
+
     def create(self, name: str, shape: tuple[int, ...], dtype: Any, **attrs: Any) -> None:
         """An empty dataset to be filled by rows with :meth:`fill` (data gathered piece by piece)."""
         if self.file is None or self.error:
@@ -410,8 +422,9 @@ class Reader:
         missing = [a for a in _REQUIRED_ATTRS if a not in self.file.attrs]
         if missing:
             raise self.fail(f"header lacks {', '.join(missing)}", corrupt=True)
-        if version != SCHEMA_VERSION:
-            raise self.fail(f"schema version {version}; this hpcngd reads version {SCHEMA_VERSION}")
+        if version not in READABLE_SCHEMAS:
+            readable = " and ".join(map(str, READABLE_SCHEMAS))
+            raise self.fail(f"schema version {version}; this hpcngd reads versions {readable}")
         problems: list[str] = []
 
         def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> None:

@@ -11,12 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 
 from hpcngd import state
+from hpcngd.checkpoint import seal
 from hpcngd.errors import AgreedError
 from hpcngd.metrics import MetricsLog
 from hpcngd.train import Trainer
@@ -116,15 +118,31 @@ def assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, where
 
 
-def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path) -> None:
+def as_schema_1(path: Path) -> None:
+    """Rewrite a checkpoint as hpcngd's schema 1 wrote it: rank R's state in group ranks/R."""
+    with h5py.File(path, "r+") as f:
+        for key in list(f["ranks"]):
+            rows = f[f"ranks/{key}"][()]
+            del f[f"ranks/{key}"]
+            for r, row in enumerate(rows):
+                f.create_dataset(f"ranks/{r}/{key}", data=row, fletcher32=True)
+        f.attrs["schema_version"] = 1
+    seal(path)
+
+
+@pytest.mark.parametrize("layout", ["written", "schema-1"])
+def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: str) -> None:
     overrides = [*SPNGD, *AUGMENT, "ngd.fisher=mc", *SAVE, f"run.output_dir={folder}", "run.name=r"]
     with make_trainer(comm, overrides, checkpoints=True) as a:
         batches = a.loader.batches(0, 0, a.cfg.run.epochs)
         for _, _, x, y in itertools.islice(batches, 5):
             a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
         batches.close()
-        a.save_checkpoint("test")
+        path = a.save_checkpoint("test")
         taken = snapshot(a)
+    if layout == "schema-1" and comm.rank == 0:
+        as_schema_1(path)
+    comm.Barrier()
     assert taken["position"][0] == 5 and len(taken["position"][1]) == 5 and taken["position"][2]
     assert taken["mixup"] is not None and any(
         v[1] is not None for k, v in taken.items() if k.startswith("ngd/")
@@ -137,6 +155,22 @@ def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path) -> None:
     assert restored.keys() == taken.keys()
     for key in taken:
         assert_same(restored[key], taken[key], key)
+
+
+def test_per_rank_state_without_a_row_for_every_rank_is_refused(comm: MPI.Comm, folder: Path) -> None:
+    overrides = [*SAVE, f"run.output_dir={folder}", "run.name=r"]
+    with make_trainer(comm, overrides, checkpoints=True) as a:
+        path = a.save_checkpoint("test")
+    if comm.rank == 0:
+        with h5py.File(path, "r+") as f:
+            rows = f["ranks/mc"][()]
+            del f["ranks/mc"]
+            f.create_dataset("ranks/mc", data=rows[1:], fletcher32=True)
+        seal(path)
+    comm.Barrier()
+    with make_trainer(comm, overrides) as b, pytest.raises(AgreedError) as info:
+        state.resume(b)
+    assert f"ranks/mc has ({comm.size - 1},) rows, not one for each of {comm.size} ranks" in str(info.value)
 
 
 def test_resume_on_fewer_ranks_with_the_same_global_batch(comm: MPI.Comm, folder: Path) -> None:

@@ -28,6 +28,7 @@ def write(folder: Path, step: int, keep_last: int = 5) -> Path:
     w.fill("data/rows", 0, np.ones((2, 2), np.float32))
     w.fill("data/rows", 2, np.full((2, 2), 2.0, np.float32))
     w.set_attrs("ngd/l/A", interval=4, next_step=9)
+    w.put_stacked("ranks/state", [np.full(5, r, np.uint32) for r in range(3)])
     return w.commit(keep_last)
 
 
@@ -45,6 +46,7 @@ def test_round_trip_and_latest_pointer(tmp_path: Path) -> None:
         assert r.array("model/flags").tolist() == [True, False]
         assert r.rows("data/rows", 1, 3).tolist() == [[1, 1], [2, 2]]
         assert r.group_attrs("ngd/l/A") == {"interval": 4, "next_step": 9}
+        assert r.array("ranks/state").tolist() == [[0] * 5, [1] * 5, [2] * 5]
         assert sorted(r.names("model")) == ["model/count", "model/empty", "model/flags", "model/w"]
 
 
@@ -126,6 +128,16 @@ def test_a_write_that_fails_raises_and_keeps_the_previous(tmp_path: Path) -> Non
     w.put("model/w", np.ones(3, np.float32))
     assert w.error is not None
     with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        w.commit(1)
+    assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000002.h5"]
+
+
+def test_rows_of_unequal_shapes_fail_the_write_at_commit(tmp_path: Path) -> None:
+    write(tmp_path, 2)
+    w = Writer(tmp_path, 4, {})
+    w.put_stacked("ranks/state", [np.zeros(5, np.uint32), np.zeros(4, np.uint32)])
+    w.put("model/w", np.ones(3, np.float32))
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ckpt-000000004\.h5: ValueError"):
         w.commit(1)
     assert [p.name for p in checkpoint.candidates(tmp_path)] == ["ckpt-000000002.h5"]
 
@@ -215,7 +227,9 @@ def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 99
     checkpoint.seal(path)  # as another hpcngd version would have written it
-    with pytest.raises(CheckpointError, match="schema version 99") as info:
+    with pytest.raises(
+        CheckpointError, match="schema version 99; this hpcngd reads versions 1 and 2"
+    ) as info:
         Reader(path)
     assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
 
