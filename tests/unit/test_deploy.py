@@ -51,11 +51,17 @@ def test_slurm_script_of_each_preset(preset: str) -> None:
     opts = dict(d.lstrip("-").partition("=")[::2] for d in directives(script, "#SBATCH"))
     _, nodes, per_node, _ = hardware(preset)
     assert int(opts["nodes"]) == nodes and int(opts["ntasks-per-node"]) == per_node
-    assert opts["gpus-per-task"] == "1" and opts["signal"].startswith("B:USR1@") and "requeue" in opts
+    # all of a node's GPUs visible to each of its ranks (CUDA IPC between them), one per rank by local rank
+    assert (
+        opts["gpus-per-node"] == str(per_node)
+        and "gpus-per-task" not in opts
+        and opts["signal"].startswith("B:USR1@")
+        and "requeue" in opts
+    )
     assert opts["open-mode"] == "append"
     text = script.read_text()
     assert f"RUN=${{RUN:-runs/{preset}.toml}}" in text
-    assert 'launch srun --mpi=pmix --cpu-bind=cores --gpu-bind=closest hpcngd "$RUN" "$@"' in text
+    assert 'launch srun --mpi=pmix --cpu-bind=cores --gpu-bind=none hpcngd "$RUN" "$@"' in text
     assert 'source "${SLURM_SUBMIT_DIR:-.}/scripts/launch.sh"' in text
 
 
