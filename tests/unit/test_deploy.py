@@ -55,13 +55,14 @@ def test_slurm_script_of_each_preset(preset: str) -> None:
     assert (
         opts["gpus-per-node"] == str(per_node)
         and "gpus-per-task" not in opts
+        and "gpu-bind" not in opts
         and opts["signal"].startswith("B:USR1@")
         and "requeue" in opts
     )
     assert opts["open-mode"] == "append"
     text = script.read_text()
     assert f"RUN=${{RUN:-runs/{preset}.toml}}" in text
-    assert 'launch srun --mpi=pmix --cpu-bind=cores --gpu-bind=none hpcngd "$RUN" "$@"' in text
+    assert 'launch srun --mpi=pmix --cpu-bind=cores --distribution=block:block hpcngd "$RUN" "$@"' in text
     assert 'source "${SLURM_SUBMIT_DIR:-.}/scripts/launch.sh"' in text
 
 
