@@ -5,14 +5,17 @@ spread over its GPUs whether the launcher shows every rank all the GPUs of the n
 ``--gpus-per-task``, a ``CUDA_VISIBLE_DEVICES`` per rank) one GPU each. ``auto`` means ``cuda`` when
 a GPU is visible, else ``cpu``. The decision (:func:`choose`) is pure; :func:`bind` asks torch and
 makes the choice the current CUDA device. :func:`placement_lines` summarises, for rank 0's log, which
-rank of which host uses which physical GPU, and warns when two ranks of one host share a GPU.
+rank of which host uses which physical GPU on which cores, and warns when two ranks of one host share a
+GPU or a rank runs on none of its GPU's local cores (Linux's ``local_cpulist`` of the GPU's PCI device).
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,39 +87,107 @@ def to_device(
     return images, labels.to(device, non_blocking=True)
 
 
-def placement(device: torch.device) -> tuple[str, str, str]:
-    """(host, device, physical GPU id) of this rank, to be gathered for :func:`placement_lines`."""
+class Placement(NamedTuple):
+    """Where one rank runs, gathered for :func:`placement_lines`."""
+
+    host: str
+    device: str  # "cpu" or "cuda:i"
+    gpu: str  # the physical GPU id and name, or "cpu"
+    cores: frozenset[int]  # the CPUs this rank may run on
+    gpu_cores: frozenset[int] | None  # the CPUs local to its GPU (None: CPU rank, or not known)
+
+
+def placement(device: torch.device) -> Placement:
+    """This rank's :class:`Placement`."""
     name = str(device) if device.type == "cpu" else f"cuda:{device.index}"
-    gpu = physical_id(name, os.environ)
+    gpu, gpu_cores = physical_id(name, os.environ), None
     if device.type == "cuda":
         gpu = f"{gpu} {torch.cuda.get_device_name(device)}"
-    return os.uname().nodename, name, gpu
+        props = torch.cuda.get_device_properties(device)
+        domain, bus, slot = (getattr(props, f"pci_{part}_id", None) for part in ("domain", "bus", "device"))
+        if domain is not None and bus is not None and slot is not None:  # an older torch lacks them
+            gpu_cores = pci_local_cpus(domain, bus, slot)
+    return Placement(os.uname().nodename, name, gpu, frozenset(os.sched_getaffinity(0)), gpu_cores)
 
 
-def placement_lines(rows: Sequence[tuple[str, str, str]], max_hosts: int = 4) -> list[str]:
+def pci_local_cpus(domain: int, bus: int, slot: int, root: Path = Path("/sys")) -> frozenset[int] | None:
+    """The CPUs Linux lists as local to PCI device ``domain:bus:slot.0`` (None when it does not say)."""
+    path = root / "bus" / "pci" / "devices" / f"{domain:04x}:{bus:02x}:{slot:02x}.0" / "local_cpulist"
+    try:
+        return parse_cpus(path.read_text()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """A Linux CPU list ("0-7,16-23") as a set."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return frozenset(cpus)
+
+
+def format_cpus(cpus: Iterable[int]) -> str:
+    """A set of CPUs as a Linux CPU list ("0-7,16-23")."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def placement_lines(rows: Sequence[Placement], max_hosts: int = 4) -> list[str]:
     """Rank 0's log lines from every rank's :func:`placement` (index = rank).
 
-    One line per host (the first ``max_hosts`` hosts, then a count), and a warning line for every
-    host where two ranks use the same physical GPU.
+    One line per host (the first ``max_hosts`` hosts, then a count); then warnings, a line per host (the
+    first ``max_hosts`` of each kind, then a count): two ranks use the same physical GPU, or a rank runs
+    on none of the cores local to its GPU.
     """
     hosts: dict[str, list[int]] = defaultdict(list)
-    for rank, (host, _, _) in enumerate(rows):
-        hosts[host].append(rank)
+    for rank, row in enumerate(rows):
+        hosts[row.host].append(rank)
     lines = []
     for host, ranks in list(hosts.items())[:max_hosts]:
-        parts = ", ".join(f"rank {r} -> {rows[r][1]} ({rows[r][2]})" for r in ranks)
+        parts = ", ".join(
+            f"rank {r} -> {rows[r].device} ("
+            + ("" if rows[r].device == "cpu" else f"{rows[r].gpu}, ")
+            + f"cores {format_cpus(rows[r].cores)})"
+            for r in ranks
+        )
         lines.append(f"devices on {host}: {parts}")
     if len(hosts) > max_hosts:
         lines.append(f"devices: ... and {len(hosts) - max_hosts} more host(s)")
+    shared: list[str] = []
+    far: list[str] = []
     for host, ranks in hosts.items():
         users: dict[str, list[int]] = defaultdict(list)
         for r in ranks:
-            if rows[r][1] != "cpu":
-                users[rows[r][2]].append(r)
-        for gpu, sharing in users.items():
-            if len(sharing) > 1:
-                lines.append(
-                    f"warning: ranks {', '.join(map(str, sharing))} on {host} share GPU {gpu} "
-                    "(more ranks than visible GPUs on that node)"
-                )
-    return lines
+            if rows[r].device != "cpu":
+                users[rows[r].gpu].append(r)
+        shared.extend(
+            f"warning: ranks {', '.join(map(str, sharing))} on {host} share GPU {gpu} "
+            "(more ranks than visible GPUs on that node)"
+            for gpu, sharing in users.items()
+            if len(sharing) > 1
+        )
+        away = []
+        for r in ranks:
+            row = rows[r]
+            if row.gpu_cores is not None and not row.cores & row.gpu_cores:
+                near = format_cpus(row.gpu_cores)
+                away.append(f"rank {r} on cores {format_cpus(row.cores)}, GPU {row.gpu} near {near}")
+        if away:
+            far.append(
+                f"warning: on {host}, ranks run on none of the cores local to their GPU ({'; '.join(away)}): "
+                "input and copies cross sockets; bind each rank near its GPU (README, Slurm)"
+            )
+    return lines + _first(shared, max_hosts) + _first(far, max_hosts)
+
+
+def _first(warnings: list[str], n: int) -> list[str]:
+    more = [f"warning: ... and the same on {len(warnings) - n} more host(s)"] if len(warnings) > n else []
+    return warnings[:n] + more

@@ -164,7 +164,7 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert all(r["ngd_inverted"] == r["ngd_refreshed"] and r["ngd_failed"] == 0 for r in train)
     assert all(r["factors_ms"] > 0 and r["inverse_ms"] > 0 and r["precondition_ms"] > 0 for r in train)
     assert "factors refreshed 54 inverted 54" in res.stdout
-    assert "devices on " in res.stdout and "rank 0 -> cpu (cpu)" in res.stdout
+    assert "devices on " in res.stdout and "rank 0 -> cpu (cores " in res.stdout
     assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
     assert "note: ngd.precondition_precision" not in res.stdout and "note: run.precision" not in res.stdout
     assert "note: optim.e_start = 0.0 < optim.warmup_epochs = 0.5: the poly decay starts inside" in res.stdout

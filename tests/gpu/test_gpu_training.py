@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -357,6 +358,25 @@ def test_the_compiled_bn_statistic_in_a_gpu_backward_hook_matches_fp64(half: tor
     assert got.is_cuda and got.dtype == torch.float32
     exact = factors.bn_sum(bn, x.detach().cpu().double(), g.cpu().double(), 1 / 16, torch.float64).total
     assert float((got.cpu().double() - exact).abs().max() / exact.abs().max()) < 1e-5
+
+
+@on_gpu
+def test_the_placement_of_a_gpu_rank_names_the_cores_near_its_gpu() -> None:
+    """The GPU's PCI address from torch finds its entry in Linux's sysfs, where sysfs shows NVIDIA GPUs."""
+    from hpcngd.device import placement
+
+    here = placement(torch.device("cuda", 0))
+    assert here.device == "cuda:0" and torch.cuda.get_device_name(0) in here.gpu
+    shown = [
+        d.name
+        for d in Path("/sys/bus/pci/devices").glob("*")
+        if (d / "vendor").is_file()
+        and (d / "vendor").read_text().strip() == "0x10de"
+        and (d / "class").read_text().startswith("0x03")  # a display or 3D controller
+    ]
+    if shown:
+        assert here.gpu_cores, f"no local_cpulist for the GPU's PCI address; sysfs shows NVIDIA GPUs {shown}"
+        assert here.gpu_cores <= set(range(os.cpu_count() or 0))
 
 
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))

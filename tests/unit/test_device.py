@@ -3,11 +3,25 @@ communication buffers go."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from hpcngd.comm import gpu
-from hpcngd.device import bind, choose, physical_id, placement_lines, visible_devices
+from hpcngd.device import (
+    Placement,
+    bind,
+    choose,
+    format_cpus,
+    parse_cpus,
+    pci_local_cpus,
+    physical_id,
+    placement,
+    placement_lines,
+    visible_devices,
+)
 from hpcngd.errors import UserError
 
 
@@ -43,21 +57,70 @@ def test_physical_ids_follow_cuda_visible_devices() -> None:
     assert physical_id(choose("cuda", 1, 2, uuid), uuid) == "GPU-77c1"
 
 
+def row(host: str, device: str, gpu: str, cores: str = "0-7", gpu_cores: str | None = None) -> Placement:
+    near = parse_cpus(gpu_cores) if gpu_cores is not None else None
+    return Placement(host, device, gpu, parse_cpus(cores), near)
+
+
 def test_placement_lines_group_by_host_and_warn_on_shared_gpus() -> None:
     rows = [
-        ("n1", "cuda:0", "0"),
-        ("n1", "cuda:1", "1"),
-        ("n2", "cuda:0", "0"),
-        ("n2", "cuda:0", "0"),  # two ranks of n2 on one GPU
-        ("n3", "cpu", "cpu"),
-        ("n3", "cpu", "cpu"),  # CPU ranks never "share a GPU"
+        row("n1", "cuda:0", "0", "0-7"),
+        row("n1", "cuda:1", "1", "8-15"),
+        row("n2", "cuda:0", "0"),
+        row("n2", "cuda:0", "0"),  # two ranks of n2 on one GPU
+        row("n3", "cpu", "cpu", "0,2-3"),
+        row("n3", "cpu", "cpu"),  # CPU ranks never "share a GPU"
     ]
     lines = placement_lines(rows, max_hosts=2)
-    assert lines[0] == "devices on n1: rank 0 -> cuda:0 (0), rank 1 -> cuda:1 (1)"
+    assert lines[0] == "devices on n1: rank 0 -> cuda:0 (0, cores 0-7), rank 1 -> cuda:1 (1, cores 8-15)"
     assert lines[1].startswith("devices on n2: rank 2 -> cuda:0")
     assert lines[2] == "devices: ... and 1 more host(s)"
     assert lines[3].startswith("warning: ranks 2, 3 on n2 share GPU 0")
     assert len(lines) == 4
+    assert placement_lines(rows[4:]) == [
+        "devices on n3: rank 0 -> cpu (cores 0,2-3), rank 1 -> cpu (cores 0-7)"
+    ]
+
+
+def test_a_rank_away_from_its_gpus_cores_is_warned_about_once_a_host() -> None:
+    """Slurm's default distribution on a 2-socket node (GPUs 0-1 near cores 0-15, GPUs 2-3 near 16-31)
+    puts local ranks 1 and 2 on the other socket."""
+    near = ["0-15", "0-15", "16-31", "16-31"]
+    cores = ["0-7", "16-23", "8-15", "24-31"]
+    rows = [row(f"n{h}", f"cuda:{g}", str(g), cores[g], near[g]) for h in range(4) for g in range(4)]
+    rows.append(row("n4", "cuda:0", "0", "0-7", None))  # not known: no warning
+    lines = placement_lines(rows, max_hosts=2)
+    assert lines[3] == (
+        "warning: on n0, ranks run on none of the cores local to their GPU (rank 1 on cores 16-23, GPU 1 "
+        "near 0-15; rank 2 on cores 8-15, GPU 2 near 16-31): input and copies cross sockets; bind each "
+        "rank near its GPU (README, Slurm)"
+    )
+    assert lines[4].startswith("warning: on n1, ranks run on none of the cores local to their GPU (rank 5 ")
+    assert lines[5:] == ["warning: ... and the same on 2 more host(s)"]
+    block = [row("n0", f"cuda:{g}", str(g), f"{8 * g}-{8 * g + 7}", near[g]) for g in range(4)]
+    assert not any(line.startswith("warning") for line in placement_lines(block))  # block:block
+
+
+def test_cpu_lists() -> None:
+    assert parse_cpus("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert format_cpus({11, 0, 1, 2, 3, 8, 10}) == "0-3,8,10-11"
+    assert format_cpus(parse_cpus("5")) == "5" and parse_cpus("") == frozenset()
+
+
+def test_the_cpus_local_to_a_pci_device(tmp_path: Path) -> None:
+    device = tmp_path / "bus/pci/devices/0000:1b:00.0"
+    device.mkdir(parents=True)
+    (device / "local_cpulist").write_text("0-15,32-47\n")
+    assert pci_local_cpus(0, 0x1B, 0, tmp_path) == {*range(16), *range(32, 48)}
+    assert pci_local_cpus(0, 0x1C, 0, tmp_path) is None  # no such device
+    (device / "local_cpulist").write_text("\n")
+    assert pci_local_cpus(0, 0x1B, 0, tmp_path) is None  # Linux does not say
+
+
+def test_placement_of_a_cpu_rank() -> None:
+    here = placement(torch.device("cpu"))
+    assert here.device == "cpu" and here.gpu == "cpu" and here.gpu_cores is None
+    assert here.cores == os.sched_getaffinity(0)
 
 
 def test_bind_on_this_machine() -> None:
