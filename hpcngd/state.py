@@ -188,9 +188,12 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
 
 
 def _expected_bytes(trainer: Trainer) -> int:
-    """About what :func:`save`'s arrays take (those of rank 0, with every rank's mixup rows and an inverse
-    the size of each statistic); the small per-rank states are left to the writer's margin."""
+    """About what :func:`save`'s arrays take (those of rank 0, with every rank's mixup rows and per-rank
+    state, and an inverse the size of each statistic)."""
     total = _nbytes([*trainer.model.state_dict().values(), *trainer.optimizer_tensors()])
+    total += trainer.topo.size * sum(
+        a.nbytes for a in rank_state(trainer.mc_rng, trainer.ngd_counts).values()
+    )
     if trainer.ngd is not None:
         total += 2 * _nbytes([s.value for s in trainer.ngd.stats.values() if s.value is not None])
     return total + (_mixup_bytes(trainer) if _mixup_saved(trainer) else 0)
@@ -353,18 +356,19 @@ def check(reader: Reader, trainer: Trainer) -> list[str]:
             "run file differs from the checkpoint's: "
             + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changed)
         )
-    needed = ["log/pending_losses", *_rank_names(reader)]
-    absent = [n for n in needed if not reader.has(n)] + ([] if reader.has("optim") else ["optim"])
+    world = a.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        raise reader.fail(f"its header's world_size is {world!r}, not a number of ranks", corrupt=True)
+    stored = set(reader.names("ranks")) if reader.has("ranks") else set()
+    absent = [n for n in _rank_names(reader) if n not in stored]
+    absent += [n for n in ("log/pending_losses", "optim") if not reader.has(n)]
     if absent:
         raise reader.fail(f"is incomplete: it lacks {', '.join(absent[:3])}", corrupt=True)
-    for name in _rank_names(reader) if _stacked(reader) else []:
-        rows = reader.file[name].shape[:1]
-        if rows != (int(a["world_size"]),):
-            raise reader.fail(f"{name} has {rows} rows, not one for each of {a['world_size']} ranks")
+    _check_rank_states(reader, trainer, world)
     model = {k: tuple(v.shape) for k, v in trainer.model.state_dict().items()}
-    stored = {n.removeprefix("model/"): tuple(reader.file[n].shape) for n in reader.names("model")}
-    if stored != model:
-        diff = sorted(set(stored.items()) ^ set(model.items()))[:2]
+    shapes = {n.removeprefix("model/"): tuple(reader.file[n].shape) for n in reader.names("model")}
+    if shapes != model:
+        diff = sorted(set(shapes.items()) ^ set(model.items()))[:2]
         raise reader.fail(f"holds another model than {cfg.model.arch} (first differences: {diff})")
     return notes
 
@@ -476,6 +480,22 @@ def read_rank_states(reader: Reader) -> list[dict[str, np.ndarray]]:
         return [{k: reader.array(f"ranks/{r}/{k}") for k in _RANK_KEYS} for r in range(world)]
     stacked = {k: reader.array(f"ranks/{k}") for k in _RANK_KEYS}
     return [{k: v[r] for k, v in stacked.items()} for r in range(world)]
+
+
+def _check_rank_states(reader: Reader, trainer: Trainer, world: int) -> None:
+    """Each per-rank entry holds a row per rank (schema 2) of what this hpcngd stores for a rank; the
+    rows' shape and type matter only when they are restored (the same world size)."""
+    mine = rank_state(trainer.mc_rng, trainer.ngd_counts)
+    for name in _rank_names(reader):
+        key = name.rsplit("/", 1)[1]
+        got = reader.file[name]
+        if _stacked(reader) and got.shape[:1] != (world,):
+            raise reader.fail(f"{name} holds {got.shape[0] if got.shape else 0} rows for {world} ranks")
+        want = ((world,) if _stacked(reader) else ()) + mine[key].shape
+        if world == trainer.topo.size and (got.shape != want or got.dtype != mine[key].dtype):
+            raise reader.fail(
+                f"{name} holds {got.dtype} {got.shape}; this hpcngd stores {mine[key].dtype} {want} there"
+            )
 
 
 def _stacked(reader: Reader) -> bool:

@@ -157,20 +157,48 @@ def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: 
         assert_same(restored[key], taken[key], key)
 
 
-def test_per_rank_state_without_a_row_for_every_rank_is_refused(comm: MPI.Comm, folder: Path) -> None:
+def replace_entry(f: h5py.File, name: str, data: np.ndarray | None) -> None:
+    del f[name]
+    if data is None:
+        f.create_group(name)
+    else:
+        f.create_dataset(name, data=data, fletcher32=True)
+
+
+# A checkpoint whose per-rank entries do not fit (each file sealed again: damage the seal cannot see,
+# say from another hpcngd version) is refused with one line naming the entry, before anything is
+# restored; a row short, it hung (rank 0 failed alone inside the scatter).
+DAMAGE = {
+    "a row short": ("ranks/mc", lambda a: a[1:], "ranks/mc holds {short} rows for {size} ranks"),
+    "a count short": (
+        "ranks/ngd_counts",
+        lambda a: a[:, :-1],
+        "ranks/ngd_counts holds int64 ({size}, 3); this hpcngd stores int64 ({size}, 4) there",
+    ),
+    "another type": (
+        "ranks/torch",
+        lambda a: a.astype(np.int64),
+        "ranks/torch holds int64 ({size}, 5056); this hpcngd stores uint8 ({size}, 5056) there",
+    ),
+    "a group": ("ranks/numpy", lambda a: None, "is incomplete: it lacks ranks/numpy"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_per_rank_state_that_does_not_fit_is_refused(comm: MPI.Comm, folder: Path, damage: str) -> None:
     overrides = [*SAVE, f"run.output_dir={folder}", "run.name=r"]
     with make_trainer(comm, overrides, checkpoints=True) as a:
         path = a.save_checkpoint("test")
+    entry, change, message = DAMAGE[damage]
     if comm.rank == 0:
         with h5py.File(path, "r+") as f:
-            rows = f["ranks/mc"][()]
-            del f["ranks/mc"]
-            f.create_dataset("ranks/mc", data=rows[1:], fletcher32=True)
+            replace_entry(f, entry, change(f[entry][()]))
         seal(path)
     comm.Barrier()
     with make_trainer(comm, overrides) as b, pytest.raises(AgreedError) as info:
         state.resume(b)
-    assert f"ranks/mc has ({comm.size - 1},) rows, not one for each of {comm.size} ranks" in str(info.value)
+    assert message.format(short=comm.size - 1, size=comm.size) in str(info.value)
+    assert b.step == 0
 
 
 def test_resume_on_fewer_ranks_with_the_same_global_batch(comm: MPI.Comm, folder: Path) -> None:
