@@ -259,13 +259,14 @@ def _run(
     import torch
 
     from hpcngd import state
-    from hpcngd.device import bind, placement, placement_lines
+    from hpcngd.device import bind, placement, placement_lines, view
     from hpcngd.metrics import MetricsLog
     from hpcngd.train import Trainer, prepare_run_dir
 
     run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
-    device = agree(world, lambda: bind(cfg.run.device, topo.local_rank))
+    node = topo.node.allgather(agree(world, lambda: view(cfg.run.device)))  # GPUs and cores of the node
+    device = agree(world, lambda: bind(cfg.run.device, topo.local_rank, node))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
     rows = world.gather(placement(device), root=0)
     trainer = Trainer(

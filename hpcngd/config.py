@@ -50,7 +50,7 @@ class RunConfig(Section):
     threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
     device: str = opt(
         "auto",
-        "Where each rank computes: cuda (GPU local_rank % visible GPUs), cpu, or auto (cuda when present).",
+        "Where each rank computes: cuda (a GPU of its node, near its cores), cpu, or auto (cuda if present).",
         choices=("auto", "cpu", "cuda"),
     )
     precision: str = opt(

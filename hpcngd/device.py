@@ -1,10 +1,12 @@
 """Which device each rank computes on (``run.device``), and the log lines that say so.
 
-``cuda``: a rank takes GPU ``local_rank % n`` of the ``n`` GPUs it can see, so the ranks of a node
-spread over its GPUs whether the launcher shows every rank all the GPUs of the node or (Slurm
-``--gpus-per-task``, a ``CUDA_VISIBLE_DEVICES`` per rank) one GPU each. ``auto`` means ``cuda`` when
-a GPU is visible, else ``cpu``. The decision (:func:`choose`) is pure; :func:`bind` asks torch and
-makes the choice the current CUDA device. :func:`placement_lines` summarises, for rank 0's log, which
+``cuda``: the ranks of a node, in local-rank order, each take of the GPUs it can see the one that the
+fewest ranks before it took, of those the nearest to its cores (Linux's ``local_cpulist`` of the GPU's
+PCI device), then the first (:func:`assign`). Without locality that is GPU ``local_rank % n`` of the
+``n`` GPUs when every rank sees all of the node's; a rank shown one GPU (Slurm ``--gpus-per-task``, a
+``CUDA_VISIBLE_DEVICES`` per rank) takes it. ``auto`` means ``cuda`` when a GPU is visible, else
+``cpu``. The decisions (:func:`choose`, :func:`assign`) are pure; :func:`bind` asks torch and makes the
+choice the current CUDA device. :func:`placement_lines` summarises, for rank 0's log, which
 rank of which host uses which physical GPU on which cores, and warns when two ranks of one host share a
 GPU or a rank runs on none of its GPU's local cores (Linux's ``local_cpulist`` of the GPU's PCI device).
 """
@@ -63,10 +65,56 @@ def physical_id(device: str, env: Mapping[str, str]) -> str:
     return visible[index] if visible is not None and index < len(visible) else str(index)
 
 
-def bind(requested: str, local_rank: int) -> torch.device:
-    """Choose this rank's device (see :func:`choose`) and make it torch's current CUDA device."""
+Gpus = list[tuple[str, frozenset[int] | None]]  # visible GPUs in CUDA order: (node-wide id, local cores)
+View = tuple[frozenset[int], Gpus]  # a rank's cores and its GPUs, gathered over the node for assign
+
+
+def view(requested: str) -> View:
+    """This rank's cores and, unless ``requested`` is "cpu", the GPUs it sees: for :func:`assign`."""
+    gpus: Gpus = []
+    if requested != "cpu" and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            address, near = _pci(i)
+            ident = physical_id(f"cuda:{i}", os.environ)  # a MIG instance: its UUID, on its GPU's address
+            gpus.append((f"{address} {ident}" if address else ident, near))
+    return frozenset(os.sched_getaffinity(0)), gpus
+
+
+def _pci(index: int) -> tuple[str | None, frozenset[int] | None]:
+    """CUDA device ``index``'s PCI address and the cores local to it (None where it is not known)."""
+    props = torch.cuda.get_device_properties(index)
+    domain, bus, slot = (getattr(props, f"pci_{part}_id", None) for part in ("domain", "bus", "device"))
+    if not (isinstance(domain, int) and isinstance(bus, int) and isinstance(slot, int)):  # an older torch
+        return None, None
+    address = f"{domain:04x}:{bus:02x}:{slot:02x}.0"
+    return address, pci_local_cpus(address)
+
+
+def assign(node: Sequence[View]) -> list[int]:
+    """For each local rank of a node (in order), the index among the GPUs it sees of the one it takes:
+    the one the fewest ranks before it took, of those the nearest to its cores, then the first."""
+    uses: dict[str, int] = defaultdict(int)
+    chosen = []
+    for cores, gpus in node:
+        best = min(
+            range(len(gpus)),
+            key=lambda i: (uses[gpus[i][0]], not (cores & (gpus[i][1] or frozenset())), i),
+            default=0,
+        )
+        if gpus:
+            uses[gpus[best][0]] += 1
+        chosen.append(best)
+    return chosen
+
+
+def bind(requested: str, local_rank: int, node: Sequence[View] | None = None) -> torch.device:
+    """Choose this rank's device (:func:`choose`; the GPU by :func:`assign` from ``node``, every local
+    rank's :func:`view`, else ``local_rank % n``) and make it torch's current CUDA device."""
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.device(choose(requested, local_rank, num_gpus, os.environ))
+    name = choose(requested, local_rank, num_gpus, os.environ)
+    if name != "cpu" and node is not None:
+        name = f"cuda:{assign(node)[local_rank]}"
+    device = torch.device(name)
     use(device)
     return device
 
@@ -103,16 +151,13 @@ def placement(device: torch.device) -> Placement:
     gpu, gpu_cores = physical_id(name, os.environ), None
     if device.type == "cuda":
         gpu = f"{gpu} {torch.cuda.get_device_name(device)}"
-        props = torch.cuda.get_device_properties(device)
-        domain, bus, slot = (getattr(props, f"pci_{part}_id", None) for part in ("domain", "bus", "device"))
-        if domain is not None and bus is not None and slot is not None:  # an older torch lacks them
-            gpu_cores = pci_local_cpus(domain, bus, slot)
+        gpu_cores = _pci(device.index if device.index is not None else torch.cuda.current_device())[1]
     return Placement(os.uname().nodename, name, gpu, frozenset(os.sched_getaffinity(0)), gpu_cores)
 
 
-def pci_local_cpus(domain: int, bus: int, slot: int, root: Path = Path("/sys")) -> frozenset[int] | None:
-    """The CPUs Linux lists as local to PCI device ``domain:bus:slot.0`` (None when it does not say)."""
-    path = root / "bus" / "pci" / "devices" / f"{domain:04x}:{bus:02x}:{slot:02x}.0" / "local_cpulist"
+def pci_local_cpus(address: str, root: Path = Path("/sys")) -> frozenset[int] | None:
+    """The CPUs Linux lists as local to PCI device ``address`` ("0000:1b:00.0"; None: it does not say)."""
+    path = root / "bus" / "pci" / "devices" / address / "local_cpulist"
     try:
         return parse_cpus(path.read_text()) or None
     except (OSError, ValueError):

@@ -62,7 +62,7 @@ def test_slurm_script_of_each_preset(preset: str) -> None:
     assert opts["open-mode"] == "append"
     text = script.read_text()
     assert f"RUN=${{RUN:-runs/{preset}.toml}}" in text
-    assert 'launch srun --mpi=pmix --cpu-bind=cores --distribution=block:block hpcngd "$RUN" "$@"' in text
+    assert 'launch srun --mpi=pmix --cpu-bind=cores hpcngd "$RUN" "$@"' in text
     assert 'source "${SLURM_SUBMIT_DIR:-.}/scripts/launch.sh"' in text
 
 

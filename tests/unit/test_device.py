@@ -12,6 +12,7 @@ import torch
 from hpcngd.comm import gpu
 from hpcngd.device import (
     Placement,
+    assign,
     bind,
     choose,
     format_cpus,
@@ -20,6 +21,7 @@ from hpcngd.device import (
     physical_id,
     placement,
     placement_lines,
+    view,
     visible_devices,
 )
 from hpcngd.errors import UserError
@@ -44,6 +46,56 @@ def test_cuda_without_a_visible_gpu_is_one_clear_error() -> None:
         choose("cuda", 0, 0, {"CUDA_VISIBLE_DEVICES": ""})
     with pytest.raises(UserError, match=r"device_count\(\) = 0"):
         choose("cuda", 0, 0, {})
+
+
+# A 2-socket node, GPUs 0 and 1 near cores 0-15, GPUs 2 and 3 near 16-31 (as a helper set up on Slurm).
+NODE = [(f"0000:{0x1B + g:02x}:00.0 {g}", parse_cpus("0-15" if g < 2 else "16-31")) for g in range(4)]
+
+
+def test_each_rank_takes_a_gpu_near_its_cores_and_no_gpu_twice_while_one_is_free() -> None:
+    # Slurm's default distribution cycles over the sockets: local ranks on cores 0-7, 16-23, 8-15, 24-31.
+    cyclic = [(parse_cpus(c), NODE) for c in ("0-7", "16-23", "8-15", "24-31")]
+    assert assign(cyclic) == [0, 2, 1, 3]
+    block = [(parse_cpus(f"{8 * r}-{8 * r + 7}"), NODE) for r in range(4)]
+    assert assign(block) == [0, 1, 2, 3]
+    # all four ranks on socket 0 (block:block on 2 x 32 cores): two GPUs far away beat two ranks a GPU
+    crowded = [(parse_cpus(f"{8 * r}-{8 * r + 7}"), NODE) for r in range(2)] * 2
+    assert assign(crowded) == [0, 1, 2, 3]
+    # 8 ranks on 4 GPUs: two a GPU, each pair near its GPU
+    eight = [
+        (parse_cpus(c), NODE) for c in ("0-3", "16-19", "4-7", "20-23", "8-11", "24-27", "12-15", "28-31")
+    ]
+    assert assign(eight) == [0, 2, 1, 3, 0, 2, 1, 3]
+
+
+def test_without_locality_a_rank_takes_gpu_local_rank_mod_n() -> None:
+    unknown = [(gpu, None) for gpu, _ in NODE]
+    node = [(parse_cpus("0-63"), unknown)] * 6
+    assert assign(node) == [r % 4 for r in range(6)]
+    assert assign([(parse_cpus("0-7"), unknown[:2])] * 3) == [0, 1, 0]
+
+
+def test_a_rank_shown_only_its_own_gpus_takes_one_of_them() -> None:
+    # Slurm --gpus-per-task=1 under cgroups: each rank sees one GPU, renumbered 0 (its address differs)
+    own = [(parse_cpus(f"{8 * r}-{8 * r + 7}"), [(f"0000:{0x1B + r:02x}:00.0 0", None)]) for r in range(4)]
+    assert assign(own) == [0, 0, 0, 0]
+    # the old presets' --gpu-bind=closest: each rank shown its socket's two GPUs
+    closest = [
+        (parse_cpus(c), NODE[:2] if r % 2 == 0 else NODE[2:])
+        for r, c in enumerate(("0-7", "16-23", "8-15", "24-31"))
+    ]
+    assert assign(closest) == [
+        0,
+        0,
+        1,
+        1,
+    ]  # physical GPUs 0, 2, 1, 3: none shared (local_rank % 2: 0, 3, 0, 3)
+    assert assign([(frozenset({0}), [])]) == [0]  # no GPU (run.device decides before)
+
+
+def test_a_cpu_rank_sees_its_cores_and_no_gpus() -> None:
+    cores, gpus = view("cpu")
+    assert cores == os.sched_getaffinity(0) and gpus == []
 
 
 def test_physical_ids_follow_cuda_visible_devices() -> None:
@@ -111,10 +163,10 @@ def test_the_cpus_local_to_a_pci_device(tmp_path: Path) -> None:
     device = tmp_path / "bus/pci/devices/0000:1b:00.0"
     device.mkdir(parents=True)
     (device / "local_cpulist").write_text("0-15,32-47\n")
-    assert pci_local_cpus(0, 0x1B, 0, tmp_path) == {*range(16), *range(32, 48)}
-    assert pci_local_cpus(0, 0x1C, 0, tmp_path) is None  # no such device
+    assert pci_local_cpus("0000:1b:00.0", tmp_path) == {*range(16), *range(32, 48)}
+    assert pci_local_cpus("0000:1c:00.0", tmp_path) is None  # no such device
     (device / "local_cpulist").write_text("\n")
-    assert pci_local_cpus(0, 0x1B, 0, tmp_path) is None  # Linux does not say
+    assert pci_local_cpus("0000:1b:00.0", tmp_path) is None  # Linux does not say
 
 
 def test_placement_of_a_cpu_rank() -> None:
