@@ -140,7 +140,7 @@ class Placement(NamedTuple):
 
     host: str
     device: str  # "cpu" or "cuda:i"
-    gpu: str  # the physical GPU id and name, or "cpu"
+    gpu: str  # the physical GPU id, name and PCI address (ids may repeat under cgroups), or "cpu"
     cores: frozenset[int]  # the CPUs this rank may run on
     gpu_cores: frozenset[int] | None  # the CPUs local to its GPU (None: CPU rank, or not known)
 
@@ -150,8 +150,8 @@ def placement(device: torch.device) -> Placement:
     name = str(device) if device.type == "cpu" else f"cuda:{device.index}"
     gpu, gpu_cores = physical_id(name, os.environ), None
     if device.type == "cuda":
-        gpu = f"{gpu} {torch.cuda.get_device_name(device)}"
-        gpu_cores = _pci(device.index if device.index is not None else torch.cuda.current_device())[1]
+        address, gpu_cores = _pci(device.index if device.index is not None else torch.cuda.current_device())
+        gpu = f"{gpu} {torch.cuda.get_device_name(device)}" + (f" at {address}" if address else "")
     return Placement(os.uname().nodename, name, gpu, frozenset(os.sched_getaffinity(0)), gpu_cores)
 
 

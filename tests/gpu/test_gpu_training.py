@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -366,6 +367,8 @@ def test_the_placement_of_a_gpu_rank_names_the_cores_near_its_gpu() -> None:
 
     here = placement(torch.device("cuda", 0))
     assert here.device == "cuda:0" and torch.cuda.get_device_name(0) in here.gpu
+    if hasattr(torch.cuda.get_device_properties(0), "pci_bus_id"):  # an older torch does not say
+        assert re.search(r" at [0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.0$", here.gpu), here.gpu
     shown = [
         d.name
         for d in Path("/sys/bus/pci/devices").glob("*")

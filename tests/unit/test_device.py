@@ -79,6 +79,8 @@ def test_a_rank_shown_only_its_own_gpus_takes_one_of_them() -> None:
     # Slurm --gpus-per-task=1 under cgroups: each rank sees one GPU, renumbered 0 (its address differs)
     own = [(parse_cpus(f"{8 * r}-{8 * r + 7}"), [(f"0000:{0x1B + r:02x}:00.0 0", None)]) for r in range(4)]
     assert assign(own) == [0, 0, 0, 0]
+    rows = [row("n", "cuda:0", f"0 H100 at 0000:{0x1B + r:02x}:00.0") for r in range(2)]
+    assert not any("share" in line for line in placement_lines(rows))  # told apart by their addresses
     # the old presets' --gpu-bind=closest: each rank shown its socket's two GPUs
     closest = [
         (parse_cpus(c), NODE[:2] if r % 2 == 0 else NODE[2:])
