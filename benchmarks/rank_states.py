@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 
 from hpcngd import state
@@ -50,9 +49,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    mine = state.rank_state(
-        torch.Generator().manual_seed(1), dict.fromkeys(NGD_COUNTS, 3)
-    )  # as a rank sends it
+    mine = state.rank_state(torch.Generator().manual_seed(1), dict.fromkeys(NGD_COUNTS, 3))  # one rank's
     print(f"one rank's state: {sum(a.nbytes for a in mine.values()):,} bytes in {len(mine)} arrays")
     with tempfile.TemporaryDirectory(prefix="hpcngd-bench-") as tmp:
         for n in args.ranks:
@@ -67,20 +64,14 @@ def main() -> None:
                     assert read(path) == n
                     reads.append(time.perf_counter() - t1)
                     writes.append(t1 - t0)
-                with h5py.File(path, "r") as f:
-                    count = sum(1 for _ in _datasets(f))
+                with Reader(path) as reader:
+                    count = len(reader.names(""))
                 layout = "a row per rank" if schema == 2 else "a group per rank"
                 print(
                     f"{n:>6} ranks, schema {schema} ({layout}): "
                     f"write {statistics.median(writes):.3f} s, open + read {statistics.median(reads):.3f} s "
                     f"(medians of {args.repeats}); {count:,} datasets, {path.stat().st_size / 2**20:.1f} MiB"
                 )
-
-
-def _datasets(f: h5py.File) -> list[str]:
-    found: list[str] = []
-    f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
-    return found
 
 
 if __name__ == "__main__":

@@ -485,13 +485,13 @@ def read_rank_states(reader: Reader) -> list[dict[str, np.ndarray]]:
 def _check_rank_states(reader: Reader, trainer: Trainer, world: int) -> None:
     """Each per-rank entry holds a row per rank (schema 2) of what this hpcngd stores for a rank; the
     rows' shape and type matter only when they are restored (the same world size)."""
-    mine = rank_state(trainer.mc_rng, trainer.ngd_counts)
+    mine, rows = rank_state(trainer.mc_rng, trainer.ngd_counts), (world,) if _stacked(reader) else ()
     for name in _rank_names(reader):
         key = name.rsplit("/", 1)[1]
         got = reader.file[name]
-        if _stacked(reader) and got.shape[:1] != (world,):
+        if got.shape[: len(rows)] != rows:
             raise reader.fail(f"{name} holds {got.shape[0] if got.shape else 0} rows for {world} ranks")
-        want = ((world,) if _stacked(reader) else ()) + mine[key].shape
+        want = rows + mine[key].shape
         if world == trainer.topo.size and (got.shape != want or got.dtype != mine[key].dtype):
             raise reader.fail(
                 f"{name} holds {got.dtype} {got.shape}; this hpcngd stores {mine[key].dtype} {want} there"
