@@ -140,14 +140,19 @@ class DataConfig(Section):
     std: tuple[float, ...] = opt((0.229, 0.224, 0.225), "Per-channel std for normalization.", gt=0.0)
     mixup_alpha: float = opt(
         0.0,
-        "Running mixup with lambda ~ Beta(alpha, alpha) (0 = off); soft targets go into the loss.",
+        "Running mixup: each image mixed with the previous step's mixed image at its position, lambda ~ "
+        "Beta(alpha, alpha) drawn per image (0 = off); soft targets go into the loss.",
         ge=0.0,
     )
-    random_erasing: float = opt(0.0, "Probability of random erasing per image (0 = off).", ge=0.0, le=1.0)
+    random_erasing: float = opt(
+        0.0, "Probability of random erasing per image, after mixup (0 = off).", ge=0.0, le=1.0
+    )
     erasing_area: tuple[float, ...] = opt(
         (0.02, 0.25), "Random erasing: area fraction range.", gt=0.0, lt=1.0
     )
-    erasing_aspect: tuple[float, ...] = opt((0.3, 1.0), "Random erasing: aspect range.", gt=0.0)
+    erasing_aspect: tuple[float, ...] = opt(
+        (0.3, 1.0), "Random erasing: aspect (height / width) range, or its inverse half of the time.", gt=0.0
+    )
     synthetic_train_samples: int = opt(1024, "Training set size for source = synthetic.", ge=1)
     synthetic_val_samples: int = opt(256, "Validation set size for source = synthetic.", ge=0)
 
@@ -237,7 +242,12 @@ class NgdConfig(Section):
     damping_end: float = opt(
         0.0, "Damping at the end of the run, reached geometrically from ngd.damping (0 = constant).", ge=0.0
     )
-    bn_damping: float = opt(0.0, "Damping of the unit-wise BatchNorm blocks (0 = ngd.damping).", ge=0.0)
+    bn_damping: float = opt(
+        0.0,
+        "Damping of the unit-wise BatchNorm blocks (0 = 16 x ngd.damping, following its schedule: the "
+        "released system's BatchNorm damping, its stab_coeff 16).",
+        ge=0.0,
+    )
     ema_decay: float = opt(
         1.0, "Running average of factors: weight on the new value (1 = no average).", gt=0.0, le=1.0
     )

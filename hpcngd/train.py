@@ -166,15 +166,15 @@ class Trainer:
         return damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, step, self.total_steps)
 
     def augment(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Random erasing and running mixup (off unless the run file turns them on)."""
+        """Running mixup, then random erasing of the mixed batch (off unless the run file turns them on)."""
         data, seed = self.cfg.data, self.cfg.run.seed
+        first = self.topo.rank * self.local_batch  # global position of this rank's first image
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels, self.step, first)
         if data.random_erasing:
-            first = self.topo.rank * self.local_batch  # global position of this rank's first image
             erase_(
                 images, seed, self.step, first, data.random_erasing, data.erasing_area, data.erasing_aspect
             )
-        if self.mixup is not None:
-            return self.mixup(images, labels, self.step)
         return images, labels
 
     def train_step(self, images: Tensor, labels: Tensor) -> float:

@@ -38,6 +38,9 @@ from hpcngd.ngd.stale import StaleInterval, relative_changes
 
 log = logging.getLogger(__name__)
 PRECONDITIONED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+# BatchNorm blocks' damping over ngd.damping unless ngd.bn_damping sets it: the released system adds
+# stab_coeff * lambda (16, tyohei/chainerkfac's KFAC default) to their diagonal.
+BN_DAMPING_FACTOR = 16.0
 
 
 @contextmanager
@@ -226,7 +229,7 @@ class Preconditioner:
             assert stat.value is not None
             if kind == "F":
                 stat.inverse, bad = inverse.bn_block_inverse(
-                    stat.value, self.cfg.bn_damping or damping, stat.inverse
+                    stat.value, self.cfg.bn_damping or BN_DAMPING_FACTOR * damping, stat.inverse
                 )
                 bn_failed.append((name, bad))
                 report.inverted += 1

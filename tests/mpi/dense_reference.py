@@ -72,14 +72,18 @@ def statistics(
 
 
 def preconditioned(
-    stats: dict[Key, Tensor], grads: dict[str, Tensor], layers: dict[str, nn.Module], damping: float
+    stats: dict[Key, Tensor],
+    grads: dict[str, Tensor],
+    layers: dict[str, nn.Module],
+    damping: float,
+    bn_damping: float,
 ) -> dict[str, Tensor]:
     """Every parameter's ``G_d^-1 [dW | db] A_d^-1`` (pi-corrected damping, floors 1e-7), and every
-    BatchNorm channel's ``(F_c + damping I)^-1 (dgamma, dbeta)``."""
+    BatchNorm channel's ``(F_c + bn_damping I)^-1 (dgamma, dbeta)``."""
     out: dict[str, Tensor] = {}
     for name, m in layers.items():
         if isinstance(m, nn.BatchNorm2d):
-            blocks = stats[(name, "F")] + damping * torch.eye(2, dtype=torch.float64)
+            blocks = stats[(name, "F")] + bn_damping * torch.eye(2, dtype=torch.float64)
             pair = torch.stack([grads[f"{name}.weight"], grads[f"{name}.bias"]], 1)
             solved = torch.linalg.solve(blocks, pair[..., None])[..., 0]
             out[f"{name}.weight"], out[f"{name}.bias"] = solved[:, 0], solved[:, 1]

@@ -463,15 +463,17 @@ def test_channels_last_gradients_are_preconditioned_in_place_as_contiguous_ones(
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_bn_preconditioning_uses_damped_block_inverse() -> None:
-    """Two BatchNorm layers of different widths, preconditioned together: each channel by its own block."""
+@pytest.mark.parametrize(("bn_damping", "added"), [(0.2, 0.2), (0.0, 16 * 1e-3)])
+def test_bn_preconditioning_uses_damped_block_inverse(bn_damping: float, added: float) -> None:
+    """Two BatchNorm layers of different widths, preconditioned together: each channel by its own block,
+    damped by ngd.bn_damping or, when it is 0, by 16 times the step's damping (the released system's)."""
     torch.manual_seed(6)
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Flatten(),
         nn.Linear(3 * 4, 3),
     )  # fmt: skip
     x, y = torch.randn(5, 1, 4, 4), torch.randint(3, (5,))
-    pre = Preconditioner(model, NgdConfig(dtype="fp64", bn_damping=0.2, exclude=("0", "2", "5")))
+    pre = Preconditioner(model, NgdConfig(dtype="fp64", bn_damping=bn_damping, exclude=("0", "2", "5")))
     assert set(pre.layers) == {"1", "3"}
     pre.begin(0, grad_scale=5)
     F.cross_entropy(model(x), y).backward()
@@ -480,7 +482,7 @@ def test_bn_preconditioning_uses_damped_block_inverse() -> None:
     for n in (1, 3):
         blocks, bn = pre.stats[(str(n), "F")].value, model[n]
         expected = torch.stack(
-            [torch.linalg.solve(blocks[c] + 0.2 * torch.eye(2), before[n][c]) for c in range(len(blocks))]
+            [torch.linalg.solve(blocks[c] + added * torch.eye(2), before[n][c]) for c in range(len(blocks))]
         )
         got = torch.stack([bn.weight.grad, bn.bias.grad], 1)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
