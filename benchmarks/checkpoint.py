@@ -72,7 +72,7 @@ def main() -> None:
     with Topology(world, cfg.comm.ranks_per_node) as topo:
         log = MetricsLog(None, active=False)
         trainer = Trainer(cfg, topo, train_set, val_set, log, checkpoints=True)
-        for _, _, x, y in itertools.islice(trainer.loader.batches(0, 0, 1), 1):
+        for _, x, y in itertools.islice(trainer.loader.batches(0, 1), 1):
             trainer.train_step(x, y)
         for _ in range(args.repeats):
             world.Barrier()

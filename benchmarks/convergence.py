@@ -39,8 +39,8 @@ def run_to_target(
     with Topology(world) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
-        batches = trainer.loader.batches(0, 0, cfg.run.epochs)
-        for _, _, x, y in batches:
+        batches = trainer.loader.batches(0, trainer.total_steps)
+        for _, x, y in batches:
             loss = trainer.train_step(x, y)
             top1 = trainer.evaluate()["val_top1"]  # reduced over ranks: every rank decides alike
             history.append((loss, top1))
@@ -66,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     world = MPI.COMM_WORLD
     base = config.load(args.run_file)
-    steps_per_epoch = len(build_datasets(base.data, base.model.num_classes, base.run.seed)[0]) // args.batch
+    steps_per_epoch = len(build_datasets(base.data, base.model.num_classes, base.run.seed)[0]) / args.batch
     common = [
         f"data.batch_size={args.batch}",
         f"run.epochs={math.ceil(args.max_steps / steps_per_epoch)}",
@@ -107,7 +107,7 @@ def main() -> None:
         results.append((label, history, seconds))
     if world.rank != 0:
         return
-    setting = f"batch {args.batch} ({steps_per_epoch} steps/epoch), {world.size} ranks"
+    setting = f"batch {args.batch} ({steps_per_epoch:.2f} steps/epoch), {world.size} ranks"
     print(f"\n{setting}, budget {args.max_steps} steps")
     marks = [s for s in (10, 20, 30, 40) if s <= args.max_steps]
     head = "".join(f"{f'top-1 {t:g}%':>12s}" for t in targets) + "".join(f"{f'loss@{s}':>9s}" for s in marks)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hpcngd.config import DataConfig
-from hpcngd.data import TrainLoader, build_datasets, train_loader
+from hpcngd.data import TrainLoader, build_datasets, sharding, train_loader
 from hpcngd.data.synthetic import SyntheticImages
 
 
@@ -52,12 +52,12 @@ def write_set(root: Path, images: int, classes: int = 4) -> None:
 def images_per_s(cfg: DataConfig, classes: int, repeats: int) -> float:
     train, _ = build_datasets(cfg, classes, seed=0)
     loader = train_loader(cfg, train, 0, 1, seed=0)
-    rates = []
-    for epoch in range(repeats):
-        batches = loader.batches(epoch, 0, epoch + 1)
+    rates, steps = [], len(train) // cfg.batch_size  # about an epoch
+    for repeat in range(repeats):
+        batches = loader.batches(repeat * steps, (repeat + 1) * steps)
         next(batches)
         t0 = time.perf_counter()
-        count = sum(len(labels) for _, _, _, labels in batches)
+        count = sum(len(labels) for _, _, labels in batches)
         rates.append(count / (time.perf_counter() - t0))
     return statistics.median(rates)
 
@@ -66,7 +66,7 @@ def plan_start_up(batches: int = 200) -> tuple[float, float]:
     """Seconds to the first batch of an ImageNet-sized 90-epoch run, and ms a batch after it."""
     loader = TrainLoader(SyntheticImages(1_281_167, 2, 1000, 0), 32768, 0, 1024, seed=0, workers=0)
     t0 = time.perf_counter()
-    run = loader.batches(0, 0, 90)
+    run = loader.batches(0, sharding.run_steps(1_281_167, 32768, 90))
     next(run)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, optim: list[str], steps: int) -> list[tuple[fl
     with Topology(MPI.COMM_WORLD) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
-        for i, (_, _, x, y) in enumerate(trainer.loader.batches(0, 0, 1)):
+        for i, (_, x, y) in enumerate(trainer.loader.batches(0, trainer.total_steps)):
             t0 = time.perf_counter()
             trainer.train_step(x, y)
             elapsed = time.perf_counter() - t0

@@ -54,7 +54,7 @@ def main() -> None:
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
         step_s: list[float] = []
         phases: dict[str, list[float]] = {k: [] for k in PHASES}
-        for i, (_, _, x, y) in enumerate(trainer.loader.batches(0, 0, 1)):
+        for i, (_, x, y) in enumerate(trainer.loader.batches(0, trainer.total_steps)):
             world.Barrier()
             t0 = time.perf_counter()
             trainer.train_step(x, y)

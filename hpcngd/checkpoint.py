@@ -60,8 +60,10 @@ class NotPublished(CheckpointError):
 
 
 FORMAT = "hpcngd-checkpoint"
-SCHEMA_VERSION = 2  # 2: per-rank state stacked, one dataset per key (1: one group per rank)
-READABLE_SCHEMAS = (1, 2)
+# 3: epochs of N images, steps from one data stream (1 and 2: N // B steps an epoch); 2: per-rank state
+# stacked, one dataset per key (1: one group per rank)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 NAME = re.compile(r"ckpt-(\d{9})\.h5")
 LATEST = "latest"
 # Test hook: "STEP:N" makes the writer of the checkpoint of STEP kill itself (SIGKILL) after N datasets;
@@ -423,7 +425,7 @@ class Reader:
         if missing:
             raise self.fail(f"header lacks {', '.join(missing)}", corrupt=True)
         if version not in READABLE_SCHEMAS:
-            readable = " and ".join(map(str, READABLE_SCHEMAS))
+            readable = f"{READABLE_SCHEMAS[0]} to {READABLE_SCHEMAS[-1]}"
             raise self.fail(f"schema version {version}; this hpcngd reads versions {readable}")
         problems: list[str] = []
 
@@ -532,8 +534,8 @@ def describe(path: Path) -> str:
         lines = [
             f"{path}: hpcngd checkpoint, schema {a['schema_version']}, written by hpcngd "
             f"{a.get('hpcngd_version')} at {created}",
-            f"step {a['step']} (epoch {a.get('epoch')}, step {a.get('step_in_epoch')} of "
-            f"{a.get('steps_per_epoch')} in it) | {a.get('world_size')} ranks on {a.get('num_nodes')} node(s)"
+            f"step {a['step']} (epoch {a.get('epoch')}) | {a.get('world_size')} ranks on "
+            f"{a.get('num_nodes')} node(s)"
             f" | model {a.get('arch')}, global batch {a.get('batch_size')}",
             f"{'group':<10} {'arrays':>7} {'MiB':>10}",
             *(f"{g:<10} {n:>7} {b / 2**20:>10.2f}" for g, (n, b) in sorted(sizes.items())),

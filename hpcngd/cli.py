@@ -112,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hpcngd`` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+        first = args_list[0]
+        if not (first.endswith(".toml") or os.path.exists(first)):  # a misspelled command, most likely
+            _parser().error(
+                f"unknown command {first!r} (commands: {', '.join(COMMANDS)}; `hpcngd RUN.toml` trains)"
+            )
         args_list.insert(0, "train")  # `hpcngd RUN.toml` means `hpcngd train RUN.toml`
     args = _parser().parse_args(args_list)
     if args.command == "validate":
@@ -199,6 +204,8 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = config.load(args.run_file, args.overrides)
     torch.set_num_threads(_threads(cfg.run.threads, 1))
     json_path = Path(args.json) if args.json else None
+    if json_path is not None and not os.access(json_path.parent, os.W_OK):  # say so before the evaluation
+        raise UserError(f"--json {json_path}: cannot write: {json_path.parent} is not a writable folder")
     study(
         cfg,
         Path(args.checkpoint),
@@ -261,9 +268,9 @@ def _run(
     from hpcngd import state
     from hpcngd.device import bind, placement, placement_lines, view
     from hpcngd.metrics import MetricsLog
-    from hpcngd.train import Trainer, prepare_run_dir
+    from hpcngd.train import Trainer, prepare_run_dir, record_run_file
 
-    run_dir = agree(world, lambda: prepare_run_dir(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
+    run_dir = agree(world, lambda: prepare_run_dir(cfg) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     node = topo.node.allgather(agree(world, lambda: view(cfg.run.device)))  # GPUs and cores of the node
     device = agree(world, lambda: bind(cfg.run.device, topo.local_rank, node))
@@ -273,6 +280,7 @@ def _run(
         cfg, topo, train_set, val_set, log, checkpoints=True, stop=stop, device=device, locks=locks
     )
     resumed_from, resume_notes = state.resume(trainer)  # AgreedError: see run_guarded
+    agree(world, lambda: record_run_file(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     if resumed_from is not None:
         log.say(f"resuming from {resumed_from} (step {trainer.step})")
     log.open(resume_step=trainer.step if resumed_from else None)
@@ -284,7 +292,7 @@ def _run(
         f"({sum(p.numel() for p in trainer.params):,} parameters) | {_loader(cfg.data)} data: "
         f"{len(train_set)} train / {len(val_set)} val images | global batch {cfg.data.batch_size} = "
         f"{topo.size} x {trainer.local_batch} (micro-batch {trainer.micro_batch}) | "
-        f"{trainer.loader.steps_per_epoch} steps/epoch, {trainer.total_steps} steps"
+        f"{trainer.num_samples / cfg.data.batch_size:.2f} steps/epoch, {trainer.total_steps} steps"
         + (f", from step {trainer.step}" if resumed_from else "")
     )
     for line in placement_lines(rows or []):
@@ -335,6 +343,18 @@ def _setting_notes(cfg: config.Config, trainer: Trainer) -> list[str]:
             "optim.name = spngd without optim.weight_rescaling (weight_decay = "
             f"{optim.weight_decay:g}): SP-NGD's published runs rescale weights and use no weight decay, "
             "as runs/resnet50_*.toml do"
+        )
+    if optim.weight_rescaling and cfg.model.init == "fan_out":
+        notes.append(
+            "optim.weight_rescaling with model.init = fan_out: a conv weight starts at norm sqrt(2 c_in), "
+            "not at the cap sqrt(2 c_out) that rescaling keeps (cut at the first step where c_in > "
+            "c_out, far below it in the stem); model.init = fan_in starts every weight at the cap, as "
+            "the released SP-NGD system did"
+        )
+    if optim.schedule == "poly" and 0 < optim.e_end < cfg.run.epochs:
+        notes.append(
+            f"optim.e_end = {optim.e_end:g} < run.epochs = {cfg.run.epochs}: the learning rate is 0 for "
+            f"the last {cfg.run.epochs - optim.e_end:g} epochs"
         )
     if optim.name == "spngd" and cfg.comm.dtype == "bf16" and trainer.topo.size > 1:
         notes.append(

@@ -92,6 +92,14 @@ class ModelConfig(Section):
     arch: str = opt("resnet20", "Architecture.", choices=MODEL_ARCHS)
     num_classes: int = opt(10, "Number of classes (must match the data set).", ge=2)
     zero_init_residual: bool = opt(False, "Zero-init the last BN gamma of each residual block.")
+    init: str = opt(
+        "fan_out",
+        "Weight initialization: fan_out (torchvision's: Kaiming-normal fan-out convs, torch's default "
+        "Linear) or fan_in (the released SP-NGD system's: He-normal fan-in convs, fc weights N(0, 2/c_in) "
+        "and bias 0, so every conv/fc weight starts at the norm sqrt(2 c_out) that optim.weight_rescaling "
+        "caps).",
+        choices=("fan_out", "fan_in"),
+    )
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def load_model(path: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
                 raise reader.fail(
                     f"holds a model with {key} = {stored!r}; the run file has model.{key} = {wanted!r}"
                 )
-        model = build(cfg.arch, cfg.num_classes, cfg.zero_init_residual)
+        model = build(cfg.arch, cfg.num_classes, cfg.zero_init_residual, cfg.init)
         tensors = model.state_dict()
         stored_names = (
             {n.removeprefix("model/") for n in reader.names("model")} if reader.has("model") else set()

@@ -1,7 +1,7 @@
 """Update rules and learning-rate schedules.
 
-Schedules are pure functions of the step (no state, no MPI): ``learning_rate(cfg, step,
-steps_per_epoch, total_epochs)``. Epochs are fractional: ``e = step / steps_per_epoch``.
+Schedules are pure functions of the epoch (no state, no MPI): ``learning_rate(cfg, epoch,
+total_epochs)``. Epochs are fractional: after ``s`` steps of ``B`` of ``N`` images, ``e = s B / N``.
 
 - constant: ``lr``.
 - poly: ``lr`` until ``e_start``, then ``lr * (1 - (e - e_start) / (e_end - e_start)) ** power``,
@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from hpcngd.config import OptimConfig
 
 
-def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_epochs: float) -> float:
-    """The learning rate used at ``step`` (0-based)."""
-    e = step / steps_per_epoch
+def learning_rate(cfg: OptimConfig, e: float, total_epochs: float) -> float:
+    """The learning rate of a step that starts ``e`` epochs into the run."""
     if e < cfg.warmup_epochs:
         return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * e / cfg.warmup_epochs
     if cfg.schedule == "constant":

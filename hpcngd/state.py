@@ -17,7 +17,8 @@ What is saved (all world-size independent except ``ranks/``):
                           counts since the last record, row R for rank R (one dataset per key, not per
                           rank: 4,096 ranks' 28,672 datasets took 9 s to write): restored only when the world
                           size is the same. Schema 1 files (``ranks/R/KEY``) are read too.
-The position is the step count (the data order is a function of seed, epoch and step). The writer is
+The position is the step count: the images trained on (the data order is a function of seed and
+stream position, see data/sharding.py). The writer is
 rank 0 with serial h5py; other ranks send it what only they hold, one piece at a time, so its memory
 stays bounded by the largest piece. Reading: rank 0 reads, checks, and broadcasts piece by piece.
 """
@@ -88,12 +89,11 @@ def _set_rank_state(trainer: Trainer, s: dict[str, np.ndarray]) -> None:
 
 
 def _header(trainer: Trainer) -> dict[str, Any]:
-    cfg, topo, spe = trainer.cfg, trainer.topo, trainer.loader.steps_per_epoch
+    cfg, topo = trainer.cfg, trainer.topo
     return {
         "hpcngd_version": __version__,
-        "epoch": trainer.step // spe,
-        "step_in_epoch": trainer.step % spe,
-        "steps_per_epoch": spe,
+        "epoch": round(trainer.epoch_at(trainer.step), 4),
+        "train_samples": trainer.num_samples,
         "batch_size": cfg.data.batch_size,
         "world_size": topo.size,
         "num_nodes": topo.num_nodes,
@@ -405,8 +405,7 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
                 f"optimizer changed ({a['optimizer']} -> {trainer.cfg.optim.name}): its state starts fresh"
             )
 
-    spe_old, spe = int(a["steps_per_epoch"]), trainer.loader.steps_per_epoch
-    step = int(a["epoch"]) * spe + int(a["step_in_epoch"]) * spe // spe_old
+    step = _resume_step(trainer, a, notes)
     if trainer.ngd is not None:
         if not any(n.startswith("ngd/") for n in names):
             notes.append("the checkpoint has no SP-NGD statistics: curvature starts fresh")
@@ -456,12 +455,36 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
                 "(data.micro_batch_size = 0 is the per-rank batch): losses part from the uninterrupted "
                 "run's; a fixed data.micro_batch_size keeps them"
             )
-    if spe != spe_old:
-        notes.append(
-            f"steps per epoch changed ({spe_old} -> {spe}): resuming at epoch {a['epoch']} step {step % spe}"
-        )
     trainer.step = step
     return notes
+
+
+def _resume_step(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> int:
+    """The step to resume at: where the images trained on so far end in the data stream (the same step
+    unless the global batch changed). Notes what moved."""
+    old_step, old_batch, batch = int(a["step"]), int(a["batch_size"]), trainer.cfg.data.batch_size
+    seen = old_step * old_batch
+    step = seen // batch
+    if batch != old_batch:
+        notes.append(
+            f"global batch changed ({old_batch} -> {batch}): {seen} images trained on, resuming at step "
+            f"{step} (epoch {trainer.epoch_at(step):.2f})"
+            + (f"; the last {seen - step * batch} of them are trained on again" if seen % batch else "")
+        )
+    old_n = a.get("train_samples")
+    if old_n is not None and int(old_n) != trainer.num_samples:
+        notes.append(
+            f"training set size changed ({old_n} -> {trainer.num_samples} images): step {step} is epoch "
+            f"{trainer.epoch_at(step):.2f} now, and the sample order from here on is not the one before"
+        )
+    elif old_n is None and trainer.num_samples % old_batch:  # schema 1 and 2: N // B steps an epoch
+        then = old_step / int(a["steps_per_epoch"])
+        notes.append(
+            f"written by an hpcngd whose epochs left out the last {trainer.num_samples % old_batch} images "
+            f"(N mod batch): step {old_step} was epoch {then:.2f} then, is epoch "
+            f"{trainer.epoch_at(old_step):.2f} now, of a run of {trainer.total_steps} steps"
+        )
+    return step
 
 
 _RANK_KEYS = ("torch", "mc", "numpy", "numpy_extra", "python", "python_extra", "ngd_counts")

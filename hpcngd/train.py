@@ -49,7 +49,7 @@ from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
 from hpcngd.config import Config
-from hpcngd.data import Dataset, evaluation_batches, train_loader
+from hpcngd.data import Dataset, evaluation_batches, sharding, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
 from hpcngd.errors import AgreedError, UserError
@@ -104,13 +104,16 @@ class Trainer:
         self.loader = train_loader(data, train_set, topo.rank, topo.size, run.seed, run.channels_last, on_gpu)
         self.local_batch = data.batch_size // topo.size
         self.micro_batch = data.micro_batch_size or self.local_batch
-        self.total_steps = self.loader.steps_per_epoch * cfg.run.epochs
+        self.num_samples = len(train_set)
+        self.total_steps = sharding.run_steps(self.num_samples, data.batch_size, run.epochs)
         if cfg.run.max_steps:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
 
         torch.manual_seed(cfg.run.seed)
         # Built on the CPU (the same init on any device), then moved.
-        self.model = build(cfg.model.arch, cfg.model.num_classes, cfg.model.zero_init_residual)
+        self.model = build(
+            cfg.model.arch, cfg.model.num_classes, cfg.model.zero_init_residual, cfg.model.init
+        )
         self.model.to(self.device).train()
         if run.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -160,7 +163,11 @@ class Trainer:
         self.last_save = time.monotonic()
 
     def lr_at(self, step: int) -> float:
-        return learning_rate(self.cfg.optim, step, self.loader.steps_per_epoch, self.cfg.run.epochs)
+        return learning_rate(self.cfg.optim, self.epoch_at(step), self.cfg.run.epochs)
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs done after ``step`` steps: images seen over the training set's size."""
+        return step * self.cfg.data.batch_size / self.num_samples
 
     def damping_at_step(self, step: int) -> float:
         return damping_at(self.cfg.ngd.damping, self.cfg.ngd.damping_end, step, self.total_steps)
@@ -353,21 +360,22 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run every step of the run; returns the last train and eval figures."""
-        cfg, spe = self.cfg, self.loader.steps_per_epoch
+        cfg, batch, n = self.cfg, self.cfg.data.batch_size, self.num_samples
         last: dict[str, Any] = {}
         self.timer.take()  # set-up and restore (minutes, for a large checkpoint) are not training throughput
-        batches = self.loader.batches(self.step // spe, self.step % spe, cfg.run.epochs)
+        batches = self.loader.batches(self.step, self.total_steps)
         while self.step < self.total_steps:
             with self.timer.phase("data"):
-                epoch, step_in_epoch, images, labels = next(batches)
+                _, images, labels = next(batches)
             self.pending_losses.append(self.train_step(images, labels))
-            epoch_done = step_in_epoch + 1 == spe
+            done = sharding.epochs_done(self.step, batch, n)  # this step ended epoch `done` if it rose
+            epoch_done = done > sharding.epochs_done(self.step - 1, batch, n)
             if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps or epoch_done:
-                last = log_train(self, epoch + (step_in_epoch + 1) / spe, self.pending_losses)
+                last = log_train(self, self.epoch_at(self.step), self.pending_losses)
                 self.pending_losses = []
             every = cfg.log.eval_every_epochs
-            if self.step == self.total_steps or (epoch_done and every and (epoch + 1) % every == 0):
-                last.update(log_eval(self, epoch + (step_in_epoch + 1) / spe))
+            if self.step == self.total_steps or (epoch_done and every and done % every == 0):
+                last.update(log_eval(self, self.epoch_at(self.step)))
                 self.timer.take()  # evaluation time is not training throughput
             reason = self._save_reason()
             if reason:
@@ -411,16 +419,15 @@ class Trainer:
         return path
 
 
-def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
-    """Create the run directory and write the resolved run file (rank 0 only, holding the folders'
-    locks), once a shared checkpoint folder was found to be this run's (:func:`state.check_folder_owner`);
-    create the checkpoint folder too, so that one that cannot be made stops the run now, not at its first
-    checkpoint, and remove the temporary files of checkpoint writers that died there."""
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory (rank 0 only, holding the folders' locks), once a shared checkpoint
+    folder was found to be this run's (:func:`state.check_folder_owner`); create the checkpoint folder
+    too, so that one that cannot be made stops the run now, not at its first checkpoint, and remove the
+    temporary files of checkpoint writers that died there."""
     state.check_folder_owner(cfg)
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(resolved_toml, encoding="utf-8")
         if (run_dir / "metrics.jsonl").is_dir():
             raise IsADirectoryError(f"{run_dir / 'metrics.jsonl'} is a folder")
     except OSError as exc:
@@ -432,3 +439,13 @@ def prepare_run_dir(cfg: Config, resolved_toml: str) -> Path:
         key = "checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir"
         raise UserError(f"{key}: cannot use the checkpoint folder {cfg.checkpoint_dir}: {exc}") from None
     return run_dir
+
+
+def record_run_file(cfg: Config, resolved_toml: str) -> None:
+    """Write the resolved run file as ``<run dir>/config.toml`` (rank 0), once the run is known to start:
+    a run refused at its checkpoints leaves the previous run's record as it was."""
+    path = cfg.run_dir / "config.toml"
+    try:
+        path.write_text(resolved_toml, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"run.output_dir = {cfg.run.output_dir!r}: cannot write {path}: {exc}") from None

@@ -10,7 +10,7 @@ The division of labour keeps DALI and the folder reader interchangeable:
   decodes only the box (``decoders.image_slice``; ``mixed`` = nvJPEG on the GPU with
   ``data.dali_device = "gpu"``), resizes, flips and normalizes, in ``data.workers`` threads.
 So both loaders give the same samples in the same order with the same labels and boxes at any rank
-count, and resuming at (epoch, step) continues the stream exactly (nothing repeated or skipped).
+count, and resuming at a step continues the stream exactly (nothing repeated or skipped).
 Validation: shorter side resized to ``data.val_resize``, then a center crop.
 
 A file DALI cannot decode is found again with Pillow and named in a one-line error.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import io
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,9 +183,9 @@ class DaliTrainLoader(TrainLoader):
         self.cfg = cfg
         self.channels_last = channels_last
 
-    def _feed(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[list[Any], ...]]:
+    def _feed(self, steps: Iterable[int]) -> Iterator[tuple[list[Any], ...]]:
         cfg = self.cfg
-        for keys in self.plans(order):
+        for keys in self.plans(steps):
             paths, encoded, labels, anchors, shapes, flips = [], [], [], [], [], []
             for index, epoch in keys:
                 path, label = self.folder.samples[index]
@@ -201,9 +201,9 @@ class DaliTrainLoader(TrainLoader):
                 flips.append(np.array(int(flip), dtype=np.int32))
             yield paths, encoded, labels, anchors, shapes, flips
 
-    def _decoded(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _decoded(self, steps: Iterable[int]) -> Iterator[tuple[Tensor, Tensor]]:
         batch = self.batch_size // self.world_size
-        return iter(_Pipeline(self.cfg, batch, self._feed(order), True, self.channels_last))
+        return iter(_Pipeline(self.cfg, batch, self._feed(steps), True, self.channels_last))
 
 
 def dali_eval_batches(

@@ -134,39 +134,32 @@ class TrainLoader:
         self.seed = seed
         self.workers = workers
         self.pin_memory = pin_memory
-        self.steps_per_epoch = sharding.steps_per_epoch(len(dataset), batch_size)
 
-    def plans(self, order: Iterable[tuple[int, int]]) -> Iterator[Keys]:
-        """This rank's (index, epoch) keys of each (epoch, step) in ``order``, made as they are asked for.
+    def plans(self, steps: Iterable[int]) -> Iterator[Keys]:
+        """This rank's (index, epoch) keys of each step in ``steps``, made as they are asked for.
 
         An epoch's permutation is drawn once (about 20 ms for ImageNet's 1.28M images), not once per
         step, and no plan is made before its batch is loaded: a run of thousands of steps starts at once.
         """
-        perm_epoch, perm = -1, np.empty(0, dtype=np.int64)
-        for epoch, step in order:
-            if epoch != perm_epoch:
-                perm_epoch, perm = epoch, sharding.epoch_permutation(len(self.dataset), self.seed, epoch)
-            idx = sharding.local_indices(perm, step, self.batch_size, self.rank, self.world_size)
-            yield [(int(i), epoch) for i in idx]
+        n, perms = len(self.dataset), dict[int, np.ndarray]()
+        for step in steps:
+            positions = sharding.local_positions(step, self.batch_size, self.rank, self.world_size)
+            epochs, offsets = np.divmod(positions, n)
+            perms = {e: perm for e, perm in perms.items() if e >= epochs[0]}  # B <= N: at most 2 epochs
+            for epoch in np.unique(epochs).tolist():
+                if epoch not in perms:
+                    perms[epoch] = sharding.epoch_permutation(n, self.seed, epoch)
+            yield [(int(perms[e][o]), e) for e, o in zip(epochs.tolist(), offsets.tolist(), strict=True)]
 
-    def order(self, start_epoch: int, start_step: int, num_epochs: int) -> Iterator[tuple[int, int]]:
-        """The (epoch, step) pairs from ``(start_epoch, start_step)`` to the end of ``num_epochs``."""
-        for e in range(start_epoch, num_epochs):
-            for s in range(start_step if e == start_epoch else 0, self.steps_per_epoch):
-                yield e, s
+    def batches(self, start: int, stop: int) -> Generator[tuple[int, Tensor, Tensor], None, None]:
+        """Yield (step, images, labels) for the steps from ``start`` to ``stop`` (excluded)."""
+        steps = range(start, stop)
+        for step, (images, labels) in zip(steps, self._decoded(steps), strict=True):
+            yield step, images, labels
 
-    def batches(
-        self, start_epoch: int, start_step: int, num_epochs: int
-    ) -> Generator[tuple[int, int, Tensor, Tensor], None, None]:
-        """Yield (epoch, step, images, labels) from ``(start_epoch, start_step)`` to the end."""
-        order = self.order(start_epoch, start_step, num_epochs)
-        decoded = self._decoded(self.order(start_epoch, start_step, num_epochs))
-        for (epoch, step), (images, labels) in zip(order, decoded, strict=True):
-            yield epoch, step, images, labels
-
-    def _decoded(self, order: Iterator[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's (images, labels) of each (epoch, step) in ``order``, decoded and augmented."""
-        return _load(self.dataset, self.plans(order), self.workers, self.pin_memory)
+    def _decoded(self, steps: Iterable[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's (images, labels) of each step in ``steps``, decoded and augmented."""
+        return _load(self.dataset, self.plans(steps), self.workers, self.pin_memory)
 
 
 def eval_batches(

@@ -3,13 +3,19 @@ small CIFAR-style ResNet-8/20/32 of He et al. (2016) for CPU runs.
 
 ResNet-50 here is torchvision's ``resnet50`` (v1.5: stride on the 3x3 conv of a bottleneck), with the
 same module names (``conv1``, ``layer3.2.bn2``, ``fc`` ...), 25,557,032 parameters for 1000 classes, and
-the same initialization (Kaiming-normal fan-out convs, BN gamma 1 / beta 0, torch's default Linear).
+the same initialization (Kaiming-normal fan-out convs, BN gamma 1 / beta 0, torch's default Linear), or
+with ``init="fan_in"`` the released SP-NGD system's (He-normal fan-in convs, fc weights N(0, 2/c_in) and
+bias 0): a conv/fc weight's Frobenius norm then starts at about sqrt(2 c_out), the norm that SP-NGD's
+weight rescaling caps, where fan-out convs start at sqrt(2 c_in) (a 2x cut at the first step for
+layer4's 2048->512 convs, 0.2 of the cap for the stem).
 The CIFAR nets use a 1x1-conv + BN projection shortcut when the shape changes (option B of the paper).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +100,7 @@ class ResNet(nn.Module):
         num_classes: classifier outputs.
         imagenet_stem: 7x7/2 conv + 3x3/2 max-pool (ImageNet) instead of one 3x3 conv (CIFAR).
         zero_init_residual: start every block as identity by zeroing its last BN gamma.
+        init: ``fan_out`` (torchvision's) or ``fan_in`` (the released SP-NGD system's), see above.
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class ResNet(nn.Module):
         num_classes: int,
         imagenet_stem: bool,
         zero_init_residual: bool = False,
+        init: str = "fan_out",
     ) -> None:
         super().__init__()
         c = widths[0]
@@ -123,9 +131,15 @@ class ResNet(nn.Module):
         self.num_stages = len(depths)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
+        if init not in ("fan_out", "fan_in"):
+            raise RuntimeError(f"unknown init {init!r}; config validation should have caught it")
+        if init == "fan_in":
+            nn.init.normal_(self.fc.weight, std=math.sqrt(2.0 / c))
+            nn.init.zeros_(self.fc.bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                mode: Literal["fan_in", "fan_out"] = "fan_in" if init == "fan_in" else "fan_out"
+                nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -141,15 +155,15 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _cifar(n: int) -> Callable[[int, bool], ResNet]:
-    return lambda k, z: ResNet(BasicBlock, [n] * 3, [16, 32, 64], k, False, z)
+def _cifar(n: int) -> Callable[..., ResNet]:
+    return lambda k, **kw: ResNet(BasicBlock, [n] * 3, [16, 32, 64], k, False, **kw)
 
 
-def _imagenet(block: Block, depths: list[int]) -> Callable[[int, bool], ResNet]:
-    return lambda k, z: ResNet(block, depths, [64, 128, 256, 512], k, True, z)
+def _imagenet(block: Block, depths: list[int]) -> Callable[..., ResNet]:
+    return lambda k, **kw: ResNet(block, depths, [64, 128, 256, 512], k, True, **kw)
 
 
-ARCHS: dict[str, Callable[[int, bool], ResNet]] = {
+ARCHS: dict[str, Callable[..., ResNet]] = {
     "resnet8": _cifar(1),
     "resnet20": _cifar(3),
     "resnet32": _cifar(5),
@@ -159,8 +173,8 @@ ARCHS: dict[str, Callable[[int, bool], ResNet]] = {
 }
 
 
-def build(arch: str, num_classes: int, zero_init_residual: bool = False) -> ResNet:
+def build(arch: str, num_classes: int, zero_init_residual: bool = False, init: str = "fan_out") -> ResNet:
     """Build a model by name (see ``ARCHS``)."""
     if arch not in ARCHS:
         raise RuntimeError(f"unknown arch {arch!r}; config validation should have caught it")
-    return ARCHS[arch](num_classes, zero_init_residual)
+    return ARCHS[arch](num_classes, zero_init_residual=zero_init_residual, init=init)

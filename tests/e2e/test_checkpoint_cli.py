@@ -380,8 +380,10 @@ def test_damaged_run_file_attribute_and_latest_pointer(tmp_path: Path, demo: Pat
 
 
 def test_changed_run_file_and_resume_never(tmp_path: Path, demo: Path) -> None:
+    """Refused runs, each leaving the run's record (its resolved run file) as it was."""
     run_file = write_run(tmp_path, demo, extra=SAVE)
     assert hpcngd(str(run_file)).returncode == 0
+    record = (tmp_path / "out/tiny/config.toml").read_text()
     other = hpcngd(str(run_file), "--set", "model.arch=resnet20", ranks=2)
     assert other.returncode == 2
     (line,) = error_lines(other.stderr)
@@ -393,6 +395,7 @@ def test_changed_run_file_and_resume_never(tmp_path: Path, demo: Path) -> None:
     assert allowed.returncode == 2 and "holds another model than resnet20" in allowed.stderr
     never = hpcngd(str(run_file), "--set", "checkpoint.resume=never")
     assert never.returncode == 2 and 'checkpoint.resume = "never" but' in never.stderr
+    assert (tmp_path / "out/tiny/config.toml").read_text() == record
 
 
 def test_inspect(tmp_path: Path, demo: Path) -> None:
@@ -400,7 +403,7 @@ def test_inspect(tmp_path: Path, demo: Path) -> None:
     assert hpcngd(str(run_file)).returncode == 0
     shown = hpcngd("inspect", str(tmp_path / "out/tiny/checkpoints/ckpt-000000004.h5"))
     assert shown.returncode == 0, shown.stderr
-    assert "step 4 (epoch 2, step 0 of 2 in it) | 1 ranks on 1 node(s) | model resnet8" in shown.stdout
+    assert "step 4 (epoch 2.0) | 1 ranks on 1 node(s) | model resnet8" in shown.stdout
     assert "model" in shown.stdout and 'arch = "resnet8"' in shown.stdout
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")

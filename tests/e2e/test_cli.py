@@ -21,6 +21,17 @@ def test_version_and_module_entry() -> None:
     assert out.returncode == 0 and out.stdout.startswith("hpcngd ")
 
 
+def test_a_misspelled_command_is_named() -> None:
+    """`hpcngd RUN.toml` trains, so an unknown first word was taken for a run file: argparse then blamed
+    the run file after it ("unrecognized arguments"), or the word was read as a missing run file."""
+    for args in (["evaluate", "runs/quickstart.toml"], ["trian"], ["inspekt", "out/x/latest"]):
+        res = hpcngd(*args)
+        assert res.returncode == 2 and error_lines(res.stderr) == [
+            f"hpcngd: error: unknown command {args[0]!r} (commands: train, validate, plan, inspect, eval, "
+            "data; `hpcngd RUN.toml` trains)"
+        ], res.stderr
+
+
 def test_validate_prints_resolved_run_file() -> None:
     res = hpcngd("validate", "runs/quickstart.toml", "--set", "optim.lr=0.05", "--world-size", "2")
     assert res.returncode == 0, res.stderr
@@ -172,6 +183,7 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
         res.stdout
     )
     tf32x3 = ["--set", "ngd.precondition_precision=tf32x3", "--set", "optim.weight_rescaling=true"]
+    tf32x3 += ["--set", "model.init=fan_in"]  # rescaling's cap from the start: no note
     two = hpcngd(str(run_file), "--set", "optim.name=spngd", "--set", "run.name=two", *tf32x3, ranks=2)
     assert two.returncode == 0, two.stderr
     assert "weight_rescaling" not in two.stdout and "note: comm.dtype" not in two.stdout
@@ -185,10 +197,17 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
         "comm.dtype=bf16",
         "--set",
         "run.max_steps=1",
+        "--set",
+        "optim.weight_rescaling=true",
+        "--set",
+        "optim.e_end=1.5",
         ranks=2,
     )
     assert bf16.returncode == 0, bf16.stderr
     assert "note: comm.dtype = bf16 rounds the Kronecker factors to 8 significant bits" in bf16.stdout
+    assert "note: optim.weight_rescaling with model.init = fan_out: a conv weight starts at" in bf16.stdout
+    assert "note: optim.e_end = 1.5 < run.epochs = 2: the learning rate is 0 for the last 0.5" in bf16.stdout
+    assert "note: optim.e_end" not in res.stdout
     # no tensor cores on a CPU: said once, and the products stay fp32
     assert two.stdout.count("note: ngd.precondition_precision = tf32x3 needs TF32 tensor cores") == 1
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()

@@ -36,6 +36,12 @@ def test_fp32_matches_the_runs_own_evaluation(trained: tuple[Path, Path, dict[st
     assert f"fp32: top1 {final['val_top1']:.2f}% top5 {final['val_top5']:.2f}%" in done.stdout
     acc = json.loads(out.read_text())["accuracy"]["fp32"]
     assert acc["top1"] == final["val_top1"] and acc["top5"] == final["val_top5"]
+    nowhere = ckpt.parent.parent / "no/such/folder/e.json"  # refused before the evaluation, not after
+    bad = hpcngd("eval", str(run_file), "--checkpoint", str(ckpt), "--json", str(nowhere))
+    assert bad.returncode == 2 and "fp32: top1" not in bad.stdout
+    assert error_lines(bad.stderr) == [
+        f"hpcngd: error: --json {nowhere}: cannot write: {nowhere.parent} is not a writable folder"
+    ]
     assert acc["images"] == final["val_images"] == 20 and acc["nonfinite_logits"] == 0
     assert acc["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 

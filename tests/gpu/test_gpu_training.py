@@ -82,11 +82,10 @@ def perturbed(x: torch.Tensor, noise: float, draw: torch.Generator) -> torch.Ten
 
 def steps(trainer: Trainer, num_steps: int, noise: float = 0.0) -> list[float]:
     """The losses of ``num_steps`` training steps; ``noise``: see :func:`perturbed` (a fixed draw)."""
-    batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
+    batches = trainer.loader.batches(0, trainer.total_steps)
     draw = torch.Generator().manual_seed(0)
     losses = [
-        trainer.train_step(perturbed(x, noise, draw), y)
-        for _, _, x, y in itertools.islice(batches, num_steps)
+        trainer.train_step(perturbed(x, noise, draw), y) for _, x, y in itertools.islice(batches, num_steps)
     ]
     batches.close()
     return losses
@@ -150,8 +149,8 @@ def learn(precision: str, optim: str) -> tuple[Trainer, list[float], int, list[f
         skipped = 0
         losses = []
         scales = []
-        batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
-        for _, _, x, y in itertools.islice(batches, LEARNING_STEPS):  # step by step: the scale after each
+        batches = trainer.loader.batches(0, trainer.total_steps)
+        for _, x, y in itertools.islice(batches, LEARNING_STEPS):  # step by step: the scale after each
             losses.append(trainer.train_step(x, y))
             skipped += trainer.scaler.take_skipped()
             scales.append(trainer.scaler.scale)

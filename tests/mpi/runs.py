@@ -124,7 +124,7 @@ def trained(
 ) -> Iterator[tuple[Trainer, list[float]]]:
     """A Trainer on ``comm`` after ``num_steps`` steps of RUN with ``overrides``, and its losses."""
     with make_trainer(comm, overrides, learnable=learnable) as trainer:
-        batches = trainer.loader.batches(0, 0, trainer.cfg.run.epochs)
-        losses = [trainer.train_step(x, y) for _, _, x, y in itertools.islice(batches, num_steps)]
+        batches = trainer.loader.batches(0, trainer.total_steps)
+        losses = [trainer.train_step(x, y) for _, x, y in itertools.islice(batches, num_steps)]
         batches.close()
         yield trainer, losses

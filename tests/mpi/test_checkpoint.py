@@ -25,7 +25,8 @@ from hpcngd.train import Trainer
 from runs import AUGMENT, SPNGD, flat, make_trainer
 
 SAVE = ["checkpoint.every_steps=5", "checkpoint.keep_last=10", "log.every_steps=4"]
-# 56 images / batch 16 = 3 steps an epoch, 4 epochs: 12 steps; step 5 is in the middle of epoch 1.
+# 56 images / batch 16 = 3.5 steps an epoch, 4 epochs: 14 steps; epochs end in steps 4, 7, 11 and 14
+# (steps 4 and 11 hold the start of the next epoch too); step 5 is in the middle of epoch 1.
 CASES = {
     "sgd-mixup-erasing": AUGMENT,
     "spngd-mc-mixup-erasing": [*SPNGD, *AUGMENT, "ngd.fisher=mc"],
@@ -81,7 +82,7 @@ def test_resume_continues_bit_for_bit(comm: MPI.Comm, folder: Path, overrides: l
     resumed = run(comm, [*overrides, *SAVE], folder, "resumed", resume=str(ckpt))
     assert resumed["from"] == ckpt
     expected = figures(whole["records"], 5)
-    assert [r[:2] for r in expected if r[0] == "eval"] == [("eval", 6), ("eval", 9), ("eval", 12)]
+    assert [r[:2] for r in expected if r[0] == "eval"] == [("eval", 7), ("eval", 11), ("eval", 14)]
     assert figures(resumed["records"], 5) == expected
     assert torch.equal(resumed["params"], whole["params"])
     digests = comm.allgather(hashlib.sha256(resumed["params"].numpy().tobytes()).hexdigest())
@@ -134,8 +135,8 @@ def as_schema_1(path: Path) -> None:
 def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: str) -> None:
     overrides = [*SPNGD, *AUGMENT, "ngd.fisher=mc", *SAVE, f"run.output_dir={folder}", "run.name=r"]
     with make_trainer(comm, overrides, checkpoints=True) as a:
-        batches = a.loader.batches(0, 0, a.cfg.run.epochs)
-        for _, _, x, y in itertools.islice(batches, 5):
+        batches = a.loader.batches(0, a.total_steps)
+        for _, x, y in itertools.islice(batches, 5):
             a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
         batches.close()
         path = a.save_checkpoint("test")

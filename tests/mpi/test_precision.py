@@ -28,8 +28,8 @@ def run(
             lambda g: g * float("inf") if poisoned and t.step == OVERFLOW_STEP else g
         )
         losses, scales = [], []
-        batches = t.loader.batches(0, 0, t.cfg.run.epochs)  # 3 steps an epoch
-        for _, _, x, y in itertools.islice(batches, STEPS):
+        batches = t.loader.batches(0, t.total_steps)  # 56 images, batch 16: 3.5 steps an epoch
+        for _, x, y in itertools.islice(batches, STEPS):
             losses.append(t.train_step(x, y))
             scales.append(t.scaler.scale)
         batches.close()

@@ -227,9 +227,7 @@ def test_missing_file_wrong_format_and_schema(tmp_path: Path) -> None:
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 99
     checkpoint.seal(path)  # as another hpcngd version would have written it
-    with pytest.raises(
-        CheckpointError, match="schema version 99; this hpcngd reads versions 1 and 2"
-    ) as info:
+    with pytest.raises(CheckpointError, match="schema version 99; this hpcngd reads versions 1 to 3") as info:
         Reader(path)
     assert not isinstance(info.value, CorruptCheckpoint)  # resume = auto does not skip it
 
@@ -364,3 +362,48 @@ def test_resume_order_follows_latest_not_the_highest_step(tmp_path: Path) -> Non
     assert order == ["ckpt-000000003.h5", "ckpt-000000004.h5", "ckpt-000000002.h5"]
     (tmp_path / "latest").unlink()
     assert checkpoint.resume_order(tmp_path)[0].name == "ckpt-000000004.h5"
+
+
+def test_a_resume_continues_where_the_images_trained_on_end() -> None:
+    """The step to resume at, from a checkpoint's header: the same step, unless the global batch or the
+    training set changed or the file is from an hpcngd whose epochs were N // B steps (schema 1, 2)."""
+    import sys
+
+    from mpi4py import MPI
+
+    from hpcngd.state import _resume_step
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))
+    from runs import make_trainer
+
+    with make_trainer(MPI.COMM_SELF, []) as t:  # 56 images, batch 16: 3.5 steps an epoch, 14 steps
+        cases = [
+            ({"step": 5, "batch_size": 16, "train_samples": 56}, 5, []),
+            (
+                {"step": 5, "batch_size": 8, "train_samples": 56},
+                2,
+                [
+                    "global batch changed (8 -> 16): 40 images trained on, resuming at step 2 (epoch "
+                    "0.57); the last 8 of them are trained on again"
+                ],
+            ),
+            (
+                {"step": 5, "batch_size": 16, "train_samples": 60},
+                5,
+                [
+                    "training set size changed (60 -> 56 images): step 5 is epoch 1.43 now, and the "
+                    "sample order from here on is not the one before"
+                ],
+            ),
+            (
+                {"step": 6, "batch_size": 16, "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 3},
+                6,
+                [
+                    "written by an hpcngd whose epochs left out the last 8 images (N mod batch): step 6 "
+                    "was epoch 2.00 then, is epoch 1.71 now, of a run of 14 steps"
+                ],
+            ),
+        ]
+        for header, step, notes in cases:
+            got: list[str] = []
+            assert (_resume_step(t, header, got), got) == (step, notes)

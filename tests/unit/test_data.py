@@ -69,18 +69,9 @@ def test_workers_do_not_change_batches(demo: Path) -> None:
     runs = []
     for workers in (0, 2):
         loader = TrainLoader(train, batch_size=12, rank=1, world_size=2, seed=3, workers=workers)
-        runs.append(list(loader.batches(0, 2, 2)))
-    assert [(e, s) for e, s, _, _ in runs[0]] == [
-        (0, 2),
-        (0, 3),
-        (0, 4),
-        (1, 0),
-        (1, 1),
-        (1, 2),
-        (1, 3),
-        (1, 4),
-    ]
-    for (_, _, x0, y0), (_, _, x1, y1) in zip(*runs, strict=True):
+        runs.append(list(loader.batches(2, 10)))
+    assert [s for s, _, _ in runs[0]] == list(range(2, 10))
+    for (_, x0, y0), (_, x1, y1) in zip(*runs, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
     labels = torch.cat([y for _, y in eval_batches(val, 3, rank=0, world_size=1, workers=2)])
     assert labels.tolist() == [label for _, label in val.samples]  # type: ignore[attr-defined]
@@ -182,15 +173,14 @@ def test_plans_are_made_as_batches_are_asked_for(monkeypatch: pytest.MonkeyPatch
         return permutation(num_samples, seed, epoch)
 
     monkeypatch.setattr(sharding, "epoch_permutation", counted)
-    loader = TrainLoader(SyntheticImages(40, 4, 3, 0), batch_size=8, rank=1, world_size=2, seed=5, workers=0)
-    batches = loader.batches(0, 3, 1000)  # 5 steps an epoch
-    got = [next(batches)[:2] for _ in range(8)]
-    assert got == [(0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0)]
-    assert drawn == [0, 1, 2]
-    plans = loader.plans([(1, 2), (1, 3), (4, 0)])
-    for (epoch, step), keys in zip([(1, 2), (1, 3), (4, 0)], plans, strict=True):
-        idx = sharding.local_indices(permutation(40, 5, epoch), step, 8, 1, 2)
-        assert keys == [(int(i), epoch) for i in idx] == next(loader.plans([(epoch, step)]))
+    loader = TrainLoader(SyntheticImages(40, 4, 3, 0), batch_size=12, rank=0, world_size=2, seed=5, workers=0)
+    batches = loader.batches(3, 1000)  # 40 / 12 = 3.33 steps an epoch
+    got = [next(batches)[0] for _ in range(5)]
+    assert got == [3, 4, 5, 6, 7]
+    assert drawn == [0, 1, 2]  # positions 36-41 (epochs 0 and 1) to 84-89 (epoch 2)
+    for step, keys in zip([3, 9, 0], loader.plans([3, 9, 0]), strict=True):
+        positions = range(step * 12, step * 12 + 6)  # rank 0's half of the global batch
+        assert keys == [(int(permutation(40, 5, p // 40)[p % 40]), p // 40) for p in positions]
 
 
 def test_a_listing_from_another_rank_needs_the_folder_here(demo: Path, tmp_path: Path) -> None:

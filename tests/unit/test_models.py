@@ -44,3 +44,23 @@ def test_zero_init_residual() -> None:
     assert float(model.layer1[0].bn3.weight.detach().abs().sum()) == 0
     assert float(model.layer1[0].bn2.weight.detach().abs().sum()) > 0
     assert float(build("resnet20", 10).layer1[0].bn2.weight.detach().sum()) == 16
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet20"])
+def test_fan_in_init_starts_every_weight_at_the_rescaling_cap(arch: str) -> None:
+    """init = fan_in: every conv/fc weight's norm is about sqrt(2 c_out), what weight rescaling caps; the
+    default (torchvision's fan-out convs) starts a conv at sqrt(2 c_in), the stem at 0.2 of the cap."""
+    torch.manual_seed(0)
+    for init in ("fan_in", "fan_out"):
+        model = build(arch, 1000 if arch == "resnet50" else 10, init=init)
+        ratios = {
+            name: float(m.weight.norm()) / (2 * m.weight.shape[0]) ** 0.5
+            for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+        }
+        if init == "fan_in":
+            assert all(0.9 < r < 1.1 for r in ratios.values()), ratios
+            assert float(model.fc.bias.abs().max()) == 0.0
+        else:
+            want = (model.conv1.in_channels / model.conv1.out_channels) ** 0.5
+            assert ratios["conv1"] == pytest.approx(want, rel=0.1)

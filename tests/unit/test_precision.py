@@ -95,8 +95,8 @@ def test_fp16_overflow_skips_the_step_and_the_due_factors_stay_due() -> None:
     """An inf in one gradient: no update, scale halved, nothing refreshed, the next step refreshes."""
     overrides = [*SPNGD_LEARNING, "run.precision=fp16", "run.loss_scale_init=1024", "model.arch=resnet8"]
     with make_trainer(MPI.COMM_SELF, overrides, learnable=True) as t:
-        batches = t.loader.batches(0, 0, 1)
-        _, _, x, y = next(batches)
+        batches = t.loader.batches(0, t.total_steps)
+        _, x, y = next(batches)
         t.train_step(x, y)
         assert t.scaler.scale == 1024.0 and t.ngd_counts["refreshed"] > 0
         refreshed = t.ngd_counts["refreshed"]
@@ -105,7 +105,7 @@ def test_fp16_overflow_skips_the_step_and_the_due_factors_stay_due() -> None:
         schedules = {k: (s.schedule.interval, s.schedule.next_step) for k, s in t.ngd.stats.items()}
         fc = t.model.fc.weight
         handle = fc.register_hook(lambda g: g * float("inf"))
-        _, _, x, y = next(batches)
+        _, x, y = next(batches)
         t.train_step(x, y)
         handle.remove()
         assert t.step == 2 and t.scaler.scale == 512.0 and t.scaler.skipped == 1
@@ -119,7 +119,7 @@ def test_fp16_overflow_skips_the_step_and_the_due_factors_stay_due() -> None:
         )
         assert t.ngd_counts["refreshed"] == refreshed  # nothing refreshed at the skipped step
         assert {k: (s.schedule.interval, s.schedule.next_step) for k, s in t.ngd.stats.items()} == schedules
-        _, _, x, y = next(batches)
+        _, x, y = next(batches)
         t.train_step(x, y)  # due again: every statistic (threshold 0) refreshes
         assert t.ngd_counts["refreshed"] == 2 * refreshed
         assert not all(torch.equal(a, p) for a, p in zip(before, t.model.parameters(), strict=True))

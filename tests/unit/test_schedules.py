@@ -12,8 +12,8 @@ from hpcngd.models.resnet import build
 from hpcngd.optim import build_optimizer, learning_rate, param_groups
 
 
-def lr(step: int, spe: int = 10, epochs: float = 10, **kw: object) -> float:
-    return learning_rate(OptimConfig(**kw), step, spe, epochs)  # type: ignore[arg-type]
+def lr(step: int, spe: float = 10, epochs: float = 10, **kw: object) -> float:
+    return learning_rate(OptimConfig(**kw), step / spe, epochs)  # type: ignore[arg-type]
 
 
 def test_constant() -> None:

@@ -8,40 +8,47 @@ import pytest
 from hpcngd.data import sharding
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
-def test_every_sample_once_per_epoch(world_size: int) -> None:
-    num_samples, batch = 96, 24
-    for epoch in range(3):
-        perm = sharding.epoch_permutation(num_samples, seed=7, epoch=epoch)
-        seen = [
-            i
-            for step in range(sharding.steps_per_epoch(num_samples, batch))
-            for rank in range(world_size)
-            for i in sharding.local_indices(perm, step, batch, rank, world_size)
-        ]
-        assert sorted(seen) == list(range(num_samples))
+def stream_samples(num_samples: int, seed: int, steps: range, batch: int, world_size: int) -> list[int]:
+    """The samples of ``steps`` in the order ranks 0, 1, ... take them, step after step."""
+    out = []
+    for step in steps:
+        for rank in range(world_size):
+            for p in sharding.local_positions(step, batch, rank, world_size).tolist():
+                out.append(
+                    int(sharding.epoch_permutation(num_samples, seed, p // num_samples)[p % num_samples])
+                )
+    return out
 
 
-def test_remainder_dropped_and_varies_by_epoch() -> None:
-    num_samples, batch = 100, 24  # 4 steps of 24; 4 samples left out, different ones each epoch
-    left_out = []
-    for epoch in range(2):
-        perm = sharding.epoch_permutation(num_samples, 0, epoch)
-        seen = {int(i) for s in range(4) for i in sharding.local_indices(perm, s, batch, 0, 1)}
-        assert len(seen) == 96
-        left_out.append(set(range(num_samples)) - seen)
-    assert left_out[0] != left_out[1]
-    with pytest.raises(RuntimeError, match="past the end"):
-        sharding.local_indices(sharding.epoch_permutation(num_samples, 0, 0), 4, batch, 0, 1)
+@pytest.mark.parametrize(("num_samples", "world_size"), [(96, 1), (96, 3), (100, 2), (100, 4), (100, 8)])
+def test_every_sample_once_per_epoch(num_samples: int, world_size: int) -> None:
+    """An epoch is N samples of the stream, so each epoch holds every sample once even when the batch
+    (24) does not divide N: a step then ends one epoch and starts the next."""
+    batch = 24
+    steps = sharding.run_steps(num_samples, batch, 6)
+    seen = stream_samples(num_samples, 7, range(steps), batch, world_size)
+    assert len(seen) == steps * batch >= 6 * num_samples
+    for epoch in range(6):
+        assert sorted(seen[epoch * num_samples : (epoch + 1) * num_samples]) == list(range(num_samples))
+    assert seen[: 2 * num_samples] != 2 * seen[:num_samples]  # a new order each epoch
+
+
+def test_run_length_and_epochs_done() -> None:
+    # ImageNet's 1,281,167 images: SPNGD.md's 45 epochs at 32K are 1,760 steps; 80 at 131K are 782
+    assert sharding.run_steps(1_281_167, 32768, 45) == 1760
+    assert sharding.run_steps(1_281_167, 131072, 80) == 782
+    assert sharding.run_steps(96, 24, 3) == 12 and sharding.run_steps(100, 24, 3) == 13
+    assert [sharding.epochs_done(s, 24, 100) for s in (0, 4, 5, 8, 9)] == [0, 0, 1, 1, 2]
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_global_batch_does_not_depend_on_rank_count(world_size: int) -> None:
-    perm = sharding.epoch_permutation(1000, 3, 5)
     for step in range(3):
-        single = sharding.local_indices(perm, step, 64, 0, 1)
-        parts = [sharding.local_indices(perm, step, 64, r, world_size) for r in range(world_size)]
+        single = sharding.local_positions(step, 64, 0, 1)
+        parts = [sharding.local_positions(step, 64, r, world_size) for r in range(world_size)]
         np.testing.assert_array_equal(np.concatenate(parts), single)
+    with pytest.raises(RuntimeError, match="does not split over 3 ranks"):
+        sharding.local_positions(0, 64, 0, 3)
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch() -> None:
