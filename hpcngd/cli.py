@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
         first = args_list[0]
-        if not (first.endswith(".toml") or os.path.exists(first)):  # a misspelled command, most likely
+        if not (first.endswith(".toml") or os.sep in first or os.path.exists(first)):  # a misspelled command
             _parser().error(
                 f"unknown command {first!r} (commands: {', '.join(COMMANDS)}; `hpcngd RUN.toml` trains)"
             )
@@ -204,8 +204,11 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = config.load(args.run_file, args.overrides)
     torch.set_num_threads(_threads(cfg.run.threads, 1))
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and not os.access(json_path.parent, os.W_OK):  # say so before the evaluation
-        raise UserError(f"--json {json_path}: cannot write: {json_path.parent} is not a writable folder")
+    if json_path is not None:  # said before the evaluation, not after it
+        if json_path.is_dir():
+            raise UserError(f"--json {json_path}: cannot write: it is a folder")
+        if not os.access(json_path.parent, os.W_OK):
+            raise UserError(f"--json {json_path}: cannot write: {json_path.parent} is not a writable folder")
     study(
         cfg,
         Path(args.checkpoint),

@@ -317,8 +317,9 @@ class CommConfig(Section):
     )
 
 
-# Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them.
-TRAJECTORY_KEYS = ("model.*", "data.batch_size", "optim.name", "run.seed")
+# Keys whose change makes a checkpoint's state meaningless unless checkpoint.allow_changes lists them
+# (model.init and model.zero_init_residual only set weights that a resume overwrites).
+TRAJECTORY_KEYS = ("model.arch", "model.num_classes", "data.batch_size", "optim.name", "run.seed")
 # Keys that place the run directory: a checkpoint.dir outside it that holds checkpoints written from
 # another run directory is refused (state.check_folder_owner), unless checkpoint.allow_changes lists one.
 IDENTITY_KEYS = ("run.name", "run.output_dir")
@@ -351,8 +352,9 @@ class CheckpointConfig(Section):
     allow_changes: tuple[str, ...] = opt(
         (),
         "Run-file keys (section.key) that may differ from the checkpoint's although they change the "
-        "trajectory: model.*, data.batch_size, optim.name, run.seed; with a checkpoint.dir outside the run "
-        "directory also run.name and run.output_dir (the folder may be another run's).",
+        "trajectory: model.arch, model.num_classes, data.batch_size, optim.name, run.seed; with a "
+        "checkpoint.dir outside the run directory also run.name and run.output_dir (the folder may be "
+        "another run's).",
     )
 
     def check(self) -> None:

@@ -9,7 +9,7 @@ What is saved (all world-size independent except ``ranks/``):
                           interval and next refresh step as attributes; ``inverse``: the cached inverse,
                           sent to the writer by the rank that owns the layer (inverses are kept, not
                           recomputed, because each was damped at its own refresh step)
-  mixup/images, targets   the previous mixed global batch of running mixup, gathered slice by slice
+  mixup/images, targets   running mixup's previous global batch (mixed, then erased), gathered slice by slice
                           (when at most checkpoint.mixup_max_mib: at 32K images of 224 px it is 19.7 GB)
   log/pending_losses      losses since the last metrics record (the record after a resume is exact)
   precision (attributes)  fp16 loss scale state (scale, good_steps, skips_in_a_row)
@@ -471,18 +471,22 @@ def _resume_step(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> int:
             f"{step} (epoch {trainer.epoch_at(step):.2f})"
             + (f"; the last {seen - step * batch} of them are trained on again" if seen % batch else "")
         )
-    old_n = a.get("train_samples")
-    if old_n is not None and int(old_n) != trainer.num_samples:
+    n = trainer.num_samples
+    if int(a["schema_version"]) < 3:  # N // B steps an epoch (the same N, most likely, if that count is)
+        old_spe = int(a.get("steps_per_epoch", 0))
+        changed = old_spe != n // old_batch
+        if changed or n % old_batch:
+            then, now = old_step / max(old_spe, 1), trainer.epoch_at(step)
+            notes.append(
+                f"written by an hpcngd whose epochs were N // batch steps ({old_spe}), leaving the last N "
+                f"mod batch images out: step {old_step} was epoch {then:.2f} then; resuming at step {step}, "
+                f"epoch {now:.2f} now, of a run of {trainer.total_steps} steps"
+                + (f" (the training set changed: {n} images now)" if changed else "")
+            )
+    elif int(a.get("train_samples", n)) != n:
         notes.append(
-            f"training set size changed ({old_n} -> {trainer.num_samples} images): step {step} is epoch "
+            f"training set size changed ({a['train_samples']} -> {n} images): step {step} is epoch "
             f"{trainer.epoch_at(step):.2f} now, and the sample order from here on is not the one before"
-        )
-    elif old_n is None and trainer.num_samples % old_batch:  # schema 1 and 2: N // B steps an epoch
-        then = old_step / int(a["steps_per_epoch"])
-        notes.append(
-            f"written by an hpcngd whose epochs left out the last {trainer.num_samples % old_batch} images "
-            f"(N mod batch): step {old_step} was epoch {then:.2f} then, is epoch "
-            f"{trainer.epoch_at(old_step):.2f} now, of a run of {trainer.total_steps} steps"
         )
     return step
 

@@ -393,6 +393,14 @@ def test_changed_run_file_and_resume_never(tmp_path: Path, demo: Path) -> None:
         str(run_file), "--set", "model.arch=resnet20", "--set", 'checkpoint.allow_changes=["model.*"]'
     )
     assert allowed.returncode == 2 and "holds another model than resnet20" in allowed.stderr
+    # the initialization only sets weights that a resume overwrites: not a trajectory change
+    init = hpcngd(str(run_file), "--set", "model.init=fan_in", "--set", "model.zero_init_residual=true")
+    assert init.returncode == 0 and "nothing to do" in init.stdout, init.stderr
+    assert "run file differs from the checkpoint's: " in init.stdout
+    assert "model.zero_init_residual False -> True" in init.stdout and "model.init 'fan_out' -> 'fan_in'" in (
+        init.stdout
+    )
+    record = (tmp_path / "out/tiny/config.toml").read_text()
     never = hpcngd(str(run_file), "--set", "checkpoint.resume=never")
     assert never.returncode == 2 and 'checkpoint.resume = "never" but' in never.stderr
     assert (tmp_path / "out/tiny/config.toml").read_text() == record

@@ -30,6 +30,8 @@ def test_a_misspelled_command_is_named() -> None:
             f"hpcngd: error: unknown command {args[0]!r} (commands: train, validate, plan, inspect, eval, "
             "data; `hpcngd RUN.toml` trains)"
         ], res.stderr
+    path = hpcngd("runs/nothere")  # a path is a run file, found or not
+    assert path.returncode == 2 and "runs/nothere: cannot read run file" in path.stderr, path.stderr
 
 
 def test_validate_prints_resolved_run_file() -> None:

@@ -42,6 +42,11 @@ def test_fp32_matches_the_runs_own_evaluation(trained: tuple[Path, Path, dict[st
     assert error_lines(bad.stderr) == [
         f"hpcngd: error: --json {nowhere}: cannot write: {nowhere.parent} is not a writable folder"
     ]
+    folder = hpcngd("eval", str(run_file), "--checkpoint", str(ckpt), "--json", str(ckpt.parent))
+    assert folder.returncode == 2 and "fp32: top1" not in folder.stdout
+    assert error_lines(folder.stderr) == [
+        f"hpcngd: error: --json {ckpt.parent}: cannot write: it is a folder"
+    ]
     assert acc["images"] == final["val_images"] == 20 and acc["nonfinite_logits"] == 0
     assert acc["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
 

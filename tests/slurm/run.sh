@@ -106,7 +106,7 @@ out=hpcngd-slurmtest-quick-$job.out
 grep -q '"kind": "eval"' out/slurmtest-quick/metrics.jsonl
 grep -q '"val_top1"' out/slurmtest-quick/metrics.jsonl
 grep -q "2 ranks on 1 node(s)" "$out"
-grep -q "done: 46 steps, final val_top1" "$out"
+grep -q "done: 47 steps, final val_top1" "$out"  # 2 epochs of 3,000 images, batch 128
 echo "slurm test: quickstart job $job COMPLETED in ${SECONDS} s: $(grep -o 'final val_top1 [0-9.]*%' "$out")"
 SECONDS=0
 
@@ -132,6 +132,6 @@ wait_state "$job" "COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL" 300
 restarts=$(scontrol show job "$job" | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
 [ "$restarts" -ge 1 ]
 grep -q "resuming from .*out/slurmtest-signal/checkpoints/ckpt-" "$out"
-grep -q "done: 92 steps" "$out"
+grep -q "done: 94 steps" "$out"
 echo "slurm test: signalled job $job checkpointed, exited 3, was requeued ($restarts restart) and resumed to COMPLETED (${SECONDS} s)"
 echo "slurm test: PASSED"

@@ -377,10 +377,12 @@ def test_a_resume_continues_where_the_images_trained_on_end() -> None:
     from runs import make_trainer
 
     with make_trainer(MPI.COMM_SELF, []) as t:  # 56 images, batch 16: 3.5 steps an epoch, 14 steps
+        v3 = {"schema_version": 3, "train_samples": 56}
+        v2 = {"schema_version": 2, "epoch": 2, "step_in_epoch": 0}
         cases = [
-            ({"step": 5, "batch_size": 16, "train_samples": 56}, 5, []),
+            ({**v3, "step": 5, "batch_size": 16}, 5, []),
             (
-                {"step": 5, "batch_size": 8, "train_samples": 56},
+                {**v3, "step": 5, "batch_size": 8},
                 2,
                 [
                     "global batch changed (8 -> 16): 40 images trained on, resuming at step 2 (epoch "
@@ -388,7 +390,7 @@ def test_a_resume_continues_where_the_images_trained_on_end() -> None:
                 ],
             ),
             (
-                {"step": 5, "batch_size": 16, "train_samples": 60},
+                {**v3, "step": 5, "batch_size": 16, "train_samples": 60},
                 5,
                 [
                     "training set size changed (60 -> 56 images): step 5 is epoch 1.43 now, and the "
@@ -396,13 +398,32 @@ def test_a_resume_continues_where_the_images_trained_on_end() -> None:
                 ],
             ),
             (
-                {"step": 6, "batch_size": 16, "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 3},
+                {**v2, "step": 6, "batch_size": 16, "steps_per_epoch": 3},
                 6,
                 [
-                    "written by an hpcngd whose epochs left out the last 8 images (N mod batch): step 6 "
-                    "was epoch 2.00 then, is epoch 1.71 now, of a run of 14 steps"
+                    "written by an hpcngd whose epochs were N // batch steps (3), leaving the last N mod "
+                    "batch images out: step 6 was epoch 2.00 then; resuming at step 6, epoch 1.71 now, of a "
+                    "run of 14 steps"
                 ],
             ),
+            (
+                {**v2, "step": 8, "batch_size": 8, "steps_per_epoch": 8},  # 64 images then
+                4,
+                [
+                    "global batch changed (8 -> 16): 64 images trained on, resuming at step 4 (epoch 1.14)",
+                    "written by an hpcngd whose epochs were N // batch steps (8), leaving the last N mod "
+                    "batch images out: step 8 was epoch 1.00 then; resuming at step 4, epoch 1.14 now, of a "
+                    "run of 14 steps (the training set changed: 56 images now)",
+                ],
+            ),
+            (
+                {**v2, "step": 7, "batch_size": 8, "steps_per_epoch": 7},
+                3,
+                [
+                    "global batch changed (8 -> 16): 56 images trained on, resuming at step 3 (epoch 0.86); "
+                    "the last 8 of them are trained on again"
+                ],
+            ),  # 56 = 7 x 8: no image was left out then
         ]
         for header, step, notes in cases:
             got: list[str] = []
