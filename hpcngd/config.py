@@ -34,7 +34,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # Sections
 # --------------------------------------------------------------------------------------------------
 
-MODEL_ARCHS = ("resnet8", "resnet20", "resnet32", "resnet18", "resnet34", "resnet50")
+MODEL_ARCHS = ("resnet8", "resnet20", "resnet32", "resnet18", "resnet34", "resnet50", "resnet50d")
 
 
 @dataclass(frozen=True)

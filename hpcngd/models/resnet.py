@@ -8,6 +8,9 @@ with ``init="fan_in"`` the released SP-NGD system's (He-normal fan-in convs, fc 
 bias 0): a conv/fc weight's Frobenius norm then starts at about sqrt(2 c_out), the norm that SP-NGD's
 weight rescaling caps, where fan-out convs start at sqrt(2 c_in) (a 2x cut at the first step for
 layer4's 2048->512 convs, 0.2 of the cap for the stem).
+ResNet-50-D (He et al., "Bag of Tricks", 2019), the released SP-NGD system's model, differs in its stem
+(three 3x3 convs, to 32, 32 and 64 channels) and its strided shortcuts (a 2x2 average pool, then an
+unstrided 1x1 conv): 25,576,264 parameters for 1000 classes.
 The CIFAR nets use a 1x1-conv + BN projection shortcut when the shape changes (option B of the paper).
 """
 
@@ -29,9 +32,14 @@ def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
 
-def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+def _shortcut(c_in: int, c_out: int, stride: int, avg_down: bool) -> nn.Module | None:
+    """None (identity), a strided 1x1 conv + BN, or (``avg_down``, ResNet-D) a 2x2 average pool, then an
+    unstrided 1x1 conv + BN, so the shortcut sees every input pixel."""
     if stride == 1 and c_in == c_out:
         return None
+    if avg_down and stride > 1:
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        return nn.Sequential(pool, _conv1x1(c_in, c_out), nn.BatchNorm2d(c_out))
     return nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
 
 
@@ -40,14 +48,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, width: int, stride: int = 1, avg_down: bool = False) -> None:
         super().__init__()
         self.conv1 = _conv3x3(c_in, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(width, width)
         self.bn2 = nn.BatchNorm2d(width)
-        self.downsample = _shortcut(c_in, width, stride)
+        self.downsample = _shortcut(c_in, width, stride, avg_down)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -64,7 +72,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+    def __init__(self, c_in: int, width: int, stride: int = 1, avg_down: bool = False) -> None:
         super().__init__()
         c_out = width * self.expansion
         self.conv1 = _conv1x1(c_in, width)
@@ -74,7 +82,7 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(width, c_out)
         self.bn3 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(c_in, c_out, stride)
+        self.downsample = _shortcut(c_in, c_out, stride, avg_down)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -98,7 +106,10 @@ class ResNet(nn.Module):
         depths: blocks per stage.
         widths: base width per stage (the block's output is width * expansion).
         num_classes: classifier outputs.
-        imagenet_stem: 7x7/2 conv + 3x3/2 max-pool (ImageNet) instead of one 3x3 conv (CIFAR).
+        stem: ``cifar`` (one 3x3 conv), ``imagenet`` (7x7/2 conv + 3x3/2 max-pool) or ``deep`` (ResNet-D:
+            3x3/2 conv to 32, 3x3 to 32, 3x3 to the first width, each but the last with BN and ReLU,
+            then the max-pool).
+        avg_down: ResNet-D's shortcuts (average pool, then an unstrided 1x1 conv) where blocks stride.
         zero_init_residual: start every block as identity by zeroing its last BN gamma.
         init: ``fan_out`` (torchvision's) or ``fan_in`` (the released SP-NGD system's), see above.
     """
@@ -109,23 +120,32 @@ class ResNet(nn.Module):
         depths: list[int],
         widths: list[int],
         num_classes: int,
-        imagenet_stem: bool,
+        stem: str,
+        avg_down: bool = False,
         zero_init_residual: bool = False,
         init: str = "fan_out",
     ) -> None:
         super().__init__()
         c = widths[0]
-        if imagenet_stem:
+        self.conv1: nn.Module
+        if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False)
+        elif stem == "deep":
+            self.conv1 = nn.Sequential(
+                _conv3x3(3, 32, 2), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                _conv3x3(32, 32), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                _conv3x3(32, c),
+            )  # fmt: skip
         else:
             self.conv1 = _conv3x3(3, c)
         self.bn1 = nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if imagenet_stem else nn.Identity()
+        pooled = stem in ("imagenet", "deep")
+        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if pooled else nn.Identity()
         for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             blocks = []
             for j in range(depth):
-                blocks.append(block(c, width, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(c, width, stride=2 if (i > 0 and j == 0) else 1, avg_down=avg_down))
                 c = width * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(depths)
@@ -156,11 +176,12 @@ class ResNet(nn.Module):
 
 
 def _cifar(n: int) -> Callable[..., ResNet]:
-    return lambda k, **kw: ResNet(BasicBlock, [n] * 3, [16, 32, 64], k, False, **kw)
+    return lambda k, **kw: ResNet(BasicBlock, [n] * 3, [16, 32, 64], k, "cifar", **kw)
 
 
-def _imagenet(block: Block, depths: list[int]) -> Callable[..., ResNet]:
-    return lambda k, **kw: ResNet(block, depths, [64, 128, 256, 512], k, True, **kw)
+def _imagenet(block: Block, depths: list[int], d: bool = False) -> Callable[..., ResNet]:
+    stem = "deep" if d else "imagenet"
+    return lambda k, **kw: ResNet(block, depths, [64, 128, 256, 512], k, stem, d, **kw)
 
 
 ARCHS: dict[str, Callable[..., ResNet]] = {
@@ -170,6 +191,7 @@ ARCHS: dict[str, Callable[..., ResNet]] = {
     "resnet18": _imagenet(BasicBlock, [2, 2, 2, 2]),
     "resnet34": _imagenet(BasicBlock, [3, 4, 6, 3]),
     "resnet50": _imagenet(Bottleneck, [3, 4, 6, 3]),
+    "resnet50d": _imagenet(Bottleneck, [3, 4, 6, 3], d=True),
 }
 
 

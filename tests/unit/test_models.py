@@ -64,3 +64,20 @@ def test_fan_in_init_starts_every_weight_at_the_rescaling_cap(arch: str) -> None
         else:
             want = (model.conv1.in_channels / model.conv1.out_channels) ** 0.5
             assert ratios["conv1"] == pytest.approx(want, rel=0.1)
+
+
+def test_resnet50d_stem_and_shortcuts() -> None:
+    """ResNet-50-D (the released SP-NGD system's model): three 3x3 convs in the stem, and where a block
+    strides, a 2x2 average pool before an unstrided 1x1 shortcut conv."""
+    model = build("resnet50d", 1000)
+    assert sum(p.numel() for p in model.parameters()) == 25_576_264
+    convs = [m for m in model.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
+        (3, 32, 2),
+        (32, 32, 1),
+        (32, 64, 1),
+    ]
+    for stage, stride in ((model.layer1, 1), (model.layer2, 2), (model.layer4, 2)):
+        pool, conv, _ = stage[0].downsample if stride > 1 else (None, *stage[0].downsample)
+        assert conv.stride == (1, 1) and (pool is None or pool.stride == 2)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
