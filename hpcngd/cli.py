@@ -51,7 +51,10 @@ EXIT_STOPPED = 3  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: reque
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpcngd", description="SP-NGD training of ResNets over MPI ranks.")
+    p = argparse.ArgumentParser(
+        prog="hpcngd",
+        description="SP-NGD training of ResNets over MPI ranks (`hpcngd RUN.toml` trains, as train).",
+    )
     p.add_argument("--version", action="version", version=f"hpcngd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     overrides = argparse.ArgumentParser(add_help=False)
@@ -68,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", parents=[overrides], help="check a run file and print it resolved")
     val.add_argument("--world-size", type=_positive, default=0, help="also check against this rank count")
     plan = sub.add_parser("plan", parents=[overrides], help="print the layer-to-rank plan (no MPI needed)")
-    plan.add_argument("--world-size", type=_positive, required=True)
+    plan.add_argument("--world-size", type=_positive, required=True, help="ranks of the planned job")
     plan.add_argument("--ranks-per-node", type=_positive, default=0, help="default: comm.ranks_per_node or 1")
     inspect = sub.add_parser("inspect", help="print what a checkpoint file holds")
     inspect.add_argument("checkpoint")
@@ -83,16 +86,18 @@ def _parser() -> argparse.ArgumentParser:
         help="default: data.micro_batch_size or min(batch_size, 256)",
     )
     ev.add_argument("--max-batches", type=_positive, default=0, help="evaluate the first N batches only")
-    ev.add_argument("--repeats", type=_positive, default=5, help="timed forwards per precision (median)")
+    ev.add_argument(
+        "--repeats", type=_positive, default=5, help="timed forwards per precision, median taken (default: 5)"
+    )
     ev.add_argument("--json", metavar="OUT.json", help="also write every figure to this file")
     data = sub.add_parser("data", help="data set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     demo = data_sub.add_parser("demo", help="write the procedural demo data set")
-    demo.add_argument("out_dir")
-    demo.add_argument("--train-per-class", type=_positive, default=300)
-    demo.add_argument("--val-per-class", type=_positive, default=50)
-    demo.add_argument("--size", type=_positive, default=64, help="image side in pixels")
-    demo.add_argument("--seed", type=_natural, default=0)
+    demo.add_argument("out_dir", help="a new or empty folder; train/ and val/ go into it")
+    demo.add_argument("--train-per-class", type=_positive, default=300, help="default: 300 (10 classes)")
+    demo.add_argument("--val-per-class", type=_positive, default=50, help="default: 50")
+    demo.add_argument("--size", type=_positive, default=64, help="image side in pixels (default: 64)")
+    demo.add_argument("--seed", type=_natural, default=0, help="default: 0")
     return p
 
 
