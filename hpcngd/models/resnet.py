@@ -153,12 +153,12 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(c, num_classes)
         if init not in ("fan_out", "fan_in"):
             raise RuntimeError(f"unknown init {init!r}; config validation should have caught it")
-        if init == "fan_in":
+        mode: Literal["fan_in", "fan_out"] = "fan_in" if init == "fan_in" else "fan_out"
+        if mode == "fan_in":
             nn.init.normal_(self.fc.weight, std=math.sqrt(2.0 / c))
             nn.init.zeros_(self.fc.bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                mode: Literal["fan_in", "fan_out"] = "fan_in" if init == "fan_in" else "fan_out"
                 nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
