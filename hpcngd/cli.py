@@ -274,6 +274,7 @@ def _run(
     import torch
 
     from hpcngd import state
+    from hpcngd.data import check_loader_device
     from hpcngd.device import bind, placement, placement_lines, view
     from hpcngd.metrics import MetricsLog
     from hpcngd.train import Trainer, prepare_run_dir, record_run_file
@@ -282,6 +283,7 @@ def _run(
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
     node = topo.node.allgather(agree(world, lambda: view(cfg.run.device)))  # GPUs and cores of the node
     device = agree(world, lambda: bind(cfg.run.device, topo.local_rank, node))
+    agree(world, lambda: check_loader_device(cfg.data, str(device)))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
     rows = world.gather(placement(device), root=0)
     trainer = Trainer(

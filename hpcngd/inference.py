@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from hpcngd.checkpoint import Reader
 from hpcngd.config import Config, ModelConfig
-from hpcngd.data import build_datasets, evaluation_batches
+from hpcngd.data import build_datasets, check_loader_device, evaluation_batches
 from hpcngd.device import bind, to_device
 from hpcngd.errors import UserError
 from hpcngd.models.resnet import build
@@ -287,6 +287,7 @@ def study(
         repeats: timed forwards per precision (medians are reported), after one warm-up forward.
     """
     device = bind(cfg.run.device, 0)
+    check_loader_device(cfg.data, str(device))
     model = load_model(checkpoint, cfg.model, device)
     fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)  # type: ignore[call-overload]

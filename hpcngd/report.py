@@ -1,9 +1,10 @@
 """``hpcngd plan``: what a run would do at a given scale, computed on a laptop without MPI.
 
 Prints the layer-to-rank inversion plan (:mod:`hpcngd.ngd.plan`) and the bytes per step each rank hands
-to MPI at each level for gradients and for SP-NGD factors in the run's wire format. Payload is the
-buffer a rank averages at a level; how many bytes cross the network depends on the MPI algorithm (a ring
-allreduce moves about twice the payload, as does a 16-bit level's alltoallv and allgatherv).
+to MPI at each level, in the run's wire format, for gradients, SP-NGD factors and the preconditioned
+gradients every owner shares (plus the fp32 pass of the loss, flags and BatchNorm statistics). Payload is
+the buffer a rank averages at a level; how many bytes cross the network depends on the MPI algorithm (a
+ring allreduce moves about twice the payload, as does a 16-bit level's alltoallv and allgatherv).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from hpcngd.comm.packing import triangle_size
 from hpcngd.config import Config
 from hpcngd.models.resnet import build
-from hpcngd.ngd.plan import layer_costs, make_plan
+from hpcngd.ngd.plan import Plan, layer_costs, make_plan
 from hpcngd.ngd.preconditioner import select_layers
 
 WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -32,6 +33,15 @@ def factor_values(layers: dict[str, nn.Module], packed: bool) -> int:
     return total
 
 
+def shared_values(layers: dict[str, nn.Module], plan: Plan) -> list[int]:
+    """Values each rank hands to the allgatherv of preconditioned gradients every step: its own layers'
+    parameters (:meth:`hpcngd.train.Trainer._share_preconditioned`)."""
+    return [
+        sum(p.numel() for name in plan.owned_by(rank) for p in layers[name].parameters())
+        for rank in range(plan.world_size)
+    ]
+
+
 def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:9.1f} MiB"
 
@@ -47,16 +57,17 @@ def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
         f"{cfg.model.arch}: {len(layers)} preconditioned layers ({len(layers) - n_bn} conv/fc, {n_bn} "
         f"BatchNorm) on {world_size} ranks ({nodes} nodes of {ranks_per_node})"
     )
-    if layers:
-        _print_inversion(layers, world_size)
+    plan = make_plan(layer_costs(layers), world_size) if layers else None
+    if plan is not None:
+        _print_inversion(plan)
     else:
         why = "ngd.exclude matches every layer" if spngd else f'optim.name = "{cfg.optim.name}"'
         print(f"{why}: nothing is inverted and no factors travel")
-    _print_payload(cfg, model, layers, nodes, ranks_per_node)
+    _print_payload(cfg, model, layers, plan, nodes, ranks_per_node)
 
 
-def _print_inversion(layers: dict[str, nn.Module], world_size: int) -> None:
-    plan = make_plan(layer_costs(layers), world_size)
+def _print_inversion(plan: Plan) -> None:
+    world_size = plan.world_size
     mean = sum(plan.loads) / world_size
     print(
         f"inversion cost per rank (d^3 units): max {max(plan.loads):.3g}, mean {mean:.3g}, "
@@ -75,11 +86,17 @@ def _print_inversion(layers: dict[str, nn.Module], world_size: int) -> None:
 
 
 def _print_payload(
-    cfg: Config, model: nn.Module, layers: dict[str, nn.Module], nodes: int, ranks_per_node: int
+    cfg: Config,
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    plan: Plan | None,
+    nodes: int,
+    ranks_per_node: int,
 ) -> None:
     item = WIRE_BYTES[cfg.comm.dtype]
-    grads = (sum(p.numel() for p in model.parameters()) + 4) * item  # + the loss and 3 control values
-    bn = 2 * sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)) * 4
+    grads = sum(p.numel() for p in model.parameters()) * item
+    # the loss and 4 control values (train.py) ride with the BatchNorm means and variances
+    exact = (5 + 2 * sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))) * 4
     factors = factor_values(layers, packed=True) * item
     full = factor_values(layers, packed=False) * 4
     two_level = cfg.comm.hierarchical and nodes > 1 and ranks_per_node > 1
@@ -87,16 +104,27 @@ def _print_payload(
         f"payload per step handed to MPI by each rank, comm.dtype = {cfg.comm.dtype}, "
         f"{'hierarchical' if two_level else 'flat'}:"
     )
-    sizes = [("gradients", grads), ("BatchNorm stats, fp32", bn)]
-    sizes += [("factors, all refreshed", factors)] if layers else []
-    for what, size in sizes:
+    sizes = [("gradients", grads, item), ("loss, flags, BN stats", exact, 4)]
+    sizes += [("factors, all refreshed", factors, item)] if layers else []
+    for what, size, width in sizes:
+        # a 16-bit level is an alltoallv of shares and their gather (hpcngd/comm/hierarchical.py)
+        reduce, allreduce = (
+            ("reduce", "allreduce") if width == 4 else ("alltoallv+gatherv", "alltoallv+allgatherv")
+        )
         if two_level:
             print(
-                f"  {what:24s} node reduce {_mb(size)} | leaders allreduce {_mb(size)} (leaders only)"
+                f"  {what:24s} node {reduce} {_mb(size)} | leaders {allreduce} {_mb(size)} (leaders only)"
                 f" | node broadcast {_mb(size)}"
             )
         else:
-            print(f"  {what:24s} world allreduce {_mb(size)}")
+            print(f"  {what:24s} world {allreduce} {_mb(size)}")
+    if plan is not None and plan.world_size > 1:
+        shared = [n * item for n in shared_values(layers, plan)]
+        top = max(range(len(shared)), key=shared.__getitem__)
+        print(
+            f"  {'preconditioned grads':24s} world allgatherv: sends {shared[0] / 2**20:.1f} MiB (rank 0; at "
+            f"most {shared[top] / 2**20:.1f} MiB, rank {top}), receives {sum(shared) / 2**20:.1f} MiB"
+        )
     if layers:
         print(
             f"  factors as full fp32 matrices would be {_mb(full)}: packed {cfg.comm.dtype} triangles are "

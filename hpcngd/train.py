@@ -4,13 +4,14 @@ One step (``train_step``):
   1. forward + backward over the rank's micro-batches, gradients accumulated (scaled so that their
      sum is the gradient of the rank's mean loss); with SP-NGD, hooks collect the factors that are due
      (and the "mc" Fisher takes one extra backward with sampled labels);
-  2. one fused allreduce averages gradients and the loss over all ranks (``comm.bucket_mb`` buckets);
+  2. one fused allreduce averages the gradients over all ranks (``comm.bucket_mb`` buckets, on the
+     ``comm.dtype`` wire), and one fp32 pass the loss, the control values and the BatchNorm statistics;
   3. SP-NGD only: refreshed factors are averaged over ranks (fused), damped, inverted, and every
      gradient is preconditioned (:mod:`hpcngd.ngd.preconditioner`);
   4. the optimizer applies the same update on every rank, so replicas stay identical.
 A non-finite global loss stops every rank at the same step (all ranks see the same reduced value).
 Four control values ride along with the loss in phase 2, so every rank takes the same decision at the
-same step boundary without an extra collective: "some rank received a stop signal", "rank 0's clock
+same step boundary without a collective of their own: "some rank received a stop signal", "rank 0's clock
 says a timed checkpoint is due", (fp16) "some rank's gradients or factors overflowed": then every
 rank skips the update, keeps its factors' schedule (they are due again) and halves the loss scale; and
 "another run took this run's directory over" (:mod:`hpcngd.runlock`): every rank stops, exit 2.
@@ -138,23 +139,25 @@ class Trainer:
         self.mixup = RunningMixup(alpha, cfg.model.num_classes, cfg.run.seed) if alpha else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.loss_buf = torch.zeros(1)
-        # [stop signal seen, timed checkpoint due, fp16 overflow, run directory lost]: its own fp16 scale
+        # [stop signal seen, timed checkpoint due, fp16 overflow, run directory lost]
         self.control = torch.zeros(4)
         # BatchNorm running statistics move once a step, by the mean statistics of all ranks' micro-batches
         # (models/batchnorm.py): the same on every rank and at any rank count with a fixed micro-batch
         self.bn_stats = StepRunningStatistics(self.model)
         self.float_buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        shapes = [p.shape for p in self.params] + [self.loss_buf.shape, self.control.shape]
-        # Gradients (with the loss riding along) and factors share one wire.
+        shapes = [p.shape for p in self.params]
+        # Gradients and factors share one wire.
         direct, self.comm_mode = direct_device_buffers(cfg.comm.cuda_aware, self.device, cfg.comm.dtype)
         self.wire = WireReducer(topo, cfg.comm.dtype, cfg.comm.hierarchical, self.device, direct)
         self.grad_reducer = FusedAllreduce(self.wire, shapes, cfg.comm.bucket_mb)
-        # The step's BN statistics go in fp32 (0.2 MiB for ResNet-50; a 16-bit wire would round the running
-        # statistics every step, where 1 rank sends nothing), counted with the run's other communication.
+        # The loss, the control flags and the step's BN statistics go in fp32 (0.2 MiB for ResNet-50; a
+        # 16-bit wire would round the logged loss, and the running statistics every step, where 1 rank sends
+        # nothing), counted with the run's other communication.
         direct32 = direct_device_buffers(cfg.comm.cuda_aware, self.device, "fp32")[0]
-        bn_wire = WireReducer(topo, "fp32", cfg.comm.hierarchical, self.device, direct32)
-        bn_wire.bytes_sent, bn_wire.calls = self.wire.bytes_sent, self.wire.calls
-        self.bn_reducer = FusedAllreduce(bn_wire, [t.shape for t in self.bn_stats.sums], cfg.comm.bucket_mb)
+        fp32_wire = WireReducer(topo, "fp32", cfg.comm.hierarchical, self.device, direct32)
+        fp32_wire.bytes_sent, fp32_wire.calls = self.wire.bytes_sent, self.wire.calls
+        self.exact = [self.loss_buf, self.control, *self.bn_stats.sums]
+        self.exact_reducer = FusedAllreduce(fp32_wire, [t.shape for t in self.exact], cfg.comm.bucket_mb)
         self.timer = PhaseTimer(sync)
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
@@ -212,9 +215,9 @@ class Trainer:
             self.control.copy_(
                 torch.tensor([self._stop_seen(), self._timed_save_due(), float(overflow), float(lost)])
             )
-            self._average([*grads, self.loss_buf, self.control], list(fresh.values()))
-            if self.bn_stats.sums:
-                self.bn_reducer.average_(self.bn_stats.means())
+            self._average(grads, list(fresh.values()))
+            self.bn_stats.means()  # in place: self.exact holds them
+            self.exact_reducer.average_(self.exact)
         loss_value = float(self.loss_buf.item())
         stop, timed, overflowed, lost_anywhere = self.control.tolist()
         if lost_anywhere > 0:  # every rank at once: printed once, exit 2, no checkpoint
@@ -291,7 +294,7 @@ class Trainer:
         self.ngd.capture.collect_grads = False  # the training backward that follows adds no G
 
     def _average(self, grads: list[Tensor], factors: list[Tensor]) -> None:
-        """Phase 2: gradients, the loss and refreshed factors (packed triangles) in one fused pass."""
+        """Phase 2: gradients and refreshed factors (packed triangles) in one fused pass."""
         if not factors or self.topo.size == 1 or factors[0].dtype != torch.float32:
             self.grad_reducer.average_(grads)  # planned once for the gradients' shapes
             average_symmetric_(factors, self.wire, self.cfg.comm.bucket_mb)  # fp64 factors travel apart

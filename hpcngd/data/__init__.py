@@ -25,6 +25,16 @@ def resolve_source(cfg: DataConfig) -> str:
     return cfg.source
 
 
+def check_loader_device(cfg: DataConfig, device: str) -> None:
+    """UserError when DALI is to decode on a GPU that this rank (on ``device``: "cpu", "cuda:0") lacks."""
+    if cfg.dali_device == "gpu" and not device.startswith("cuda") and resolve_source(cfg) == "dali":
+        why = "" if cfg.source == "dali" else ' (data.source = "auto" chose DALI, which is installed)'
+        raise UserError(
+            f'data.dali_device = "gpu": this rank runs on {device}{why}; set data.dali_device = "cpu" '
+            f'or data.source = "folder"'
+        )
+
+
 Listing = tuple[list[tuple[str, int]], list[tuple[str, int]]]
 
 
@@ -100,6 +110,7 @@ __all__ = [
     "Listing",
     "TrainLoader",
     "build_datasets",
+    "check_loader_device",
     "evaluation_batches",
     "list_samples",
     "resolve_source",

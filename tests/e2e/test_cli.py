@@ -14,6 +14,10 @@ from helpers import BIN, ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
 
 from hpcngd import config
 from hpcngd.data.demo import generate
+from hpcngd.models.resnet import build
+from hpcngd.ngd.plan import layer_costs, make_plan
+from hpcngd.ngd.preconditioner import select_layers
+from hpcngd.report import shared_values
 
 
 def test_version_and_module_entry() -> None:
@@ -65,8 +69,13 @@ def test_plan_runs_without_mpi() -> None:
     assert "107 preconditioned layers (54 conv/fc, 53 BatchNorm) on 16 ranks (4 nodes of 4)" in res.stdout
     assert "imbalance max/mean 3.46; idle ranks 0" in res.stdout
     assert "packed fp16 triangles are 0.250 of that" in res.stdout
-    bn = [line for line in res.stdout.splitlines() if "BatchNorm stats, fp32" in line]  # 26,560 channels
+    bn = [line for line in res.stdout.splitlines() if "loss, flags, BN stats" in line]  # 26,560 channels
     assert len(bn) == 1 and bn[0].count("      0.2 MiB") == 3, res.stdout
+    assert "node reduce" in bn[0] and "node alltoallv+gatherv" in res.stdout  # fp32 pass; fp16 gradients
+    assert (
+        "preconditioned grads     world allgatherv: sends " in res.stdout
+        and "receives 48.7 MiB" in res.stdout
+    )
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "3")
     assert bad.returncode == 2 and "data.batch_size = 128: must be divisible by the 3 ranks" in bad.stderr
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "2", "--ranks-per-node", "4")
@@ -216,6 +225,12 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     last = [r for r in map(json.loads, lines) if r["kind"] == "train"][-1]
     assert last["comm_bytes_world"] > 0 and last["comm_bytes_allgatherv"] > 0
     assert last["comm_bytes"] == last["comm_bytes_world"] + last["comm_bytes_allgatherv"]
+    # every step, rank 0 shares its own layers' preconditioned gradients: what `hpcngd plan` prints
+    cfg = config.load(tmp_path / "out/two/config.toml")
+    layers = select_layers(build(cfg.model.arch, cfg.model.num_classes), cfg.ngd.exclude)
+    sent = shared_values(layers, make_plan(layer_costs(layers), 2))[0] * 4
+    assert 0 < sent < 4 * sum(p.numel() for m in layers.values() for p in m.parameters())
+    assert last["comm_bytes_allgatherv"] == sent * last["step"], (last, sent)
 
 
 @pytest.mark.parametrize(("ranks", "workers"), [(2, 0), (2, 2), (0, 2)])

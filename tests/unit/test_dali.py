@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from hpcngd.config import DataConfig
-from hpcngd.data import build_datasets, dali, evaluation_batches, resolve_source, train_loader
+from hpcngd.data import (
+    build_datasets,
+    check_loader_device,
+    dali,
+    evaluation_batches,
+    resolve_source,
+    train_loader,
+)
 from hpcngd.data.demo import generate
 from hpcngd.data.folder import ImageFolder
 from hpcngd.errors import UserError
@@ -124,3 +131,16 @@ def test_without_dali(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_source(cfg(demo, source="auto")) == "dali"
     (_, x, _), *_ = stream(cfg(demo, source="auto"))
     assert x.shape == (8, 3, 24, 24)
+
+
+def test_a_gpu_pipeline_needs_a_gpu(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset (data.source = "auto", data.dali_device = "gpu") run on CPU ranks where DALI is installed
+    was refused only inside DALI, with a traceback; now in one line naming the key, before any step."""
+    for source in ("dali", "auto"):
+        with pytest.raises(UserError, match=r'data.dali_device = "gpu": this rank runs on cpu'):
+            check_loader_device(cfg(demo, source=source, dali_device="gpu"), "cpu")
+    check_loader_device(cfg(demo, dali_device="gpu"), "cuda:1")
+    check_loader_device(cfg(demo, dali_device="cpu"), "cpu")
+    check_loader_device(cfg(demo, source="folder", dali_device="gpu"), "cpu")
+    monkeypatch.setattr(dali, "available", lambda: False)  # "auto" then reads with Pillow: no GPU needed
+    check_loader_device(cfg(demo, source="auto", dali_device="gpu"), "cpu")
