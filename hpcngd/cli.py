@@ -340,6 +340,14 @@ def _setting_notes(cfg: config.Config, trainer: Trainer) -> list[str]:
             f"ngd.precondition_precision = {wanted} needs TF32 tensor cores and fp32 factors; "
             "preconditioning in fp32 here"
         )
+    data = cfg.data
+    if data.val_resize > 2 * data.image_size:
+        notes.append(
+            f"data.val_resize = {data.val_resize} is {data.val_resize / data.image_size:.3g} x "
+            f"data.image_size = {data.image_size}: validation sees only the central "
+            f"{data.image_size / data.val_resize:.0%} of each image's shorter side (data.val_resize = 0 "
+            "takes the usual 1.14 x)"
+        )
     optim = cfg.optim
     if optim.schedule == "poly" and optim.e_start < optim.warmup_epochs:
         # A note, not an error: checkpoints of runs started so must stay resumable.

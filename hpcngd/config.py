@@ -135,7 +135,8 @@ class DataConfig(Section):
     micro_batch_size: int = opt(
         0,
         "Images per forward pass on a rank (also the BatchNorm batch); the rest is accumulated. "
-        "0 = batch_size / world size. Fix it to get the same losses and evaluations at any rank count.",
+        "0 = batch_size / world size. Fix it to make each step and the BatchNorm statistics the same "
+        "at any rank count.",
         ge=0,
     )
     workers: int = opt(

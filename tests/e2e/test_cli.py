@@ -212,6 +212,8 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
         "optim.weight_rescaling=true",
         "--set",
         "optim.e_end=1.5",
+        "--set",
+        "data.val_resize=50",
         ranks=2,
     )
     assert bf16.returncode == 0, bf16.stderr
@@ -219,6 +221,11 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert "note: optim.weight_rescaling with model.init = fan_out: a conv weight starts at" in bf16.stdout
     assert "note: optim.e_end = 1.5 < run.epochs = 2: the learning rate is 0 for the last 0.5" in bf16.stdout
     assert "note: optim.e_end" not in res.stdout
+    assert (
+        "note: data.val_resize = 50 is 3.12 x data.image_size = 16: validation sees only the central 32% "
+        in (bf16.stdout)
+    )
+    assert "data.val_resize" not in res.stdout
     # no tensor cores on a CPU: said once, and the products stay fp32
     assert two.stdout.count("note: ngd.precondition_precision = tf32x3 needs TF32 tensor cores") == 1
     lines = (tmp_path / "out/two/metrics.jsonl").read_text().splitlines()
