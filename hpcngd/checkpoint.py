@@ -187,6 +187,19 @@ def resume_order(directory: Path) -> list[Path]:
     return first + [p for p in found if p.name != name]
 
 
+def _named_by(pointer: Path) -> Path:
+    """The checkpoint that the ``latest`` file ``pointer`` names, in its folder."""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {pointer}: the {LATEST} pointer is unreadable: {exc}") from None
+    if not NAME.fullmatch(name):
+        raise CheckpointError(
+            f"checkpoint {pointer}: the {LATEST} pointer names {name[:80]!r}, not a ckpt-*.h5"
+        )
+    return pointer.parent / name
+
+
 def step_of(path: Path) -> int:
     m = NAME.fullmatch(path.name)
     return int(m.group(1)) if m else -1
@@ -390,6 +403,8 @@ class Reader:
     """
 
     def __init__(self, path: Path) -> None:
+        if path.name == LATEST and path.is_file():  # the pointer: read the checkpoint it names
+            path = _named_by(path)
         self.path = path
         if path.is_dir():
             raise CheckpointError(f"checkpoint {path}: a folder; name a ckpt-*.h5 file in it")
@@ -532,9 +547,9 @@ def describe(path: Path) -> str:
             entry[1] += r.file[name].nbytes
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["created"]))
         lines = [
-            f"{path}: hpcngd checkpoint, schema {a['schema_version']}, written by hpcngd "
+            f"{r.path}: hpcngd checkpoint, schema {a['schema_version']}, written by hpcngd "
             f"{a.get('hpcngd_version')} at {created}",
-            f"step {a['step']} (epoch {a.get('epoch')}) | {a.get('world_size')} ranks on "
+            f"step {a['step']} (epoch {a.get('epoch')}) | {a.get('world_size')} rank(s) on "
             f"{a.get('num_nodes')} node(s)"
             f" | model {a.get('arch')}, global batch {a.get('batch_size')}",
             f"{'group':<10} {'arrays':>7} {'MiB':>10}",

@@ -443,9 +443,11 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
             trainer, comm.scatter(read_rank_states(reader) if reader is not None else None, root=0)
         )
     else:
+        mc = trainer.ngd is not None and trainer.cfg.ngd.fisher == "mc"
         notes.append(
-            f"written by {a['world_size']} ranks, resuming on {size} with the same global batch: "
-            "per-rank random streams (MC Fisher sampling) restart from the seed"
+            f"written by {a['world_size']} rank(s), resuming on {size}"
+            + (" with the same global batch" if same_batch else "")
+            + ("; MC Fisher label sampling (a stream per rank) restarts from the seed" if mc else "")
         )
         saved = config.loads(str(a["run_file"]), "the checkpoint's run file").data
         old_micro = saved.micro_batch_size or saved.batch_size // int(a["world_size"])

@@ -66,7 +66,8 @@ class Topology:
     def describe(self) -> str:
         """One line for the log."""
         if self.uniform:
-            return f"{self.size} ranks on {self.num_nodes} node(s) of {self.local_size}"
+            nodes = _count(self.num_nodes, "node")
+            return f"{_count(self.size, 'rank')} on {nodes} ({self.local_size} per node)"
         sizes = "/".join(map(str, self.node_sizes))
         return (
             f"{self.size} ranks on {self.num_nodes} nodes of unequal sizes ({sizes}: communication is flat)"
@@ -87,3 +88,7 @@ class Topology:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

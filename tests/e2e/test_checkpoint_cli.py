@@ -411,8 +411,20 @@ def test_inspect(tmp_path: Path, demo: Path) -> None:
     assert hpcngd(str(run_file)).returncode == 0
     shown = hpcngd("inspect", str(tmp_path / "out/tiny/checkpoints/ckpt-000000004.h5"))
     assert shown.returncode == 0, shown.stderr
-    assert "step 4 (epoch 2.0) | 1 ranks on 1 node(s) | model resnet8" in shown.stdout
+    assert "step 4 (epoch 2.0) | 1 rank(s) on 1 node(s) | model resnet8" in shown.stdout
     assert "model" in shown.stdout and 'arch = "resnet8"' in shown.stdout
+    # the `latest` pointer reads as the checkpoint it names (was: "not an hpcngd checkpoint, or its seal ...")
+    pointer = tmp_path / "out/tiny/checkpoints/latest"
+    named = pointer.parent / pointer.read_text().strip()
+    latest = hpcngd("inspect", str(pointer))
+    assert latest.returncode == 0 and latest.stdout.startswith(f"{named}: hpcngd checkpoint"), latest
+    stray = tmp_path / "elsewhere" / "latest"
+    stray.parent.mkdir()
+    stray.write_text("../tiny.toml\n")
+    res = hpcngd("inspect", str(stray))
+    assert res.returncode == 2 and error_lines(res.stderr) == [
+        f"hpcngd: error: checkpoint {stray}: the latest pointer names '../tiny.toml', not a ckpt-*.h5"
+    ], res.stderr
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
     res = hpcngd("inspect", str(junk))

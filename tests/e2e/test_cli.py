@@ -171,7 +171,7 @@ def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo:
     assert "eval  epoch   2.00 step 4" in res.stdout and res.stdout.count("hpcngd 0.1.0: run tiny") == 1
     single = hpcngd(str(run_file), "--set", "run.name=one", "--set", "run.max_steps=1")
     assert single.returncode == 0, single.stderr
-    assert "1 ranks on 1 node(s)" in single.stdout and "done: 1 steps" in single.stdout
+    assert "1 rank on 1 node (1 per node)" in single.stdout and "done: 1 steps" in single.stdout
 
 
 def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:

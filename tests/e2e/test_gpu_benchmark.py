@@ -256,7 +256,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
         assert len(study["layers"]) > 10 and study["total"]["forward"]["low_ms"] > 0
     # four SP-NGD ranks as two simulated nodes (the two-level allreduce ran) learn: the last logged loss
     # is below the first
-    assert "4 ranks on 2 node(s) of 2" in proc.stdout, log
+    assert "4 ranks on 2 nodes (2 per node)" in proc.stdout, log
     losses = [float(line.split(" loss ")[1].split()[0]) for line in proc.stdout.splitlines()
               if line.startswith("epoch") and "/6 loss" in line]  # fmt: skip
     assert len(losses) == 3 and losses[-1] < losses[0], losses

@@ -105,7 +105,7 @@ out=hpcngd-slurmtest-quick-$job.out
 [ "$(state "$job")" = COMPLETED ] || { echo "slurm test: quickstart job $job ended $(state "$job")"; cat "$out"; exit 1; }
 grep -q '"kind": "eval"' out/slurmtest-quick/metrics.jsonl
 grep -q '"val_top1"' out/slurmtest-quick/metrics.jsonl
-grep -q "2 ranks on 1 node(s)" "$out"
+grep -q "2 ranks on 1 node (2 per node)" "$out"
 grep -q "done: 47 steps, final val_top1" "$out"  # 2 epochs of 3,000 images, batch 128
 echo "slurm test: quickstart job $job COMPLETED in ${SECONDS} s: $(grep -o 'final val_top1 [0-9.]*%' "$out")"
 SECONDS=0
