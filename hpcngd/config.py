@@ -35,6 +35,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
 # --------------------------------------------------------------------------------------------------
 
 MODEL_ARCHS = ("resnet8", "resnet20", "resnet32", "resnet18", "resnet34", "resnet50", "resnet50d")
+# How many times each architecture halves an image's side (rounding up) before its last BatchNorm: at
+# image_size <= 2 ** that, the last map is 1x1 (tests/unit/test_models.py checks it against the models).
+MODEL_HALVINGS = dict.fromkeys(MODEL_ARCHS[:3], 2) | dict.fromkeys(MODEL_ARCHS[3:], 5)
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,13 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"data.micro_batch_size = {data.micro_batch_size}: must divide the per-rank batch "
             f"data.batch_size / ranks = {data.batch_size} / {world_size} = {local}"
+        )
+    if (data.micro_batch_size or local) == 1 and data.image_size <= 2 ** MODEL_HALVINGS[cfg.model.arch]:
+        key = "data.micro_batch_size = 1" if data.micro_batch_size else f"data.batch_size / ranks = {local}"
+        raise ConfigError(
+            f"{key} image a forward pass at data.image_size = {data.image_size}: {cfg.model.arch}'s last "
+            "BatchNorm would see one value per channel (a 1x1 map), which training cannot normalize; use "
+            f"2 or more images a forward pass, or data.image_size > {2 ** MODEL_HALVINGS[cfg.model.arch]}"
         )
 
 

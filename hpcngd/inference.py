@@ -293,6 +293,7 @@ def study(
     model.to(memory_format=fmt)  # type: ignore[call-overload]
     _, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
     batch_size = batch_size or cfg.data.micro_batch_size or min(cfg.data.batch_size, 256)
+    batch_size = min(batch_size, len(val_set)) or batch_size  # what a batch holds (the timed one too)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         found = evaluation_batches(cfg.data, val_set, batch_size, rank=0, world_size=1)

@@ -357,7 +357,7 @@ class Trainer:
             "val_loss": loss_sum / n,
             "val_top1": 100 * top1 / n,
             "val_top5": 100 * top5 / n,
-            "val_images": count,
+            "val_images": int(count),
             "val_nonfinite_images": int(nonfinite),
         }
 

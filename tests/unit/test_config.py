@@ -111,6 +111,22 @@ def test_world_size_checks() -> None:
     config.check_world_size(nodes, 4)
     with pytest.raises(ConfigError, match=r"comm.ranks_per_node = 4: must divide the 6 ranks"):
         config.check_world_size(nodes, 6)
+    # one image a forward pass: fine while the last map is larger than 1x1 (was a traceback mid-step)
+    small = config.loads('[model]\narch = "resnet50d"\n[data]\nbatch_size = 4\nimage_size = 32')
+    config.check_world_size(small, 2)
+    with pytest.raises(
+        ConfigError, match=r"^data.batch_size / ranks = 1 image a forward pass at data.image_"
+    ):
+        config.check_world_size(small, 4)
+    one = config.loads(
+        '[model]\narch = "resnet50d"\n[data]\nbatch_size = 4\nmicro_batch_size = 1\nimage_size = 32'
+    )
+    with pytest.raises(
+        ConfigError, match=r"^data.micro_batch_size = 1 image .* resnet50d's last BatchNorm would"
+    ):
+        config.check_world_size(one, 1)
+    config.check_world_size(config.loads("[data]\nbatch_size = 4\nmicro_batch_size = 1\nimage_size = 33"), 1)
+    config.check_world_size(config.loads("[data]\nbatch_size = 4\nmicro_batch_size = 1\nimage_size = 8"), 1)
 
 
 def test_overrides_are_typed_by_the_schema() -> None:

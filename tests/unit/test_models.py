@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hpcngd.config import MODEL_ARCHS, MODEL_HALVINGS
 from hpcngd.models.resnet import ARCHS, build
 
 
@@ -81,3 +82,16 @@ def test_resnet50d_stem_and_shortcuts() -> None:
         pool, conv, _ = stage[0].downsample if stride > 1 else (None, *stage[0].downsample)
         assert conv.stride == (1, 1) and (pool is None or pool.stride == 2)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("arch", MODEL_ARCHS)
+def test_halvings_before_the_last_batchnorm(arch: str) -> None:
+    """config.MODEL_HALVINGS (run files are checked without building a model) against the model: one
+    image of side 2^k leaves the last BatchNorm one value per channel, one of 2^k + 1 does not."""
+    assert set(ARCHS) == set(MODEL_ARCHS)
+    side = 2 ** MODEL_HALVINGS[arch]
+    with torch.device("meta"):
+        model = build(arch, 10).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model(torch.empty(1, 3, side, side, device="meta"))
+    assert model(torch.empty(1, 3, side + 1, side + 1, device="meta")).shape == (1, 10)
