@@ -15,6 +15,7 @@ synchronisations' own cost, so the whole forward is also timed without hooks.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import math
@@ -23,7 +24,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hpcngd import config
 from hpcngd.checkpoint import Reader
 from hpcngd.config import Config, ModelConfig
 from hpcngd.data import build_datasets, check_loader_device, evaluation_batches
@@ -40,10 +42,18 @@ from hpcngd.models.resnet import build
 from hpcngd.precision import autocast
 
 TIMED_TYPES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# The run-file keys an evaluation depends on: a difference from the training run's is noted.
+EVAL_KEYS = (
+    "model.*",
+    *(f"data.{k}" for k in ("source", "path", "val_list", "image_size", "val_resize", "mean", "std")),
+    "run.precision",
+    "run.channels_last",
+)
 
 
-def load_model(path: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """The run file's ``[model]`` with the weights of checkpoint ``path``, on ``device``, in eval mode.
+def load_model(path: Path, cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, str | None]:
+    """The run file's ``[model]`` with the weights of checkpoint ``path``, on ``device``, in eval mode,
+    and the run file stored with them (None in a file without one).
 
     Raises:
         CheckpointError: the file is unreadable or holds another model (header arch or num_classes,
@@ -74,7 +84,25 @@ def load_model(path: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
                         f"{list(t.shape)}"
                     )
                 t.copy_(torch.from_numpy(array))
-    return model.to(device).eval()
+        stored = reader.attrs.get("run_file")
+    return model.to(device).eval(), stored if isinstance(stored, str) else None
+
+
+def evaluation_changes(stored: str | None, cfg: Config, checkpoint: Path) -> list[str]:
+    """Notes on how ``cfg`` (the evaluation's settings) differs from the training run's ``stored`` run
+    file in what evaluation depends on (:data:`EVAL_KEYS`)."""
+    if stored is None:
+        return []
+    try:
+        saved = config.loads(stored, f"run file stored in {checkpoint}")
+    except config.ConfigError as exc:  # another hpcngd version's keys, say
+        return [f"the checkpoint's run file does not load here, so no comparison: {exc}"]
+    changed = [
+        f"{key} {old!r} -> {new!r}"
+        for key, old, new in config.differences(saved, cfg)
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in EVAL_KEYS)
+    ]
+    return [f"evaluated with settings other than the training run's: {', '.join(changed)}"] if changed else []
 
 
 @dataclass
@@ -288,7 +316,9 @@ def study(
     """
     device = bind(cfg.run.device, 0)
     check_loader_device(cfg.data, str(device))
-    model = load_model(checkpoint, cfg.model, device)
+    model, stored = load_model(checkpoint, cfg.model, device)
+    used = replace(cfg, run=replace(cfg.run, precision=precision))
+    notes = evaluation_changes(stored, used, checkpoint)
     fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)  # type: ignore[call-overload]
     _, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
@@ -310,6 +340,9 @@ def study(
         "val images, batch {batch_size} | torch {torch}".format(**out)
         + (f" | first {max_batches} batch(es) only" if max_batches else "")
     )
+    for note in notes:
+        print(f"note: {note}")
+    out["notes"] = notes
     precisions = dict.fromkeys(["fp32", precision] if per_layer else [precision])  # ordered, no repeat
     accuracy = {p: evaluate(model, batches(), p, device) for p in precisions}
     print("\n".join(format_accuracy(acc) for acc in accuracy.values()))

@@ -49,6 +49,21 @@ def test_fp32_matches_the_runs_own_evaluation(trained: tuple[Path, Path, dict[st
     ]
     assert acc["images"] == final["val_images"] == 20 and acc["nonfinite_logits"] == 0
     assert acc["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    assert "note:" not in done.stdout and json.loads(out.read_text())["notes"] == []  # the run's settings
+
+
+def test_settings_other_than_the_runs_are_noted(trained: tuple[Path, Path, dict[str, float]]) -> None:
+    """A top-1 that disagrees with the training log should explain itself: what evaluation depends on
+    and differs from the run file stored in the checkpoint is one note (training-only keys are not)."""
+    run_file, ckpt, _ = trained
+    other = ["--set", "data.val_resize=24", "--set", "optim.lr=9.0", "--set", "data.mean=[0.5,0.5,0.5]"]
+    done = hpcngd("eval", str(run_file), "--checkpoint", str(ckpt), "--precision", "bf16", *other)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: evaluated with settings other than the training run's: run.precision 'fp32' -> 'bf16', "
+        "data.val_resize 18 -> 24, data.mean (0.485, 0.456, 0.406) -> (0.5, 0.5, 0.5)"
+    ], done.stdout
 
 
 def test_bf16_per_layer_table_and_json(trained: tuple[Path, Path, dict[str, float]]) -> None:

@@ -114,7 +114,8 @@ def test_load_model_refuses_a_tensor_of_another_shape(tmp_path: Path) -> None:
     good = Writer(tmp_path, 2, {"arch": "resnet8", "num_classes": 10})
     for name, t in model.state_dict().items():
         good.put(f"model/{name}", t.numpy())
-    loaded = load_model(good.commit(keep_last=1), cfg, CPU)
+    loaded, stored = load_model(good.commit(keep_last=1), cfg, CPU)
+    assert stored is None  # written without a run file
     assert not loaded.training
     stored = model.state_dict()
     assert all(torch.equal(t, stored[name]) for name, t in loaded.state_dict().items())
