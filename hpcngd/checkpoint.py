@@ -187,17 +187,25 @@ def resume_order(directory: Path) -> list[Path]:
     return first + [p for p in found if p.name != name]
 
 
-def _named_by(pointer: Path) -> Path:
-    """The checkpoint that the ``latest`` file ``pointer`` names, in its folder."""
+def followed(path: Path) -> Path:
+    """``path``, or where it points if it is a ``latest`` pointer: a short text file that names a
+    checkpoint in its folder (a checkpoint file someone named ``latest`` is taken as it is)."""
+    if path.name != LATEST or not path.is_file():
+        return path
     try:
-        name = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {pointer}: the {LATEST} pointer is unreadable: {exc}") from None
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: not readable: {exc}") from None
+    if len(head) == 256 or head.startswith(HDF5_SIGNATURE) or _SEAL.match(head):  # not a pointer
+        return path
+    try:
+        name = head.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return path
     if not NAME.fullmatch(name):
-        raise CheckpointError(
-            f"checkpoint {pointer}: the {LATEST} pointer names {name[:80]!r}, not a ckpt-*.h5"
-        )
-    return pointer.parent / name
+        raise CheckpointError(f"checkpoint {path}: the {LATEST} pointer names {name[:80]!r}, not a ckpt-*.h5")
+    return path.parent / name
 
 
 def step_of(path: Path) -> int:
@@ -403,8 +411,7 @@ class Reader:
     """
 
     def __init__(self, path: Path) -> None:
-        if path.name == LATEST and path.is_file():  # the pointer: read the checkpoint it names
-            path = _named_by(path)
+        path = followed(path)
         self.path = path
         if path.is_dir():
             raise CheckpointError(f"checkpoint {path}: a folder; name a ckpt-*.h5 file in it")

@@ -24,7 +24,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcngd import config
-from hpcngd.checkpoint import Reader
+from hpcngd.checkpoint import Reader, followed
 from hpcngd.config import Config, ModelConfig
 from hpcngd.data import build_datasets, check_loader_device, evaluation_batches
 from hpcngd.device import bind, to_device
@@ -42,9 +42,9 @@ from hpcngd.models.resnet import build
 from hpcngd.precision import autocast
 
 TIMED_TYPES = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-# The run-file keys an evaluation depends on: a difference from the training run's is noted.
+# The run-file keys an evaluation depends on: a difference from the training run's is noted (model.arch
+# and model.num_classes must match: load_model refuses others).
 EVAL_KEYS = (
-    "model.*",
     *(f"data.{k}" for k in ("source", "path", "val_list", "image_size", "val_resize", "mean", "std")),
     "run.precision",
     "run.channels_last",
@@ -316,9 +316,9 @@ def study(
     """
     device = bind(cfg.run.device, 0)
     check_loader_device(cfg.data, str(device))
+    checkpoint = followed(checkpoint)  # a `latest` pointer: say which checkpoint it named
     model, stored = load_model(checkpoint, cfg.model, device)
-    used = replace(cfg, run=replace(cfg.run, precision=precision))
-    notes = evaluation_changes(stored, used, checkpoint)
+    notes = evaluation_changes(stored, cfg, checkpoint)  # --precision is asked for: not noted
     fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)  # type: ignore[call-overload]
     _, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)

@@ -425,6 +425,9 @@ def test_inspect(tmp_path: Path, demo: Path) -> None:
     assert res.returncode == 2 and error_lines(res.stderr) == [
         f"hpcngd: error: checkpoint {stray}: the latest pointer names '../tiny.toml', not a ckpt-*.h5"
     ], res.stderr
+    stray.write_bytes(named.read_bytes())  # a checkpoint someone named `latest` is read as it is
+    copy = hpcngd("inspect", str(stray))
+    assert copy.returncode == 0 and copy.stdout.startswith(f"{stray}: hpcngd checkpoint"), copy
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
     res = hpcngd("inspect", str(junk))

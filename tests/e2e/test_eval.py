@@ -57,11 +57,14 @@ def test_settings_other_than_the_runs_are_noted(trained: tuple[Path, Path, dict[
     and differs from the run file stored in the checkpoint is one note (training-only keys are not)."""
     run_file, ckpt, _ = trained
     other = ["--set", "data.val_resize=24", "--set", "optim.lr=9.0", "--set", "data.mean=[0.5,0.5,0.5]"]
-    done = hpcngd("eval", str(run_file), "--checkpoint", str(ckpt), "--precision", "bf16", *other)
+    other += ["--set", "run.channels_last=true", "--set", "model.init=fan_in"]
+    latest = ckpt.parent / "latest"  # followed: the header names the checkpoint it pointed to
+    done = hpcngd("eval", str(run_file), "--checkpoint", str(latest), "--precision", "bf16", *other)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"hpcngd eval: {ckpt} (resnet8)"), done.stdout
     notes = [line for line in done.stdout.splitlines() if line.startswith("note:")]
-    assert notes == [
-        "note: evaluated with settings other than the training run's: run.precision 'fp32' -> 'bf16', "
+    assert notes == [  # --precision is what the command is for: not noted
+        "note: evaluated with settings other than the training run's: run.channels_last False -> True, "
         "data.val_resize 18 -> 24, data.mean (0.485, 0.456, 0.406) -> (0.5, 0.5, 0.5)"
     ], done.stdout
 
