@@ -110,12 +110,14 @@ class MetricsLog:
             print(line, file=self.stream, flush=True)
 
     def record(self, **fields: Any) -> None:
-        """Append one JSON object to metrics.jsonl (rank 0 only)."""
+        """Append one JSON object to metrics.jsonl (rank 0 only), with ``time``: when, in Unix seconds
+        (across resumes too, for plots against wall-clock time)."""
         if self.file is None and self.path is not None:
             self.open()
         if self.file is not None:
             with _writing(self.path):
-                self.file.write(json.dumps(fields, sort_keys=False) + "\n")
+                line = json.dumps({**fields, "time": round(time.time(), 3)}, sort_keys=False)
+                self.file.write(line + "\n")
                 self.file.flush()
 
     def close(self) -> None:
