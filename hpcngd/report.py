@@ -14,7 +14,7 @@ from torch import nn
 from hpcngd.comm.packing import triangle_size
 from hpcngd.config import Config
 from hpcngd.models.resnet import build
-from hpcngd.ngd.plan import Plan, layer_costs, make_plan
+from hpcngd.ngd.plan import Plan, layer_costs, make_plan, owned_parameters
 from hpcngd.ngd.preconditioner import select_layers
 
 WIRE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -36,10 +36,7 @@ def factor_values(layers: dict[str, nn.Module], packed: bool) -> int:
 def shared_values(layers: dict[str, nn.Module], plan: Plan) -> list[int]:
     """Values each rank hands to the allgatherv of preconditioned gradients every step: its own layers'
     parameters (:meth:`hpcngd.train.Trainer._share_preconditioned`)."""
-    return [
-        sum(p.numel() for name in plan.owned_by(rank) for p in layers[name].parameters())
-        for rank in range(plan.world_size)
-    ]
+    return [sum(p.numel() for p in params) for params in owned_parameters(layers, plan)]
 
 
 def _mb(n_bytes: float) -> str:

@@ -58,7 +58,7 @@ from hpcngd.metrics import MetricsLog, PhaseTimer
 from hpcngd.models.batchnorm import StepRunningStatistics
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner, mc_labels
-from hpcngd.ngd.plan import layer_costs, make_plan
+from hpcngd.ngd.plan import layer_costs, make_plan, owned_parameters
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 from hpcngd.precision import LossScaler, autocast, unscale_
@@ -128,10 +128,7 @@ class Trainer:
             self.plan = make_plan(layer_costs(select_layers(self.model, cfg.ngd.exclude)), topo.size)
             owned = set(self.plan.owned_by(topo.rank))
             self.ngd = Preconditioner(self.model, cfg.ngd, owned, sync)
-            self.owner_grads = [
-                [p for name in self.plan.owned_by(r) for p in self.ngd.layers[name].parameters()]
-                for r in range(topo.size)
-            ]
+            self.owner_grads = owned_parameters(self.ngd.layers, self.plan)
         self.mc_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + topo.rank)  # CPU: see ngd.mc_labels
         self.scaler = LossScaler(run.loss_scale_init, run.loss_scale_growth_interval, run.precision == "fp16")
         self.ngd_counts: Counter[str] = Counter()

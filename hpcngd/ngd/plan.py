@@ -66,6 +66,14 @@ class Plan:
         return sum(1 for load in self.loads if load == 0.0)
 
 
+def owned_parameters(layers: Mapping[str, nn.Module], plan: Plan) -> list[list[nn.Parameter]]:
+    """Each rank's layers' parameters, in model order: what it preconditions and shares every step."""
+    return [
+        [p for name in plan.owned_by(rank) for p in layers[name].parameters()]
+        for rank in range(plan.world_size)
+    ]
+
+
 def make_plan(costs: Mapping[str, float], world_size: int) -> Plan:
     """Greedy largest-first assignment of layers to ``world_size`` ranks."""
     if world_size < 1:
