@@ -179,12 +179,22 @@ def resume_order(directory: Path) -> list[Path]:
     from an older checkpoint, or with another batch size, writes lower step numbers).
     """
     found = candidates(directory)
-    try:
-        name = (directory / LATEST).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):  # none, or damaged: the highest step comes first
-        name = ""
+    name = _pointer_text(directory / LATEST) or ""  # none, or damaged: the highest step comes first
     first = [p for p in found if p.name == name]
     return first + [p for p in found if p.name != name]
+
+
+def _pointer_text(path: Path) -> str | None:
+    """What the ``latest`` pointer ``path`` says (a checkpoint's file name, unless damaged), or None when
+    it cannot be one: unreadable, not UTF-8, 256 bytes or more, or the start of a checkpoint file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+        if len(head) == 256 or head.startswith(HDF5_SIGNATURE) or _SEAL.match(head):
+            return None
+        return head.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def followed(path: Path) -> Path:
@@ -192,16 +202,8 @@ def followed(path: Path) -> Path:
     checkpoint in its folder (a checkpoint file someone named ``latest`` is taken as it is)."""
     if path.name != LATEST or not path.is_file():
         return path
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path}: not readable: {exc}") from None
-    if len(head) == 256 or head.startswith(HDF5_SIGNATURE) or _SEAL.match(head):  # not a pointer
-        return path
-    try:
-        name = head.decode("utf-8").strip()
-    except UnicodeDecodeError:
+    name = _pointer_text(path)
+    if name is None:  # not a pointer (or unreadable): the Reader says what it is
         return path
     if not NAME.fullmatch(name):
         raise CheckpointError(f"checkpoint {path}: the {LATEST} pointer names {name[:80]!r}, not a ckpt-*.h5")
