@@ -536,12 +536,13 @@ def check_world_size(cfg: Config, world_size: int) -> None:
             f"data.micro_batch_size = {data.micro_batch_size}: must divide the per-rank batch "
             f"data.batch_size / ranks = {data.batch_size} / {world_size} = {local}"
         )
-    if (data.micro_batch_size or local) == 1 and data.image_size <= 2 ** MODEL_HALVINGS[cfg.model.arch]:
+    one_by_one = 2 ** MODEL_HALVINGS[cfg.model.arch]  # the largest image side whose last map is 1x1
+    if (data.micro_batch_size or local) == 1 and data.image_size <= one_by_one:
         key = "data.micro_batch_size = 1" if data.micro_batch_size else f"data.batch_size / ranks = {local}"
         raise ConfigError(
             f"{key} image a forward pass at data.image_size = {data.image_size}: {cfg.model.arch}'s last "
             "BatchNorm would see one value per channel (a 1x1 map), which training cannot normalize; use "
-            f"2 or more images a forward pass, or data.image_size > {2 ** MODEL_HALVINGS[cfg.model.arch]}"
+            f"2 or more images a forward pass, or data.image_size > {one_by_one}"
         )
 
 

@@ -15,7 +15,6 @@ synchronisations' own cost, so the whole forward is also timed without hooks.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import json
 import math
@@ -98,9 +97,7 @@ def evaluation_changes(stored: str | None, cfg: Config, checkpoint: Path) -> lis
     except config.ConfigError as exc:  # another hpcngd version's keys, say
         return [f"the checkpoint's run file does not load here, so no comparison: {exc}"]
     changed = [
-        f"{key} {old!r} -> {new!r}"
-        for key, old, new in config.differences(saved, cfg)
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in EVAL_KEYS)
+        f"{key} {old!r} -> {new!r}" for key, old, new in config.differences(saved, cfg) if key in EVAL_KEYS
     ]
     return [f"evaluated with settings other than the training run's: {', '.join(changed)}"] if changed else []
 
