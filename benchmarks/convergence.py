@@ -35,7 +35,6 @@ def run_to_target(
     """([(train loss, val top-1) after each step], wall seconds of the whole run: set-up, steps and
     evaluations); stops once top-1 reaches ``target``."""
     cfg = config.load(run_file, overrides)
-    config.check_world_size(cfg, world.size)
     t0 = time.perf_counter()
     history: list[tuple[float, float]] = []
     with Topology(world) as topo:

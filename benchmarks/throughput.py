@@ -48,7 +48,6 @@ def main() -> None:
             "optim": {"schedule": "constant"},
         }
     )
-    config.check_world_size(cfg, world.size)
     with Topology(world) as topo:
         train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.run.seed)
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))

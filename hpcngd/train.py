@@ -49,7 +49,7 @@ from hpcngd.comm.gpu import direct_device_buffers
 from hpcngd.comm.hierarchical import WireReducer
 from hpcngd.comm.packing import pack, unpack
 from hpcngd.comm.topology import Topology
-from hpcngd.config import Config
+from hpcngd.config import Config, check_world_size
 from hpcngd.data import Dataset, evaluation_batches, sharding, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
@@ -98,6 +98,7 @@ class Trainer:
         self.cfg, self.topo, self.val_set, self.log = cfg, topo, val_set, log
         self.checkpoints, self.stop, self.locks = checkpoints, stop, list(locks)
         data, run = cfg.data, cfg.run
+        check_world_size(cfg, topo.size)  # the CLI checks before any rank computes; other callers may not
         self.device = device if device is not None else bind(run.device, topo.local_rank)
         use(self.device)
         on_gpu = self.device.type == "cuda"

@@ -15,7 +15,12 @@ from hpcngd.data import Dataset, build_datasets
 from hpcngd.metrics import MetricsLog
 from hpcngd.train import Trainer
 
-RUN = """
+# The BatchNorm batch: the same at every rank count of one session, so that N ranks and one rank normalize
+# the same images together: 4, which the tests' tolerances were set at, and 2 at 8 ranks, which hold 2
+# images each (all tests pass there; with 2 at 2 ranks, one fp16 and one bf16 comparison miss by ~10%).
+MICRO_BATCH = 4 if MPI.COMM_WORLD.size <= 4 else 2
+
+RUN = f"""
 [run]
 seed = 11
 epochs = 4
@@ -27,7 +32,7 @@ num_classes = 5
 source = "synthetic"
 image_size = 12
 batch_size = 16
-micro_batch_size = 4     # the BatchNorm batch: the same at 1, 2 and 4 ranks
+micro_batch_size = {MICRO_BATCH}
 synthetic_train_samples = 56
 synthetic_val_samples = 20
 workers = 0

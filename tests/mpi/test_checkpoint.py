@@ -218,7 +218,7 @@ def test_resume_on_fewer_ranks_with_the_same_global_batch(comm: MPI.Comm, folder
                 == n
                 for n in resumed["notes"]
             ), resumed["notes"]  # empirical Fisher: no sampling stream to restart
-            assert not any("BatchNorm's batch" in n for n in resumed["notes"])  # fixed: 4 images
+            assert not any("BatchNorm's batch" in n for n in resumed["notes"])  # fixed micro_batch_size
         got, want = figures(resumed["records"], 5), figures(whole["records"], 5)
         assert [r[:2] for r in got] == [r[:2] for r in want]
         losses = [(g[2], w[2]) for g, w in zip(got, want, strict=True) if g[0] == "train"]

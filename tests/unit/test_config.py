@@ -129,6 +129,21 @@ def test_world_size_checks() -> None:
     config.check_world_size(config.loads("[data]\nbatch_size = 4\nmicro_batch_size = 1\nimage_size = 8"), 1)
 
 
+def test_a_trainer_refuses_what_check_world_size_refuses() -> None:
+    """A Trainer built without the CLI (tests, benchmarks) makes the same check: a micro-batch larger
+    than a rank's batch was a silent, smaller BatchNorm batch, so 8-rank runs parted from 1-rank ones."""
+    import sys
+
+    from mpi4py import MPI
+
+    sys.path.insert(0, str(ROOT / "tests" / "mpi"))
+    from runs import make_trainer
+
+    refused = pytest.raises(ConfigError, match=r"^data.micro_batch_size = 3: must divide the per-rank batch ")
+    with refused, make_trainer(MPI.COMM_SELF, ["data.micro_batch_size=3"]):
+        pass
+
+
 def test_overrides_are_typed_by_the_schema() -> None:
     cfg = config.loads(
         "[optim]\nlr = 0.5",

@@ -55,7 +55,7 @@ def test_fan_in_init_starts_every_weight_at_the_rescaling_cap(arch: str) -> None
     for init in ("fan_in", "fan_out"):
         model = build(arch, 1000 if arch == "resnet50" else 10, init=init)
         ratios = {
-            name: float(m.weight.norm()) / (2 * m.weight.shape[0]) ** 0.5
+            name: float(m.weight.detach().norm()) / (2 * m.weight.shape[0]) ** 0.5
             for name, m in model.named_modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
         }
