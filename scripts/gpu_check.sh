@@ -4,19 +4,24 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      # default OUT: out/gpu_check
 #   CHECK_DEVICE=cpu OUT=/tmp/dry bash scripts/gpu_check.sh
 #
+# OUT receives the results (JSON) and the run files; CHECK_WORK (default: OUT) the bulky rest: the
+# benchmark's checkpoint (about 200 MB for ResNet-50), the rank and DALI steps' run folders and DALI's
+# JPEG set. Where only OUT comes back from a lent machine, set CHECK_WORK outside it (CHECK_WORK=/tmp/gc).
+#
 # CHECK_DEVICE=cpu is a dry run of the script itself: every step, on the CPU, with tiny models and bf16
 # in place of fp16 (tests/e2e runs it, so the script cannot rot between the rare GPU sessions); its
 # figures mean nothing.
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 1,055 s without DALI and 1,235 s with it (upper bounds: on
+# under `timeout`, with limits that add up to 1,205 s without DALI and 1,385 s with it (upper bounds: on
 # one H100 the whole script took 201 s on 2026-11-27, without DALI, before the GPU tests and the factor
 # benchmark began to compile the BatchNorm statistic, ngd.compile_bn):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run
-#      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in $OUT/ckpt;
+#      stopped at its limit keeps what it measured), and a checkpoint of its SGD AMP model in
+#      $CHECK_WORK/ckpt;
 #      the same for SGD AMP and SP-NGD amortized at 32 images as the busiest rank of 1,024 (inverting and
 #      preconditioning only its layers; its computation only) -> $OUT/gpu_benchmark_rank.json; then
 #      benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32, on
@@ -39,13 +44,14 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-out/gpu_check}
+WORK=${CHECK_WORK:-$OUT}
 DEVICE=${CHECK_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1  # a step killed at its time limit keeps what it printed (pytest, benchmarks)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # containers run as root
 # Open MPI 5: four ranks may start where fewer cores are free
 export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_policy:-:oversubscribe}
-mkdir -p "$OUT" || exit 1
+mkdir -p "$OUT" "$WORK" || exit 1
 started=$SECONDS
 failed=""
 
@@ -133,7 +139,7 @@ case $DEVICE in
     exit 2
     ;;
 esac
-echo "device: $DEVICE | python: $PY | out: $OUT"
+echo "device: $DEVICE | python: $PY | out: $OUT | work: $WORK"
 # SP-NGD settings that learn at the small batches below (the run-file defaults, SGD's lr 0.1 and
 # damping 1e-3, make the loss climb within 6 steps there)
 spngd_learning=(--set optim.lr=0.02 --set optim.weight_rescaling=true --set ngd.damping=0.1)
@@ -168,7 +174,7 @@ fi
 if lacks pytest $needed; then
   skip "GPU tests" "needs pytest $needed (missing: $missing)"
 else
-  step "GPU tests" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+  step "GPU tests" 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 fi
 
 # 3. The training benchmark: SGD fp32, SGD AMP, SP-NGD AMP (refresh every step, amortized, amortized with
@@ -176,17 +182,20 @@ fi
 if lacks $needed; then
   skip "benchmark" "needs $needed (missing: $missing)"
 else
-  rm -rf "$OUT/ckpt"
-  step "benchmark" 220 "$PY" benchmarks/gpu.py "${bench_args[@]}" --json "$OUT/gpu_benchmark.json" --save-checkpoint "$OUT/ckpt"
+  rm -rf "$WORK/ckpt"
+  # ${a[@]+"${a[@]}"}: an empty array under `set -u` (bash < 4.4 calls "${a[@]}" unbound)
+  step "benchmark" 220 "$PY" benchmarks/gpu.py ${bench_args[@]+"${bench_args[@]}"} \
+    --json "$OUT/gpu_benchmark.json" --save-checkpoint "$WORK/ckpt"
   # ... and as the busiest rank of the published 1,024-GPU runs (32 images a GPU): its computation only
-  step "benchmark as a rank of 1024" 60 "$PY" benchmarks/gpu.py "${bench_args[@]}" --batch "$rank_batch" \
-    --plan-world 1024 --only sgd_amp,spngd_amortized --json "$OUT/gpu_benchmark_rank.json"
+  step "benchmark as a rank of 1024" 60 "$PY" benchmarks/gpu.py ${bench_args[@]+"${bench_args[@]}"} \
+    --batch "$rank_batch" --plan-world 1024 --only sgd_amp,spngd_amortized \
+    --json "$OUT/gpu_benchmark_rank.json"
 fi
 if lacks torch numpy; then
   skip "preconditioning precision" "needs torch and numpy (missing: $missing)"
 else
   step "preconditioning precision" 60 "$PY" benchmarks/precondition_precision.py "${precision_args[@]}"
-  step "factor statistics" 90 "$PY" benchmarks/factors.py "${factor_args[@]}"
+  step "factor statistics" 150 "$PY" benchmarks/factors.py "${factor_args[@]}"
 fi
 if lacks torch mpi4py; then
   skip "inversion" "needs torch and mpi4py (missing: $missing)"
@@ -198,7 +207,7 @@ fi
 cat >"$OUT/inference.toml" <<EOF
 [run]
 device = "$DEVICE"
-output_dir = "$OUT"
+output_dir = "$WORK"
 name = "inference"
 [model]
 arch = "$model"
@@ -209,10 +218,10 @@ image_size = $size
 batch_size = $batch
 synthetic_val_samples = $((batch * 4))
 EOF
-checkpoint="$OUT/ckpt/$(cat "$OUT/ckpt/latest" 2>/dev/null)"
+checkpoint="$WORK/ckpt/$(cat "$WORK/ckpt/latest" 2>/dev/null)"
 for precision in fp16 bf16; do
   if lacks $needed || [ ! -f "$checkpoint" ]; then
-    skip "inference $precision" "needs $needed and the benchmark's checkpoint (none in $OUT/ckpt)"
+    skip "inference $precision" "needs $needed and the benchmark's checkpoint (none in $WORK/ckpt)"
     failed="$failed, inference $precision"
     continue
   fi
@@ -237,7 +246,7 @@ else
 [run]
 device = "$DEVICE"
 precision = "$amp"
-output_dir = "$OUT"
+output_dir = "$WORK"
 name = "ranks"
 max_steps = 6
 [model]
@@ -261,7 +270,7 @@ EOF
       skip "four ranks: training, comm.cuda_aware=true" "this MPI reports no CUDA support"
       continue
     fi
-    rm -rf "$OUT/ranks"
+    rm -rf "$WORK/ranks"
     step "four ranks: training, comm.cuda_aware=$setting" 90 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
       "$OUT/ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
@@ -272,15 +281,15 @@ fi
 if lacks $needed PIL nvidia.dali; then
   skip "DALI GPU training" "needs NVIDIA DALI and Pillow (missing: $missing)"
 else
-  rm -rf "$OUT/dali_data"  # the demo writer refuses a non-empty folder (a second run of this script)
-  step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$OUT/dali_data" --size "$dali_size" \
+  rm -rf "$WORK/dali_data"  # the demo writer refuses a non-empty folder (a second run of this script)
+  step "DALI GPU training: data" 60 "$PY" -m hpcngd data demo "$WORK/dali_data" --size "$dali_size" \
     --train-per-class "$dali_images" --val-per-class 4
   cat >"$OUT/dali.toml" <<EOF
 [run]
 device = "$DEVICE"
 precision = "$amp"
 channels_last = true
-output_dir = "$OUT"
+output_dir = "$WORK"
 name = "dali"
 max_steps = 12
 [model]
@@ -289,7 +298,7 @@ num_classes = 10
 [data]
 source = "dali"
 dali_device = "$dali_device"
-path = "$OUT/dali_data"
+path = "$WORK/dali_data"
 image_size = $size
 batch_size = $dali_batch
 workers = 4
@@ -303,7 +312,7 @@ EOF
   for optim in sgd spngd; do
     sets=(--set "optim.name=$optim")
     [ "$optim" = sgd ] || sets+=("${spngd_learning[@]}")
-    rm -rf "$OUT/dali"
+    rm -rf "$WORK/dali"
     step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
   done
 fi

@@ -222,9 +222,9 @@ def gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
     """CHECK_DEVICE=cpu: the script's every step, with tiny models, so that the one command a GPU
     session gets is known to work up to the device itself."""
-    out, wheels = tmp_path / "check", tmp_path / "wheels"
+    out, work, wheels = tmp_path / "check", tmp_path / "work", tmp_path / "wheels"
     path = f"{MPIEXEC.parent}:{ENV.get('PATH', '')}"
-    proc = gpu_check(out, CHECK_DEVICE="cpu", WHEELS=str(wheels), PATH=path)
+    proc = gpu_check(out, CHECK_DEVICE="cpu", WHEELS=str(wheels), PATH=path, CHECK_WORK=str(work))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "every step passed" in proc.stdout, log
     # carried MPI wheels are installed only where this Python's MPI does not run
@@ -260,6 +260,10 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     losses = [float(line.split(" loss ")[1].split()[0]) for line in proc.stdout.splitlines()
               if line.startswith("epoch") and "/6 loss" in line]  # fmt: skip
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+    # OUT holds the results and run files only (what a lent machine sends back); the rest is in CHECK_WORK
+    results = {"gpu_benchmark.json", "gpu_benchmark_rank.json", "inference_fp16.json", "inference_bf16.json"}
+    assert {p.name for p in out.iterdir()} - {"dali.toml"} == results | {"inference.toml", "ranks.toml"}
+    assert (work / "ckpt" / "latest").is_file() and (work / "ranks" / "metrics.jsonl").is_file()
 
 
 def test_the_gpu_check_script_rejects_an_unknown_device(tmp_path: Path) -> None:
