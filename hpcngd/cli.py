@@ -226,14 +226,14 @@ def _eval(args: argparse.Namespace) -> None:
     )
 
 
-def _threads(run_threads: int, local_size: int) -> int:
+def _threads(run_threads: int, host_size: int) -> int:
     if run_threads:
         return run_threads
     if "OMP_NUM_THREADS" in os.environ:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     usable = len(os.sched_getaffinity(0))
     bound = usable < (os.cpu_count() or usable)  # the launcher pinned this rank: use what it gave
-    return usable if bound else max(1, usable // local_size)
+    return usable if bound else max(1, usable // host_size)
 
 
 def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopSignals) -> int:
@@ -246,7 +246,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
     cfg = agree(world, lambda: _parse(text, run_file, overrides, world.size))
     topo = Topology(world, cfg.comm.ranks_per_node)  # its size was checked by _parse
-    torch.set_num_threads(_threads(cfg.run.threads, topo.local_size))
+    torch.set_num_threads(_threads(cfg.run.threads, topo.host_size))  # the host's ranks share its cores
     train_set, val_set = datasets(world, cfg)
     # Rank 0 holds the run directory's lock from before anything is written there to the run's end, and
     # the checkpoint folder's (another run's checkpoint.dir may name this run's default one).
@@ -281,8 +281,8 @@ def _run(
 
     run_dir = agree(world, lambda: prepare_run_dir(cfg) if world.rank == 0 else None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, active=world.rank == 0)
-    node = topo.node.allgather(agree(world, lambda: view(cfg.run.device)))  # GPUs and cores of the node
-    device = agree(world, lambda: bind(cfg.run.device, topo.local_rank, node))
+    host = topo.host.allgather(agree(world, lambda: view(cfg.run.device)))  # GPUs and cores of the host
+    device = agree(world, lambda: bind(cfg.run.device, topo.host_rank, host))
     agree(world, lambda: check_loader_device(cfg.data, str(device)))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: time cuDNN's algorithms once
     rows = world.gather(placement(device), root=0)
@@ -307,7 +307,8 @@ def _run(
     )
     for line in placement_lines(rows or []):
         log.say(line)
-    log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {trainer.comm_mode}")
+    wire = trainer.comm_mode if topo.size > 1 else "unused, one rank communicates nothing"
+    log.say(f"precision {cfg.run.precision} | wire {cfg.comm.dtype}: {wire}")
     for note in _setting_notes(cfg, trainer):
         log.say(f"note: {note}")
     if trainer.step >= trainer.total_steps:

@@ -9,6 +9,8 @@ PCI device), then the first (:func:`assign`). Without locality that is GPU ``loc
 choice the current CUDA device. :func:`placement_lines` summarises, for rank 0's log, which
 rank of which host uses which physical GPU on which cores, and warns when two ranks of one host share a
 GPU or a rank runs on none of its GPU's local cores (Linux's ``local_cpulist`` of the GPU's PCI device).
+A node here is a host, the ranks that share memory (``Topology.host``), also where ``comm.ranks_per_node``
+simulates smaller nodes: those would otherwise each start at GPU 0.
 """
 
 from __future__ import annotations

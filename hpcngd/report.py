@@ -40,7 +40,8 @@ def shared_values(layers: dict[str, nn.Module], plan: Plan) -> list[int]:
 
 
 def _mb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:9.1f} MiB"
+    """MiB to the KiB: fine enough to check against a run's comm_bytes_* (bytes, in metrics.jsonl)."""
+    return f"{n_bytes / 2**20:10.3f} MiB"
 
 
 def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
@@ -119,8 +120,8 @@ def _print_payload(
         shared = [n * item for n in shared_values(layers, plan)]
         top = max(range(len(shared)), key=shared.__getitem__)
         print(
-            f"  {'preconditioned grads':24s} world allgatherv: sends {shared[0] / 2**20:.1f} MiB (rank 0; at "
-            f"most {shared[top] / 2**20:.1f} MiB, rank {top}), receives {sum(shared) / 2**20:.1f} MiB"
+            f"  {'preconditioned grads':24s} world allgatherv: sends {shared[0] / 2**20:.3f} MiB (rank 0; at "
+            f"most {shared[top] / 2**20:.3f} MiB, rank {top}), receives {sum(shared) / 2**20:.3f} MiB"
         )
     if layers:
         print(

@@ -99,7 +99,7 @@ class Trainer:
         self.checkpoints, self.stop, self.locks = checkpoints, stop, list(locks)
         data, run = cfg.data, cfg.run
         check_world_size(cfg, topo.size)  # the CLI checks before any rank computes; other callers may not
-        self.device = device if device is not None else bind(run.device, topo.local_rank)
+        self.device = device if device is not None else bind(run.device, topo.host_rank)
         use(self.device)
         on_gpu = self.device.type == "cuda"
         sync = torch.cuda.synchronize if on_gpu else None  # phase times hold their own kernels

@@ -6,6 +6,8 @@ a node is its local rank 0; ``leaders`` is a communicator of the leaders only (`
 Nodes may hold unequal numbers of ranks (a job of 10 ranks placed 4 + 4 + 2): ``node_sizes`` says so on
 every rank, and the two-level reduction, whose leaders average node means with equal weights, is then
 not used (:class:`~hpcngd.comm.hierarchical.WireReducer`).
+``host`` is always the set of ranks that share memory, simulated nodes or not: a host's GPUs and cores
+are shared among its ranks (device binding, threads), whatever the two-level reduction is told.
 The Topology frees the communicators it derives (``close()`` or ``with``).
 """
 
@@ -32,8 +34,9 @@ class Topology:
                     f"comm.ranks_per_node = {ranks_per_node}: must divide the {world.size} ranks"
                 )
             self.node = world.Split(color=world.rank // ranks_per_node, key=world.rank)
+            self.host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
         else:
-            self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
+            self.node = self.host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
         is_leader = self.node.rank == 0
         leaders = world.Split(color=0 if is_leader else MPI.UNDEFINED, key=world.rank)
         self.leaders: MPI.Comm | None = leaders if is_leader else None
@@ -59,6 +62,15 @@ class Topology:
         return int(self.node.size)
 
     @property
+    def host_rank(self) -> int:
+        """This rank's index among the ranks of its host (= ``local_rank`` unless nodes are simulated)."""
+        return int(self.host.rank)
+
+    @property
+    def host_size(self) -> int:
+        return int(self.host.size)
+
+    @property
     def uniform(self) -> bool:
         """Every node holds the same number of ranks (the same answer on every rank)."""
         return len(self.node_sizes) == 1
@@ -78,6 +90,8 @@ class Topology:
         if self.leaders is not None:
             self.leaders.Free()
             self.leaders = None
+        if self.host != MPI.COMM_NULL and self.host is not self.node:
+            self.host.Free()
         if self.node != MPI.COMM_NULL:
             self.node.Free()
 

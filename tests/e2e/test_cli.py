@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -70,11 +71,11 @@ def test_plan_runs_without_mpi() -> None:
     assert "imbalance max/mean 3.46; idle ranks 0" in res.stdout
     assert "packed fp16 triangles are 0.250 of that" in res.stdout
     bn = [line for line in res.stdout.splitlines() if "loss, flags, BN stats" in line]  # 26,560 channels
-    assert len(bn) == 1 and bn[0].count("      0.2 MiB") == 3, res.stdout
+    assert len(bn) == 1 and bn[0].count("     0.203 MiB") == 3, res.stdout
     assert "node reduce" in bn[0] and "node alltoallv+gatherv" in res.stdout  # fp32 pass; fp16 gradients
     assert (
         "preconditioned grads     world allgatherv: sends " in res.stdout
-        and "receives 48.7 MiB" in res.stdout
+        and "receives 48.746 MiB" in res.stdout
     )
     bad = hpcngd("plan", "runs/quickstart.toml", "--world-size", "3")
     assert bad.returncode == 2 and "data.batch_size = 128: must be divisible by the 3 ranks" in bad.stderr
@@ -169,9 +170,26 @@ def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo:
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["val_images"] == 20 and 0 <= r["val_top1"] <= 100 for r in evals)
     assert "eval  epoch   2.00 step 4" in res.stdout and res.stdout.count("hpcngd 0.1.0: run tiny") == 1
+    assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
     single = hpcngd(str(run_file), "--set", "run.name=one", "--set", "run.max_steps=1")
     assert single.returncode == 0, single.stderr
     assert "1 rank on 1 node (1 per node)" in single.stdout and "done: 1 steps" in single.stdout
+
+
+def test_ranks_of_simulated_nodes_share_their_host_s_cores(tmp_path: Path, demo: Path) -> None:
+    """comm.ranks_per_node splits a host into nodes for the reduction only: each rank takes its share of
+    the host's cores over all the host's ranks (it took a simulated node's share: 2x the cores here)."""
+    run_file = write_run(tmp_path, demo)
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # the thread count is hpcngd's choice
+    args = [str(run_file), "--set", "comm.ranks_per_node=1", "--set", "run.max_steps=1"]
+    res = subprocess.run(
+        [str(MPIEXEC), "--bind-to", "none", "-n", "2", str(BIN / "hpcngd"), *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    usable = len(os.sched_getaffinity(0))
+    threads = usable if usable < (os.cpu_count() or usable) else max(1, usable // 2)  # cli._threads
+    assert f"2 ranks on 2 nodes (1 per node), {threads} thread(s) each" in res.stdout, res.stdout
 
 
 def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
@@ -187,7 +205,7 @@ def test_spngd_run_reports_factor_counts(tmp_path: Path, demo: Path) -> None:
     assert all(r["factors_ms"] > 0 and r["inverse_ms"] > 0 and r["precondition_ms"] > 0 for r in train)
     assert "factors refreshed 54 inverted 54" in res.stdout
     assert "devices on " in res.stdout and "rank 0 -> cpu (cores " in res.stdout
-    assert "precision fp32 | wire fp32: communication from host memory (CPU run)" in res.stdout
+    assert "precision fp32 | wire fp32: unused, one rank communicates nothing" in res.stdout
     assert "note: ngd.precondition_precision" not in res.stdout and "note: run.precision" not in res.stdout
     assert "note: optim.e_start = 0.0 < optim.warmup_epochs = 0.5: the poly decay starts inside" in res.stdout
     assert "note: optim.name = spngd without optim.weight_rescaling (weight_decay = 5e-05): SP-NGD's" in (

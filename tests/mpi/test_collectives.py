@@ -87,6 +87,8 @@ def test_topology(comm: MPI.Comm, ranks_per_node: int) -> None:
         if topo.leaders is not None:
             assert topo.leaders.size == topo.num_nodes and topo.leaders.rank == topo.node_index
         assert topo.node.allreduce(1) == rpn
+        # devices and threads are the host's, simulated nodes or not
+        assert (topo.host_rank, topo.host_size, topo.host.allreduce(1)) == (comm.rank, comm.size, comm.size)
     assert topo.leaders is None
 
 
