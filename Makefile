@@ -43,8 +43,8 @@ lint: $(BIN)/.installed
 unit: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -p no:cacheprovider tests/unit tests/e2e tests/gpu
 
-# Each MPI size runs the same tests; `timeout` turns a hang into a failure. They pass at 8 ranks too
-# (`make mpi-tests MPI_SIZES=8`: about 5 minutes on 2 cores, so CI leaves it out).
+# Each MPI size runs the same tests; `timeout` turns a hang into a failure. CI leaves out 8 ranks
+# (`make mpi-tests MPI_SIZES=8`, see README).
 mpi-tests: $(BIN)/.installed
 	set -e; for n in $(MPI_SIZES); do \
 	  echo "== tests/mpi under mpiexec -n $$n =="; \

@@ -50,7 +50,7 @@ class RunConfig(Section):
     seed: int = opt(0, "Seed of model init, data order and augmentation.", ge=0, le=2**31 - 1)
     epochs: int = opt(1, "Number of training epochs.", ge=1)
     max_steps: int = opt(0, "Stop after this many steps in all (0 = run every epoch).", ge=0)
-    threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / local ranks).", ge=0)
+    threads: int = opt(0, "Torch threads per rank (0 = OMP_NUM_THREADS or cores / ranks on this host).", ge=0)
     device: str = opt(
         "auto",
         "Where each rank computes: cuda (a GPU of its node, near its cores), cpu, or auto (cuda if present).",
@@ -298,7 +298,10 @@ class CommConfig(Section):
 
     SECTION = "comm"
     ranks_per_node: int = opt(
-        0, "Ranks per node (0 = ranks that share memory); set it to simulate nodes on one host.", ge=0
+        0,
+        "Ranks per node of the two-level reduction (0 = ranks that share memory); fewer simulates nodes "
+        "on one host (its GPUs and cores are still shared by all its ranks).",
+        ge=0,
     )
     bucket_mb: float = opt(8.0, "Size of one fused buffer (gradients, factors) in MiB.", gt=0.0)
     hierarchical: bool = opt(

@@ -2,7 +2,7 @@
 
 ``cuda``: the ranks of a node, in local-rank order, each take of the GPUs it can see the one that the
 fewest ranks before it took, of those the nearest to its cores (Linux's ``local_cpulist`` of the GPU's
-PCI device), then the first (:func:`assign`). Without locality that is GPU ``local_rank % n`` of the
+PCI device), then the first (:func:`assign`). Without locality that is GPU ``host_rank % n`` of the
 ``n`` GPUs when every rank sees all of the node's; a rank shown one GPU (Slurm ``--gpus-per-task``, a
 ``CUDA_VISIBLE_DEVICES`` per rank) takes it. ``auto`` means ``cuda`` when a GPU is visible, else
 ``cpu``. The decisions (:func:`choose`, :func:`assign`) are pure; :func:`bind` asks torch and makes the
@@ -35,12 +35,12 @@ def visible_devices(env: Mapping[str, str]) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def choose(requested: str, local_rank: int, num_gpus: int, env: Mapping[str, str]) -> str:
+def choose(requested: str, host_rank: int, num_gpus: int, env: Mapping[str, str]) -> str:
     """``"cpu"`` or ``"cuda:i"`` for one rank.
 
     Args:
         requested: ``run.device``: "auto", "cpu" or "cuda".
-        local_rank: this rank's index on its node.
+        host_rank: this rank's index among the ranks of its host.
         num_gpus: GPUs this process can see (already filtered by CUDA_VISIBLE_DEVICES).
         env: the environment, for the error message.
     """
@@ -55,7 +55,7 @@ def choose(requested: str, local_rank: int, num_gpus: int, env: Mapping[str, str
         )
     if requested not in ("auto", "cuda"):
         raise RuntimeError(f"unknown device request {requested!r}")
-    return f"cuda:{local_rank % num_gpus}"
+    return f"cuda:{host_rank % num_gpus}"
 
 
 def physical_id(device: str, env: Mapping[str, str]) -> str:
@@ -109,13 +109,13 @@ def assign(node: Sequence[View]) -> list[int]:
     return chosen
 
 
-def bind(requested: str, local_rank: int, node: Sequence[View] | None = None) -> torch.device:
-    """Choose this rank's device (:func:`choose`; the GPU by :func:`assign` from ``node``, every local
-    rank's :func:`view`, else ``local_rank % n``) and make it torch's current CUDA device."""
+def bind(requested: str, host_rank: int, host: Sequence[View] | None = None) -> torch.device:
+    """Choose this rank's device (:func:`choose`; the GPU by :func:`assign` from ``host``, every rank of
+    the host's :func:`view`, else ``host_rank % n``) and make it torch's current CUDA device."""
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    name = choose(requested, local_rank, num_gpus, os.environ)
-    if name != "cpu" and node is not None:
-        name = f"cuda:{assign(node)[local_rank]}"
+    name = choose(requested, host_rank, num_gpus, os.environ)
+    if name != "cpu" and host is not None:
+        name = f"cuda:{assign(host)[host_rank]}"
     device = torch.device(name)
     use(device)
     return device

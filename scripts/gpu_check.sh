@@ -4,9 +4,10 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh      # default OUT: out/gpu_check
 #   CHECK_DEVICE=cpu OUT=/tmp/dry bash scripts/gpu_check.sh
 #
-# OUT receives the results (JSON) and the run files; CHECK_WORK (default: OUT) the bulky rest: the
-# benchmark's checkpoint (about 200 MB for ResNet-50), the rank and DALI steps' run folders and DALI's
-# JPEG set. Where only OUT comes back from a lent machine, set CHECK_WORK outside it (CHECK_WORK=/tmp/gc).
+# OUT receives the results (JSON), the run files and the runs' logs; CHECK_WORK (default: OUT) the
+# bulky rest: the benchmark's checkpoint (about 200 MB for ResNet-50), the rank and DALI steps'
+# checkpoint folders and DALI's JPEG set. Where only OUT comes back from a lent machine, set
+# CHECK_WORK outside it (CHECK_WORK=/tmp/gc).
 #
 # CHECK_DEVICE=cpu is a dry run of the script itself: every step, on the CPU, with tiny models and bf16
 # in place of fp16 (tests/e2e runs it, so the script cannot rot between the rare GPU sessions); its
@@ -246,7 +247,7 @@ else
 [run]
 device = "$DEVICE"
 precision = "$amp"
-output_dir = "$WORK"
+output_dir = "$OUT"
 name = "ranks"
 max_steps = 6
 [model]
@@ -259,6 +260,7 @@ name = "spngd"
 [comm]
 ranks_per_node = 2     # four ranks as two simulated nodes: the two-level allreduce runs
 [checkpoint]
+dir = "$WORK/ranks_checkpoints"
 at_end = false
 resume = "never"
 [log]
@@ -270,7 +272,7 @@ EOF
       skip "four ranks: training, comm.cuda_aware=true" "this MPI reports no CUDA support"
       continue
     fi
-    rm -rf "$WORK/ranks"
+    rm -rf "$OUT/ranks" "$WORK/ranks_checkpoints"
     step "four ranks: training, comm.cuda_aware=$setting" 90 "$MPIEXEC" -n 4 "$PY" -m hpcngd \
       "$OUT/ranks.toml" --set "comm.cuda_aware=$setting" "${spngd_learning[@]}"
   done
@@ -289,7 +291,7 @@ else
 device = "$DEVICE"
 precision = "$amp"
 channels_last = true
-output_dir = "$WORK"
+output_dir = "$OUT"
 name = "dali"
 max_steps = 12
 [model]
@@ -303,6 +305,7 @@ image_size = $size
 batch_size = $dali_batch
 workers = 4
 [checkpoint]
+dir = "$WORK/dali_checkpoints"
 at_end = false
 resume = "never"
 [log]
@@ -312,7 +315,7 @@ EOF
   for optim in sgd spngd; do
     sets=(--set "optim.name=$optim")
     [ "$optim" = sgd ] || sets+=("${spngd_learning[@]}")
-    rm -rf "$WORK/dali"
+    rm -rf "$OUT/dali" "$WORK/dali_checkpoints"
     step "DALI GPU training: $optim" 60 "$PY" -m hpcngd "$OUT/dali.toml" "${sets[@]}"
   done
 fi

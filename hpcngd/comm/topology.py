@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 
 class Topology:
-    """World, node and leaders communicators.
+    """World, node, leaders and host communicators.
 
     Args:
         world: the job's communicator (not freed by the Topology).

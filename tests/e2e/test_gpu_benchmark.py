@@ -260,10 +260,12 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     losses = [float(line.split(" loss ")[1].split()[0]) for line in proc.stdout.splitlines()
               if line.startswith("epoch") and "/6 loss" in line]  # fmt: skip
     assert len(losses) == 3 and losses[-1] < losses[0], losses
-    # OUT holds the results and run files only (what a lent machine sends back); the rest is in CHECK_WORK
+    # OUT holds the results, run files and logs (what a lent machine sends back); the rest is in CHECK_WORK
     results = {"gpu_benchmark.json", "gpu_benchmark_rank.json", "inference_fp16.json", "inference_bf16.json"}
-    assert {p.name for p in out.iterdir()} - {"dali.toml"} == results | {"inference.toml", "ranks.toml"}
-    assert (work / "ckpt" / "latest").is_file() and (work / "ranks" / "metrics.jsonl").is_file()
+    runs = {"inference.toml", "ranks.toml", "ranks"}
+    assert {p.name for p in out.iterdir()} - {"dali.toml", "dali"} == results | runs
+    assert (out / "ranks" / "metrics.jsonl").is_file() and (work / "ckpt" / "latest").is_file()
+    assert not [p for p in out.rglob("*.h5")]
 
 
 def test_the_gpu_check_script_rejects_an_unknown_device(tmp_path: Path) -> None:
