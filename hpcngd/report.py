@@ -39,9 +39,9 @@ def shared_values(layers: dict[str, nn.Module], plan: Plan) -> list[int]:
     return [sum(p.numel() for p in params) for params in owned_parameters(layers, plan)]
 
 
-def _mb(n_bytes: float) -> str:
+def _mb(n_bytes: float, width: int = 10) -> str:
     """MiB to the KiB: fine enough to check against a run's comm_bytes_* (bytes, in metrics.jsonl)."""
-    return f"{n_bytes / 2**20:10.3f} MiB"
+    return f"{n_bytes / 2**20:{width}.3f} MiB"
 
 
 def print_plan(cfg: Config, world_size: int, ranks_per_node: int) -> None:
@@ -120,8 +120,8 @@ def _print_payload(
         shared = [n * item for n in shared_values(layers, plan)]
         top = max(range(len(shared)), key=shared.__getitem__)
         print(
-            f"  {'preconditioned grads':24s} world allgatherv: sends {shared[0] / 2**20:.3f} MiB (rank 0; at "
-            f"most {shared[top] / 2**20:.3f} MiB, rank {top}), receives {sum(shared) / 2**20:.3f} MiB"
+            f"  {'preconditioned grads':24s} world allgatherv: sends {_mb(shared[0], 0)} (rank 0; at "
+            f"most {_mb(shared[top], 0)}, rank {top}), receives {_mb(sum(shared), 0)}"
         )
     if layers:
         print(
