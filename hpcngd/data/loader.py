@@ -25,6 +25,13 @@ from hpcngd.stopping import STOP_SIGNALS
 
 Keys = list[tuple[int, int]]
 
+# Workers are forked, whatever the interpreter's default (Python 3.14 made it forkserver on Linux). A
+# forkserver is one more process of the job that a scheduler's SIGTERM reaches: it dies of it, its
+# workers (torch's watchdog watches their parent) follow, and the rank fails instead of checkpointing.
+# A forked worker also inherits the sample list (1.28M paths for ImageNet) instead of unpickling it
+# again at every epoch.
+_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
 
 class Dataset(Protocol):
     """What a loader needs of a data set."""
@@ -58,6 +65,7 @@ def _load(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
+        multiprocessing_context=_START_METHOD if workers else None,
     )
     if workers:
         _kill_workers_at_exit()

@@ -65,10 +65,10 @@ def start_taking_over(args: list[str]) -> subprocess.Popen[str]:
     return job
 
 
-def start_long_run(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+def start_long_run(args: list[str], tmp_path: Path, env: dict[str, str] = ENV) -> subprocess.Popen[str]:
     """A 2-rank run of ``args`` (with LONG), once it has logged 3 records."""
     cmd = command(*args, ranks=2)
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     metrics = tmp_path / "out/tiny/metrics.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -99,13 +99,36 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
     assert steps == list(range(1, step + 3))  # one record a step, none lost, none twice
 
 
-def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(tmp_path: Path, demo: Path) -> None:
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    children = rank_pids(pid)
+    return children + [d for c in children for d in descendants(c)]
+
+
+@pytest.mark.parametrize("start_method", ["default", "forkserver"])
+def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(
+    tmp_path: Path, demo: Path, start_method: str
+) -> None:
     """What Slurm does at the time limit or on scancel: SIGTERM to every process of the job, the ranks'
-    decoding workers too (they ignore it and end with their loader)."""
-    job = start_long_run([str(write_run(tmp_path, demo, workers=2, extra=NO_SAVE)), *LONG], tmp_path)
+    decoding workers too (they ignore it and end with their loader). "forkserver" makes it Python's
+    default start method, as it is from Python 3.14 on Linux: a forkserver died of the signal, its workers
+    with it, and the ranks failed."""
+    env = dict(ENV)
+    if start_method != "default":
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(  # and leaves a file ran.PID, to show it ran
+            "import multiprocessing, os, pathlib\n"
+            f"multiprocessing.set_start_method({start_method!r})\n"
+            'pathlib.Path(__file__).with_name(f"ran.{os.getpid()}").touch()\n'
+        )
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    job = start_long_run([str(write_run(tmp_path, demo, workers=2, extra=NO_SAVE)), *LONG], tmp_path, env)
     ranks = rank_pids(job.pid)
-    workers = [w for r in ranks for w in rank_pids(r)]
+    workers = [w for r in ranks for w in descendants(r)]
     assert len(ranks) == 2 and len(workers) >= 4, (ranks, workers)
+    if start_method != "default":
+        assert {f"ran.{pid}" for pid in ranks} <= {p.name for p in site.iterdir()}
     for pid in ranks:
         os.kill(pid, signal.SIGTERM)
     for pid in workers:
