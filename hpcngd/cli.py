@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, TypeVar
 
-from hpcngd import __version__, config
+from hpcngd import __version__, config, versions
 from hpcngd.errors import AgreedError, UserError, agree
 
 if TYPE_CHECKING:
@@ -129,11 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plan":
         return _one_process(lambda: _plan(args))
     if args.command == "inspect":
-        from pathlib import Path
-
-        from hpcngd.checkpoint import describe
-
-        return _one_process(lambda: print(describe(Path(args.checkpoint))))
+        return _one_process(lambda: _inspect(args))
     if args.command == "eval":
         return _one_process(lambda: _eval(args))
     if args.command == "data":
@@ -199,6 +195,15 @@ def _plan(args: argparse.Namespace) -> None:
     print_plan(cfg, args.world_size, cfg.comm.ranks_per_node or 1)
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hpcngd.checkpoint import describe
+
+    versions.check("h5py")
+    print(describe(Path(args.checkpoint)))
+
+
 def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -206,6 +211,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from hpcngd.inference import study
 
+    versions.check("torch", "h5py")
     cfg = config.load(args.run_file, args.overrides)
     torch.set_num_threads(_threads(cfg.run.threads, 1))
     json_path = Path(args.json) if args.json else None
@@ -242,6 +248,7 @@ def _train(world: MPI.Comm, run_file: str, overrides: Sequence[str], stop: StopS
     from hpcngd.comm.topology import Topology
     from hpcngd.runlock import CHECKPOINT_DIR, RUN_DIR, take_all
 
+    agree(world, lambda: versions.check("torch", "h5py"))
     # Rank 0 reads the file; every rank parses the same text, so all reach the same verdict.
     text = world.bcast(_capture(lambda: config.read_text(run_file)) if world.rank == 0 else None)
     cfg = agree(world, lambda: _parse(text, run_file, overrides, world.size))

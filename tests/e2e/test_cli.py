@@ -153,6 +153,35 @@ def test_bad_input_found_at_setup_under_mpi(tmp_path: Path, demo: Path) -> None:
     )
 
 
+def test_a_torch_or_h5py_older_than_the_floor_is_one_line_before_anything_is_written(
+    tmp_path: Path, demo: Path
+) -> None:
+    """A cluster's own torch or h5py (spack, a module, `pip install --no-deps`) may be older than
+    pyproject.toml's floors, which failed deep in a run (torch 2.1: SP-NGD's first step; h5py 3.10: every
+    checkpoint read). Each command names the package in one line, on every rank, and writes nothing."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import h5py, torch\ntorch.__version__ = '2.3.1+cu121'\nh5py.__version__ = '3.10.0'\n"
+    )
+    env = {"PYTHONPATH": str(site)}
+    torch_line = (
+        "hpcngd: error: torch 2.3.1+cu121 is older than hpcngd needs (torch >= 2.4); "
+        "install a newer one (pip install 'torch>=2.4')"
+    )
+    run_file = write_run(tmp_path, demo)
+    res = hpcngd(str(run_file), ranks=2, env=env)
+    assert res.returncode == 2 and error_lines(res.stderr) == [torch_line], res.stderr
+    res = hpcngd("eval", str(run_file), "--checkpoint", str(tmp_path / "any.h5"), env=env)
+    assert res.returncode == 2 and error_lines(res.stderr) == [torch_line], res.stderr
+    res = hpcngd("inspect", str(tmp_path / "any.h5"), env=env)
+    assert res.returncode == 2 and error_lines(res.stderr) == [
+        "hpcngd: error: h5py 3.10.0 is older than hpcngd needs (h5py >= 3.11); "
+        "install a newer one (pip install 'h5py>=3.11')"
+    ], res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_run_writes_metrics_and_resolved_run_file(tmp_path: Path, demo: Path) -> None:
     run_file = write_run(tmp_path, demo, workers=1)
     res = hpcngd(str(run_file), "--set", "optim.lr=0.05", ranks=2)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcngd import config
+from hpcngd import config, versions
+from hpcngd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ["resnet50_32k", "resnet50_65k", "resnet50_131k"]
@@ -102,6 +103,42 @@ def test_every_python_dependency_is_in_spack_yaml() -> None:
     assert not missing, f"spack.yaml lacks the spack packages of {sorted(missing)}"
     assert any(s.startswith("py-h5py") and "+mpi" in s for s in specs)
     assert any(s.startswith("py-torch") and "+cuda" in s for s in specs)
+
+
+def test_the_run_time_version_floors_are_pyproject_s_and_spack_s() -> None:
+    """hpcngd.versions checks what pip checked at install (a cluster's torch may bypass pip)."""
+    project = config.tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    simple = [re.fullmatch(r"([a-z0-9]+)>=([\d.]+)", d) for d in project["dependencies"]]
+    floors = {m[1]: m[2] for m in simple if m}
+    specs = yaml.safe_load((ROOT / "spack.yaml").read_text())["spack"]["specs"]
+    for name, floor in versions.MINIMUM.items():
+        assert floors[name] == ".".join(map(str, floor)), name
+        assert any(s.startswith(f"py-{name}@{floors[name]}: ") for s in specs), name
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("2.13.0+cpu", True),
+        ("2.4.0", True),
+        ("2.4.0a0+git3bcc3cd", True),
+        ("2.3.1+cu121", False),
+        ("1.13", False),
+    ],
+)
+def test_a_torch_older_than_the_floor_is_named(
+    monkeypatch: pytest.MonkeyPatch, version: str, ok: bool
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", version)
+    if ok:
+        versions.check("torch", "h5py")
+    else:
+        with pytest.raises(
+            UserError, match=rf"^torch {re.escape(version)} is older than hpcngd needs \(torch >= 2\.4\)"
+        ):
+            versions.check("torch", "h5py")
 
 
 def test_readme_run_file_reference_is_generated_from_the_schema() -> None:
