@@ -18,21 +18,21 @@ from hpcngd.errors import UserError
 MINIMUM = {"torch": (2, 4), "h5py": (3, 11)}
 
 
-def release(version: str) -> tuple[int, ...]:
-    """The release numbers of a version string: "2.4.0a0+git3bcc3cd" (an NGC container's torch, a
-    pre-release of 2.4.0 that has 2.4's API) -> (2, 4, 0); "2.13.0+cpu" -> (2, 13, 0)."""
+def release(version: str) -> tuple[int, ...] | None:
+    """The release numbers of a version string, None if it has none: "2.13.0+cpu" -> (2, 13, 0);
+    "2.4.0a0+git3bcc3cd" (an NGC container's torch) -> (2, 4, 0), taken as 2.4 where pip's ">=2.4"
+    would refuse it (untested; such builds are 2.4 but for their last commits)."""
     found = re.match(r"\d+(\.\d+)*", version)
-    if not found:
-        raise UserError(f"cannot read the version {version!r}")
-    return tuple(int(part) for part in found.group().split("."))
+    return tuple(int(part) for part in found.group().split(".")) if found else None
 
 
 def check(*names: str) -> None:
-    """One UserError naming the first of ``names`` (keys of MINIMUM) that is older than its floor."""
+    """One UserError naming the first of ``names`` (keys of MINIMUM) that is older than its floor. A
+    build whose version has no release numbers ("unknown") is not refused: nothing says it is older."""
     for name in names:
-        version = importlib.import_module(name).__version__
-        floor = MINIMUM[name]
-        if release(version) < floor:
+        version = str(getattr(importlib.import_module(name), "__version__", ""))
+        floor, found = MINIMUM[name], release(version)
+        if found is not None and found < floor:
             wanted = ".".join(map(str, floor))
             raise UserError(
                 f"{name} {version} is older than hpcngd needs ({name} >= {wanted}); "

@@ -25,12 +25,13 @@ from hpcngd.stopping import STOP_SIGNALS
 
 Keys = list[tuple[int, int]]
 
-# Workers are forked, whatever the interpreter's default (Python 3.14 made it forkserver on Linux). A
-# forkserver is one more process of the job that a scheduler's SIGTERM reaches: it dies of it, its
-# workers (torch's watchdog watches their parent) follow, and the rank fails instead of checkpointing.
-# A forked worker also inherits the sample list (1.28M paths for ImageNet) instead of unpickling it
-# again at every epoch.
-_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+# Workers are forked (hpcngd runs on Linux), whatever the interpreter's default: Python 3.14 made it
+# forkserver. A forkserver is one more process of the job that a scheduler's SIGTERM reaches (starting
+# multiprocessing's resource tracker unblocks SIGTERM in this process, so the forkserver does not inherit
+# it blocked): it dies of it, its workers (torch's watchdog watches their parent) follow, and the rank
+# fails instead of checkpointing. A forked worker also inherits the sample list (1.28M paths for
+# ImageNet) instead of unpickling it again at every epoch.
+_START_METHOD = "fork"
 
 
 class Dataset(Protocol):
@@ -69,8 +70,9 @@ def _load(
     )
     if workers:
         _kill_workers_at_exit()
-    # Workers start with the stop signals blocked (a signal mask is inherited), so that one arriving
-    # before they ignore them cannot kill them; this process gets a signal sent meanwhile on unblocking.
+    # Workers start with the stop signals blocked (a forked child inherits the signal mask), so that one
+    # arriving before they ignore them cannot kill them; this process gets a signal sent meanwhile on
+    # unblocking.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         started = iter(loader)

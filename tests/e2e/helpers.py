@@ -67,3 +67,13 @@ def write_run(tmp_path: Path, demo: Path, workers: int = 0, extra: str = "") -> 
     run_file = tmp_path / "tiny.toml"
     run_file.write_text(TINY.format(out=tmp_path / "out", data=demo, workers=workers) + extra)
     return run_file
+
+
+def with_sitecustomize(tmp_path: Path, code: str) -> dict[str, str]:
+    """ENV with a ``sitecustomize.py`` of ``code`` first on PYTHONPATH: every Python process of the
+    command (each rank) runs it at start-up. It also leaves a file ``ran.PID`` beside itself."""
+    site = tmp_path / "site"
+    site.mkdir()
+    mark = 'import os, pathlib\npathlib.Path(__file__).with_name(f"ran.{os.getpid()}").touch()\n'
+    (site / "sitecustomize.py").write_text(mark + code)
+    return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), ENV.get("PYTHONPATH")]))}

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import ENV, ROOT, command, error_lines, hpcngd, write_run
+from helpers import ENV, ROOT, command, error_lines, hpcngd, with_sitecustomize, write_run
 
 from hpcngd.checkpoint import CRASH_HOOK, USER_BLOCK, seal
 
@@ -113,22 +113,14 @@ def test_stop_signal_to_every_process_of_the_job_checkpoints_and_exits_3(
     decoding workers too (they ignore it and end with their loader). "forkserver" makes it Python's
     default start method, as it is from Python 3.14 on Linux: a forkserver died of the signal, its workers
     with it, and the ranks failed."""
-    env = dict(ENV)
-    if start_method != "default":
-        site = tmp_path / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(  # and leaves a file ran.PID, to show it ran
-            "import multiprocessing, os, pathlib\n"
-            f"multiprocessing.set_start_method({start_method!r})\n"
-            'pathlib.Path(__file__).with_name(f"ran.{os.getpid()}").touch()\n'
-        )
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    code = f"import multiprocessing\nmultiprocessing.set_start_method({start_method!r})\n"
+    env = ENV if start_method == "default" else with_sitecustomize(tmp_path, code)
     job = start_long_run([str(write_run(tmp_path, demo, workers=2, extra=NO_SAVE)), *LONG], tmp_path, env)
     ranks = rank_pids(job.pid)
     workers = [w for r in ranks for w in descendants(r)]
     assert len(ranks) == 2 and len(workers) >= 4, (ranks, workers)
     if start_method != "default":
-        assert {f"ran.{pid}" for pid in ranks} <= {p.name for p in site.iterdir()}
+        assert {f"ran.{pid}" for pid in ranks} <= {p.name for p in (tmp_path / "site").iterdir()}
     for pid in ranks:
         os.kill(pid, signal.SIGTERM)
     for pid in workers:

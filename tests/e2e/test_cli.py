@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, ENV, MPIEXEC, ROOT, error_lines, hpcngd, write_run
+from helpers import BIN, ENV, MPIEXEC, ROOT, error_lines, hpcngd, with_sitecustomize, write_run
 
 from hpcngd import config
 from hpcngd.data.demo import generate
@@ -158,13 +158,10 @@ def test_a_torch_or_h5py_older_than_the_floor_is_one_line_before_anything_is_wri
 ) -> None:
     """A cluster's own torch or h5py (spack, a module, `pip install --no-deps`) may be older than
     pyproject.toml's floors, which failed deep in a run (torch 2.1: SP-NGD's first step; h5py 3.10: every
-    checkpoint read). Each command names the package in one line, on every rank, and writes nothing."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import h5py, torch\ntorch.__version__ = '2.3.1+cu121'\nh5py.__version__ = '3.10.0'\n"
-    )
-    env = {"PYTHONPATH": str(site)}
+    checkpoint read). Each command names the package in one line (rank 0 prints it once, every rank
+    exits 2) and writes nothing."""
+    code = "import h5py, torch\ntorch.__version__ = '2.3.1+cu121'\nh5py.__version__ = '3.10.0'\n"
+    env = with_sitecustomize(tmp_path, code)
     torch_line = (
         "hpcngd: error: torch 2.3.1+cu121 is older than hpcngd needs (torch >= 2.4); "
         "install a newer one (pip install 'torch>=2.4')"

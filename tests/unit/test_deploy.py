@@ -3,6 +3,7 @@ the README's run-file reference, checked against each other so that they cannot 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -117,26 +118,30 @@ def test_the_run_time_version_floors_are_pyproject_s_and_spack_s() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "ok"),
+    ("name", "version", "ok"),
     [
-        ("2.13.0+cpu", True),
-        ("2.4.0", True),
-        ("2.4.0a0+git3bcc3cd", True),
-        ("2.3.1+cu121", False),
-        ("1.13", False),
+        ("torch", "2.13.0+cpu", True),
+        ("torch", "2.4.0", True),
+        ("torch", "2.4.0a0+git3bcc3cd", True),  # an NGC container's
+        ("torch", "2.10.0.dev20261101", True),  # numbers, not text: 10 > 4
+        ("torch", "unknown", True),  # nothing says it is older
+        ("torch", "2.3.1+cu121", False),
+        ("torch", "1.13", False),
+        ("h5py", "3.11.0rc1", True),
+        ("h5py", "3.10.0", False),
     ],
 )
-def test_a_torch_older_than_the_floor_is_named(
-    monkeypatch: pytest.MonkeyPatch, version: str, ok: bool
+def test_a_package_older_than_its_floor_is_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, version: str, ok: bool
 ) -> None:
-    import torch
-
-    monkeypatch.setattr(torch, "__version__", version)
+    module = importlib.import_module(name)
+    monkeypatch.setattr(module, "__version__", version)
     if ok:
         versions.check("torch", "h5py")
     else:
+        floor = ".".join(map(str, versions.MINIMUM[name]))
         with pytest.raises(
-            UserError, match=rf"^torch {re.escape(version)} is older than hpcngd needs \(torch >= 2\.4\)"
+            UserError, match=rf"^{name} {re.escape(version)} is older than hpcngd needs \({name} >= {floor}\)"
         ):
             versions.check("torch", "h5py")
 
