@@ -49,6 +49,7 @@ import h5py
 import numpy as np
 
 from hpcngd.errors import CheckpointError
+from hpcngd.metrics import duration
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -561,6 +562,7 @@ def describe(path: Path) -> str:
             f"step {a['step']} (epoch {a.get('epoch')}) | {a.get('world_size')} rank(s) on "
             f"{a.get('num_nodes')} node(s)"
             f" | model {a.get('arch')}, global batch {a.get('batch_size')}",
+            *_clock_lines(a),
             f"{'group':<10} {'arrays':>7} {'MiB':>10}",
             *(f"{g:<10} {n:>7} {b / 2**20:>10.2f}" for g, (n, b) in sorted(sizes.items())),
             f"{'total':<10} {sum(n for n, _ in sizes.values()):>7} "
@@ -571,3 +573,17 @@ def describe(path: Path) -> str:
             str(a.get("run_file", "")).rstrip(),
         ]
     return "\n".join(lines)
+
+
+def _clock_lines(a: dict[str, Any]) -> list[str]:
+    """The run's clock and time to target in a header (an older hpcngd wrote none)."""
+    if not isinstance(a.get("train_s"), float) or not isinstance(a.get("elapsed_s"), float):
+        return []
+    target, step = a.get("target_top1"), a.get("target_step")
+    reached = (
+        f"; target top1 {target:g}% reached at step {step}"
+        if target and step is not None and step >= 0
+        else ""
+    )
+    clock = f"trained {duration(a['train_s'])}, {duration(a['elapsed_s'])} with evaluations and checkpoints"
+    return [clock + reached]

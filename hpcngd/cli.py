@@ -283,7 +283,7 @@ def _run(
     from hpcngd import state
     from hpcngd.data import check_loader_device
     from hpcngd.device import bind, placement, placement_lines, view
-    from hpcngd.metrics import MetricsLog
+    from hpcngd.metrics import MetricsLog, duration
     from hpcngd.train import Trainer, prepare_run_dir, record_run_file
 
     run_dir = agree(world, lambda: prepare_run_dir(cfg) if world.rank == 0 else None)
@@ -329,7 +329,11 @@ def _run(
         )
         log.close()
         return EXIT_STOPPED
-    log.say(f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%")
+    clock = trainer.clock
+    log.say(
+        f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%; "
+        f"{duration(clock.train_s)} of training, {duration(clock.elapsed_s)} with evaluations and checkpoints"
+    )
     log.close()
     return 0
 

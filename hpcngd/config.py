@@ -382,6 +382,13 @@ class LogConfig(Section):
     SECTION = "log"
     every_steps: int = opt(10, "Progress line and metrics.jsonl record every this many steps.", ge=1)
     eval_every_epochs: int = opt(1, "Evaluate every this many epochs (0 = only at the end).", ge=0)
+    target_top1: float = opt(
+        0.0,
+        'Validation top-1 (%) to time (0 = off): the first evaluation that reaches it writes a "target" '
+        "record and line with the steps, epochs and seconds it took. Training goes on.",
+        ge=0.0,
+        le=100.0,
+    )
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -2,7 +2,8 @@
 
 One timer (:class:`PhaseTimer`) for every phase of a step; one writer (:class:`MetricsLog`) that only
 rank 0 holds open. ``metrics.jsonl`` gets one JSON object per line: ``"kind": "train"`` records every
-``log.every_steps`` steps and ``"kind": "eval"`` records after each evaluation.
+``log.every_steps`` steps and ``"kind": "eval"`` records after each evaluation. One clock
+(:class:`RunClock`) for the seconds a run has trained, summed over its resumes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,50 @@ class PhaseTimer:
         self.steps = 0
         self.started = now
         return steps, wall, per_step
+
+
+class RunClock:
+    """Seconds a run has spent training, summed over all its resumes: what a time-to-accuracy figure counts.
+
+    ``train_s``: the training steps alone (loading, forward and backward, communication, update), the time
+    images/s is measured over. ``elapsed_s``: the whole training loop, its evaluations, checkpoints and
+    records too. Neither counts set-up, restoring a checkpoint, or the time between a stop and its resume.
+    A checkpoint keeps both as they were when its writing began.
+    """
+
+    def __init__(self) -> None:
+        self.train_s = 0.0
+        self.elapsed_before = 0.0  # the loop's seconds up to this process's start of the loop
+        self.loop_started: float | None = None
+
+    def start(self) -> None:
+        """The training loop starts (or resumes) now."""
+        self.loop_started = time.perf_counter()
+
+    def add_step(self, seconds: float) -> None:
+        self.train_s += seconds
+
+    @property
+    def elapsed_s(self) -> float:
+        running = 0.0 if self.loop_started is None else time.perf_counter() - self.loop_started
+        return self.elapsed_before + running
+
+    def fields(self) -> dict[str, float]:
+        """The clock as record fields (and checkpoint attributes)."""
+        return {"train_s": round(self.train_s, 3), "elapsed_s": round(self.elapsed_s, 3)}
+
+    def load(self, train_s: float, elapsed_s: float) -> None:
+        """Continue from a checkpoint's clock (before the loop starts)."""
+        self.train_s, self.elapsed_before = float(train_s), float(elapsed_s)
+
+
+def duration(seconds: float) -> str:
+    """``42.0 s``, ``5.5 min`` or ``2.25 h``: a clock reading for a console line."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 class MetricsLog:

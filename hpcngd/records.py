@@ -1,9 +1,12 @@
-"""What a training run reports: the train and eval records of ``metrics.jsonl`` and their console lines.
+"""What a training run reports: the train, eval and target records of ``metrics.jsonl`` and their
+console lines.
 
 Called by :meth:`hpcngd.train.Trainer.train`; the writer and the phase timer are :mod:`hpcngd.metrics`.
 A train record holds the mean loss, learning rate, images/s and ms per phase since the last record,
 communication bytes and calls per level, the fp16 loss scale and skipped steps, and the SP-NGD counts
-(inversions summed over ranks: collective).
+(inversions summed over ranks: collective). Every record holds the run's clock (:class:`RunClock`):
+``train_s`` and ``elapsed_s``, over all resumes. The first evaluation that reaches ``log.target_top1``
+writes a target record: the time to accuracy.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from hpcngd.comm.collectives import allreduce_sum
-from hpcngd.metrics import NGD_COUNTS
+from hpcngd.metrics import NGD_COUNTS, duration
 
 if TYPE_CHECKING:
     from hpcngd.train import Trainer
@@ -39,6 +42,7 @@ def log_train(t: Trainer, epoch: float, losses: list[float]) -> dict[str, Any]:
         "comm_bytes": sum(t.wire.bytes_sent.values()),
         "comm_calls": sum(t.wire.calls.values()),
         **{f"comm_bytes_{level}": n for level, n in sorted(t.wire.bytes_sent.items())},
+        **t.clock.fields(),
     }
     if t.scaler.enabled:
         rec["loss_scale"] = t.scaler.scale
@@ -58,9 +62,11 @@ def log_train(t: Trainer, epoch: float, losses: list[float]) -> dict[str, Any]:
         phases += f" | loss scale {rec['loss_scale']:g} skipped {rec['amp_skipped']}"
     if t.ngd is not None:
         phases += f" | factors refreshed {rec['ngd_refreshed']} inverted {rec['ngd_inverted']}"
+    left = (t.total_steps - t.step) * wall / max(steps, 1)  # the steps to go at this record's pace
     t.log.say(
         f"epoch {epoch:6.2f}/{t.cfg.run.epochs} step {t.step}/{t.total_steps} "
-        f"loss {rec['loss']:.4f} lr {rec['lr']:.4g} img/s {rec['images_per_s']:.0f} | {phases}"
+        f"loss {rec['loss']:.4f} lr {rec['lr']:.4g} img/s {rec['images_per_s']:.0f} "
+        f"left {duration(left)} | {phases}"
     )
     return rec
 
@@ -68,10 +74,27 @@ def log_train(t: Trainer, epoch: float, losses: list[float]) -> dict[str, Any]:
 def log_eval(t: Trainer, epoch: float) -> dict[str, float]:
     """Evaluate (collective), then write the eval record and line; returns the figures."""
     res = t.evaluate()
-    t.log.record(kind="eval", step=t.step, epoch=round(epoch, 4), **res)
+    t.log.record(kind="eval", step=t.step, epoch=round(epoch, 4), **res, **t.clock.fields())
     t.log.say(
         f"eval  epoch {epoch:6.2f} step {t.step}: loss {res['val_loss']:.4f} "
         f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
         + (f"; {res['val_nonfinite_images']} with inf/NaN logits" if res["val_nonfinite_images"] else "")
     )
+    target = t.cfg.log.target_top1
+    if target and t.target_step < 0 and res["val_top1"] >= target:
+        t.target_step = t.step
+        clock = t.clock.fields()
+        t.log.record(
+            kind="target",
+            step=t.step,
+            epoch=round(epoch, 4),
+            target_top1=target,
+            val_top1=res["val_top1"],
+            **clock,
+        )
+        t.log.say(
+            f"target top1 {target:g}% reached at step {t.step} (epoch {epoch:.2f}) after "
+            f"{duration(clock['train_s'])} of training, {duration(clock['elapsed_s'])} with evaluations and "
+            "checkpoints"
+        )
     return res

@@ -102,6 +102,9 @@ def _header(trainer: Trainer) -> dict[str, Any]:
         "optimizer": cfg.optim.name,
         "run_file": config.to_toml(cfg),
         "run_dir": str(cfg.run_dir.resolve()),  # whose checkpoint it is, in a shared checkpoint.dir
+        **trainer.clock.fields(),  # seconds trained so far, over all resumes
+        "target_top1": cfg.log.target_top1,
+        "target_step": trainer.target_step,  # where target_top1 was first reached (-1: not yet)
     }
 
 
@@ -457,8 +460,19 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
                 "(data.micro_batch_size = 0 is the per-rank batch): losses part from the uninterrupted "
                 "run's; a fixed data.micro_batch_size keeps them"
             )
+    _restore_clock(trainer, a, notes)
     trainer.step = step
     return notes
+
+
+def _restore_clock(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> None:
+    """The run's clock and its time to target, from the checkpoint's header (an older hpcngd wrote none)."""
+    if "train_s" not in a or "elapsed_s" not in a:
+        notes.append("the checkpoint holds no training clock: train_s and elapsed_s count from this resume")
+        return
+    trainer.clock.load(a["train_s"], a["elapsed_s"])
+    if a.get("target_top1") == trainer.cfg.log.target_top1:  # another target is timed anew
+        trainer.target_step = int(a.get("target_step", -1))
 
 
 def _resume_step(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> int:

@@ -54,7 +54,7 @@ from hpcngd.data import Dataset, evaluation_batches, sharding, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
 from hpcngd.errors import AgreedError, UserError
-from hpcngd.metrics import MetricsLog, PhaseTimer
+from hpcngd.metrics import MetricsLog, PhaseTimer, RunClock
 from hpcngd.models.batchnorm import StepRunningStatistics
 from hpcngd.models.resnet import build
 from hpcngd.ngd import Preconditioner, mc_labels
@@ -157,6 +157,8 @@ class Trainer:
         self.exact = [self.loss_buf, self.control, *self.bn_stats.sums]
         self.exact_reducer = FusedAllreduce(fp32_wire, [t.shape for t in self.exact], cfg.comm.bucket_mb)
         self.timer = PhaseTimer(sync)
+        self.clock = RunClock()  # seconds trained, over all resumes (checkpointed)
+        self.target_step = -1  # the step whose evaluation first reached log.target_top1 (-1: not yet)
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
         self.stop_requested = self.save_due = False
@@ -365,10 +367,13 @@ class Trainer:
         last: dict[str, Any] = {}
         self.timer.take()  # set-up and restore (minutes, for a large checkpoint) are not training throughput
         batches = self.loader.batches(self.step, self.total_steps)
+        self.clock.start()
         while self.step < self.total_steps:
+            t0 = time.perf_counter()
             with self.timer.phase("data"):
                 _, images, labels = next(batches)
             self.pending_losses.append(self.train_step(images, labels))
+            self.clock.add_step(time.perf_counter() - t0)
             done = sharding.epochs_done(self.step, batch, n)  # this step ended epoch `done` if it rose
             epoch_done = done > sharding.epochs_done(self.step - 1, batch, n)
             if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps or epoch_done:
@@ -411,7 +416,13 @@ class Trainer:
         if self.topo.rank == 0:
             mib = path.stat().st_size / 2**20
             self.log.record(
-                kind="checkpoint", step=self.step, path=str(path), reason=reason, seconds=seconds, mib=mib
+                kind="checkpoint",
+                step=self.step,
+                path=str(path),
+                reason=reason,
+                seconds=seconds,
+                mib=mib,
+                **self.clock.fields(),
             )
             self.log.say(
                 f"checkpoint step {self.step} -> {path} ({reason}; {mib:.1f} MiB in {seconds:.2f} s)"

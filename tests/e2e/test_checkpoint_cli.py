@@ -97,6 +97,14 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
     assert f"resuming from {tmp_path}/out/tiny/checkpoints/ckpt-{step:09d}.h5 (step {step})" in again.stdout
     steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
     assert steps == list(range(1, step + 3))  # one record a step, none lost, none twice
+    # The run's clock goes on from the checkpoint's: the seconds trained before the stop are kept.
+    clock = [(r["train_s"], r["elapsed_s"]) for r in records(tmp_path) if r["kind"] == "train"]
+    assert all(0 < t <= e for t, e in clock) and clock == sorted(clock), clock
+    with h5py.File(tmp_path / f"out/tiny/checkpoints/ckpt-{step:09d}.h5") as f:
+        saved = (f.attrs["train_s"], f.attrs["elapsed_s"])  # when the checkpoint's writing began
+    assert saved[0] == stopped[0]["train_s"] and saved[1] <= stopped[0]["elapsed_s"]
+    assert clock[step][0] > saved[0] and clock[step][1] > saved[1], (clock, saved)
+    assert " s of training, " in again.stdout.splitlines()[-1]
 
 
 def descendants(pid: int) -> list[int]:

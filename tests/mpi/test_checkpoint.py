@@ -103,6 +103,7 @@ def snapshot(t: Trainer) -> dict[str, Any]:
         out["mixup"] = t.mixup.prev
     out["rng"] = (t.mc_rng.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
     out["position"] = (t.step, list(t.pending_losses), dict(t.ngd_counts))
+    out["clock"] = (t.clock.train_s, t.clock.elapsed_s, t.target_step)
     return out
 
 
@@ -134,11 +135,14 @@ def as_schema_1(path: Path) -> None:
 @pytest.mark.parametrize("layout", ["written", "schema-1"])
 def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: str) -> None:
     overrides = [*SPNGD, *AUGMENT, "ngd.fisher=mc", *SAVE, f"run.output_dir={folder}", "run.name=r"]
+    overrides.append("log.target_top1=50")
     with make_trainer(comm, overrides, checkpoints=True) as a:
         batches = a.loader.batches(0, a.total_steps)
         for _, x, y in itertools.islice(batches, 5):
             a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
         batches.close()
+        a.clock.load(12.5, 20.25)  # seconds trained before (the clock runs in train(), not in train_step)
+        a.target_step = 3
         path = a.save_checkpoint("test")
         taken = snapshot(a)
     if layout == "schema-1" and comm.rank == 0:
@@ -257,6 +261,7 @@ def test_set_up_and_restore_are_not_counted_as_training_time(comm: MPI.Comm, fol
     assert first["step"] == 3 and first["step_ms"] < 100e3, (
         first
     )  # (end of epoch 0) 333,333 ms with the 1000 s
+    assert 0 < first["train_s"] <= first["elapsed_s"] < 100, first  # the run's clock starts with its loop
 
 
 def test_nonfinite_state_is_never_saved(comm: MPI.Comm, folder: Path) -> None:

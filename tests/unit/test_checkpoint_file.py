@@ -14,7 +14,7 @@ import pytest
 from hpcngd import checkpoint
 from hpcngd.checkpoint import CorruptCheckpoint, Reader, Writer
 from hpcngd.errors import CheckpointError, UserError
-from hpcngd.metrics import MetricsLog
+from hpcngd.metrics import MetricsLog, RunClock, duration
 
 PATTERN = np.full(4096, 12345.678, dtype=np.float64)
 
@@ -302,6 +302,37 @@ def test_describe(tmp_path: Path) -> None:
     text = checkpoint.describe(write(tmp_path, 12))
     assert "step 12" in text and "model" in text and "data" in text and "[run]" in text
     assert "SHA-256 checked" in text
+    assert "trained" not in text  # a header without the run's clock (an older hpcngd)
+
+
+def test_describe_says_how_long_the_run_trained_and_when_it_reached_its_target(tmp_path: Path) -> None:
+    clock = {"train_s": 330.0, "elapsed_s": 8000.0}
+    w = Writer(tmp_path, 12, {"run_file": "[run]\n", **clock, "target_top1": 75.4, "target_step": 9})
+    w.put("model/w", np.zeros(3, np.float32))
+    lines = checkpoint.describe(w.commit(1)).splitlines()
+    reached = "; target top1 75.4% reached at step 9"
+    assert lines[2] == "trained 5.5 min, 2.22 h with evaluations and checkpoints" + reached
+    w = Writer(tmp_path, 13, {"run_file": "[run]\n", **clock, "target_top1": 75.4, "target_step": -1})
+    w.put("model/w", np.zeros(3, np.float32))
+    assert checkpoint.describe(w.commit(1)).splitlines()[2] == (
+        "trained 5.5 min, 2.22 h with evaluations and checkpoints"
+    )
+
+
+def test_the_run_clock_sums_steps_and_the_loop_over_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = RunClock()
+    assert clock.fields() == {"train_s": 0.0, "elapsed_s": 0.0}  # not started: set-up is not counted
+    clock.load(10.0, 12.5)  # from a checkpoint
+    now[0] = 150.0  # restoring took 50 s
+    clock.start()
+    clock.add_step(2.0)
+    now[0] = 153.25  # a step of 2 s, then 1.25 s of evaluation
+    assert clock.fields() == {"train_s": 12.0, "elapsed_s": 15.75}
+    assert [duration(s) for s in (0.04, 119.96, 120.0, 7199.0, 7200.0)] == [
+        "0.0 s", "120.0 s", "2.0 min", "120.0 min", "2.00 h"
+    ]  # fmt: skip
 
 
 def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> None:
@@ -438,3 +469,29 @@ def test_a_resume_continues_where_the_images_trained_on_end() -> None:
         for header, step, notes in cases:
             got: list[str] = []
             assert (_resume_step(t, header, got), got) == (step, notes)
+
+
+def test_a_resume_continues_the_run_s_clock_and_keeps_its_time_to_target() -> None:
+    import sys
+
+    from mpi4py import MPI
+
+    from hpcngd.state import _restore_clock
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))
+    from runs import make_trainer
+
+    header = {"train_s": 30.5, "elapsed_s": 42.25, "target_top1": 50.0, "target_step": 7}
+    with make_trainer(MPI.COMM_SELF, ["log.target_top1=50"]) as t:
+        notes: list[str] = []
+        _restore_clock(t, header, notes)
+        assert (t.clock.fields(), t.target_step, notes) == ({"train_s": 30.5, "elapsed_s": 42.25}, 7, [])
+    with make_trainer(MPI.COMM_SELF, ["log.target_top1=60"]) as t:  # another target is timed anew
+        _restore_clock(t, header, notes)
+        assert (t.clock.train_s, t.target_step, notes) == (30.5, -1, [])
+    with make_trainer(MPI.COMM_SELF, ["log.target_top1=50"]) as t:  # written by an older hpcngd
+        _restore_clock(t, {"step": 3}, notes)
+        assert (t.clock.train_s, t.target_step) == (0.0, -1)
+        assert notes == [
+            "the checkpoint holds no training clock: train_s and elapsed_s count from this resume"
+        ]
