@@ -49,7 +49,7 @@ import h5py
 import numpy as np
 
 from hpcngd.errors import CheckpointError
-from hpcngd.metrics import duration
+from hpcngd.metrics import clock_phrase
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -585,5 +585,4 @@ def _clock_lines(a: dict[str, Any]) -> list[str]:
         if target and step is not None and step >= 0
         else ""
     )
-    clock = f"trained {duration(a['train_s'])}, {duration(a['elapsed_s'])} with evaluations and checkpoints"
-    return [clock + reached]
+    return [f"clock: {clock_phrase(a['train_s'], a['elapsed_s'])}{reached}"]

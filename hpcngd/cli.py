@@ -283,7 +283,7 @@ def _run(
     from hpcngd import state
     from hpcngd.data import check_loader_device
     from hpcngd.device import bind, placement, placement_lines, view
-    from hpcngd.metrics import MetricsLog, duration
+    from hpcngd.metrics import MetricsLog, clock_phrase
     from hpcngd.train import Trainer, prepare_run_dir, record_run_file
 
     run_dir = agree(world, lambda: prepare_run_dir(cfg) if world.rank == 0 else None)
@@ -300,7 +300,7 @@ def _run(
     agree(world, lambda: record_run_file(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     if resumed_from is not None:
         log.say(f"resuming from {resumed_from} (step {trainer.step})")
-    log.open(resume_step=trainer.step if resumed_from else None)
+    log.open(resume_step=trainer.resumed_from_step)  # later records: written after the checkpoint
     for note in [n for lock in locks for n in lock.notes] + resume_notes:
         log.say(f"note: {note}")
     log.say(
@@ -325,14 +325,14 @@ def _run(
     result = trainer.train()
     if trainer.stopped:
         log.say(
-            f"stopped by {trainer.stopped} at step {trainer.step} after a checkpoint; exit {EXIT_STOPPED}"
+            f"stopped by {trainer.stopped} at step {trainer.step} after a checkpoint; exit {EXIT_STOPPED} "
+            f"({clock_phrase(trainer.clock.train_s, trainer.clock.elapsed_s)})"
         )
         log.close()
         return EXIT_STOPPED
-    clock = trainer.clock
     log.say(
         f"done: {trainer.step} steps, final val_top1 {result.get('val_top1', float('nan')):.2f}%; "
-        f"{duration(clock.train_s)} of training, {duration(clock.elapsed_s)} with evaluations and checkpoints"
+        + clock_phrase(trainer.clock.train_s, trainer.clock.elapsed_s)
     )
     log.close()
     return 0

@@ -68,10 +68,10 @@ class PhaseTimer:
 class RunClock:
     """Seconds a run has spent training, summed over all its resumes: what a time-to-accuracy figure counts.
 
-    ``train_s``: the training steps alone (loading, forward and backward, communication, update), the time
-    images/s is measured over. ``elapsed_s``: the whole training loop, its evaluations, checkpoints and
-    records too. Neither counts set-up, restoring a checkpoint, or the time between a stop and its resume.
-    A checkpoint keeps both as they were when its writing began.
+    ``train_s``: the training steps alone (loading, forward and backward, communication, update).
+    ``elapsed_s``: the whole training loop, its evaluations, checkpoints and records too. Neither counts
+    set-up, restoring a checkpoint, or the time between a stop and its resume. A checkpoint keeps both as
+    they were when its writing began (as its record does); a resume continues from there.
     """
 
     def __init__(self) -> None:
@@ -98,6 +98,11 @@ class RunClock:
     def load(self, train_s: float, elapsed_s: float) -> None:
         """Continue from a checkpoint's clock (before the loop starts)."""
         self.train_s, self.elapsed_before = float(train_s), float(elapsed_s)
+
+
+def clock_phrase(train_s: float, elapsed_s: float) -> str:
+    """A run's clock in a console line."""
+    return f"{duration(train_s)} of training, {duration(elapsed_s)} with evaluations and checkpoints"
 
 
 def duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from hpcngd.comm.collectives import allreduce_sum
-from hpcngd.metrics import NGD_COUNTS, duration
+from hpcngd.metrics import NGD_COUNTS, clock_phrase, duration
 
 if TYPE_CHECKING:
     from hpcngd.train import Trainer
@@ -74,16 +74,17 @@ def log_train(t: Trainer, epoch: float, losses: list[float]) -> dict[str, Any]:
 def log_eval(t: Trainer, epoch: float) -> dict[str, float]:
     """Evaluate (collective), then write the eval record and line; returns the figures."""
     res = t.evaluate()
-    t.log.record(kind="eval", step=t.step, epoch=round(epoch, 4), **res, **t.clock.fields())
+    clock = t.clock.fields()
+    t.log.record(kind="eval", step=t.step, epoch=round(epoch, 4), **res, **clock)
     t.log.say(
         f"eval  epoch {epoch:6.2f} step {t.step}: loss {res['val_loss']:.4f} "
         f"top1 {res['val_top1']:.2f}% top5 {res['val_top5']:.2f}% ({res['val_images']:.0f} images)"
         + (f"; {res['val_nonfinite_images']} with inf/NaN logits" if res["val_nonfinite_images"] else "")
     )
+    t.evals.append((t.step, round(epoch, 4), res["val_top1"], clock["train_s"], clock["elapsed_s"]))
     target = t.cfg.log.target_top1
     if target and t.target_step < 0 and res["val_top1"] >= target:
         t.target_step = t.step
-        clock = t.clock.fields()
         t.log.record(
             kind="target",
             step=t.step,
@@ -94,7 +95,11 @@ def log_eval(t: Trainer, epoch: float) -> dict[str, float]:
         )
         t.log.say(
             f"target top1 {target:g}% reached at step {t.step} (epoch {epoch:.2f}) after "
-            f"{duration(clock['train_s'])} of training, {duration(clock['elapsed_s'])} with evaluations and "
-            "checkpoints"
+            + clock_phrase(clock["train_s"], clock["elapsed_s"])
         )
     return res
+
+
+def first_reaching(evals: list[tuple[float, ...]], target: float) -> tuple[float, ...] | None:
+    """The first evaluation (step, epoch, top-1, train_s, elapsed_s) whose top-1 reaches ``target``."""
+    return next((e for e in evals if target and e[2] >= target), None)

@@ -47,7 +47,8 @@ from hpcngd.checkpoint import (
     set_aside,
 )
 from hpcngd.errors import AgreedError, CheckpointError, InvalidToml, agree
-from hpcngd.metrics import NGD_COUNTS
+from hpcngd.metrics import NGD_COUNTS, clock_phrase
+from hpcngd.records import first_reaching
 
 if TYPE_CHECKING:
     from hpcngd.train import Trainer
@@ -150,6 +151,7 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         prev = [g.get("prev_lr") for g in trainer.optimizer.param_groups]
         w.set_attrs("optim", prev_lr=np.array([math.nan if v is None else v for v in prev]))
         w.put("log/pending_losses", np.asarray(trainer.pending_losses, dtype=np.float64))
+        w.put("log/evals", np.asarray(trainer.evals, dtype=np.float64).reshape(-1, 5))
         if trainer.scaler.enabled:
             w.set_attrs("precision", **trainer.scaler.state())
     if trainer.ngd is not None:
@@ -460,19 +462,31 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
                 "(data.micro_batch_size = 0 is the per-rank batch): losses part from the uninterrupted "
                 "run's; a fixed data.micro_batch_size keeps them"
             )
-    _restore_clock(trainer, a, notes)
-    trainer.step = step
+    evals = get("log/evals") if "log/evals" in names else np.zeros((0, 5))
+    _restore_clock(trainer, a, [tuple(e) for e in evals.tolist()], notes)
+    trainer.step, trainer.resumed_from_step = step, int(a["step"])
     return notes
 
 
-def _restore_clock(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> None:
-    """The run's clock and its time to target, from the checkpoint's header (an older hpcngd wrote none)."""
+def _restore_clock(
+    trainer: Trainer, a: dict[str, Any], evals: list[tuple[float, ...]], notes: list[str]
+) -> None:
+    """The run's clock, its evaluations so far and its time to target (an older hpcngd saved none)."""
     if "train_s" not in a or "elapsed_s" not in a:
         notes.append("the checkpoint holds no training clock: train_s and elapsed_s count from this resume")
         return
     trainer.clock.load(a["train_s"], a["elapsed_s"])
-    if a.get("target_top1") == trainer.cfg.log.target_top1:  # another target is timed anew
-        trainer.target_step = int(a.get("target_step", -1))
+    trainer.evals = evals
+    target = trainer.cfg.log.target_top1
+    first = first_reaching(evals, target)
+    if first is None:
+        return
+    trainer.target_step = int(first[0])
+    if a.get("target_top1") != target:  # its target record was not written: the target was another
+        notes.append(
+            f"log.target_top1 = {target:g} was reached before this resume, at step {int(first[0])} (epoch "
+            f"{first[1]:g}) after {clock_phrase(first[3], first[4])} (no target record is written for it)"
+        )
 
 
 def _resume_step(trainer: Trainer, a: dict[str, Any], notes: list[str]) -> int:

@@ -158,7 +158,9 @@ class Trainer:
         self.exact_reducer = FusedAllreduce(fp32_wire, [t.shape for t in self.exact], cfg.comm.bucket_mb)
         self.timer = PhaseTimer(sync)
         self.clock = RunClock()  # seconds trained, over all resumes (checkpointed)
+        self.evals: list[tuple[float, ...]] = []  # (step, epoch, top-1, train_s, elapsed_s), checkpointed
         self.target_step = -1  # the step whose evaluation first reached log.target_top1 (-1: not yet)
+        self.resumed_from_step: int | None = None  # the restored checkpoint's step, as it counted steps
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
         self.stop_requested = self.save_due = False
@@ -410,6 +412,7 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> Path:
         """Write a checkpoint of the current state (collective) and log it."""
         t0 = time.perf_counter()
+        clock = self.clock.fields()  # what the checkpoint keeps: a resume continues from there
         path = state.save(self, self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
         seconds = time.perf_counter() - t0
         self.last_save = time.monotonic()
@@ -422,7 +425,7 @@ class Trainer:
                 reason=reason,
                 seconds=seconds,
                 mib=mib,
-                **self.clock.fields(),
+                **clock,
             )
             self.log.say(
                 f"checkpoint step {self.step} -> {path} ({reason}; {mib:.1f} MiB in {seconds:.2f} s)"

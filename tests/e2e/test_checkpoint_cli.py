@@ -98,12 +98,19 @@ def test_stop_signal_to_one_rank_checkpoints_and_exits_3(tmp_path: Path, demo: P
     steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
     assert steps == list(range(1, step + 3))  # one record a step, none lost, none twice
     # The run's clock goes on from the checkpoint's: the seconds trained before the stop are kept.
-    clock = [(r["train_s"], r["elapsed_s"]) for r in records(tmp_path) if r["kind"] == "train"]
-    assert all(0 < t <= e for t, e in clock) and clock == sorted(clock), clock
+    clock = [(r["train_s"], r["elapsed_s"]) for r in records(tmp_path)]  # every kind, in file order
+    trained, elapsed = [t for t, _ in clock], [e for _, e in clock]
+    assert all(0 < t <= e for t, e in clock) and trained == sorted(trained) and elapsed == sorted(elapsed), (
+        clock
+    )
     with h5py.File(tmp_path / f"out/tiny/checkpoints/ckpt-{step:09d}.h5") as f:
         saved = (f.attrs["train_s"], f.attrs["elapsed_s"])  # when the checkpoint's writing began
-    assert saved[0] == stopped[0]["train_s"] and saved[1] <= stopped[0]["elapsed_s"]
-    assert clock[step][0] > saved[0] and clock[step][1] > saved[1], (clock, saved)
+    assert (
+        saved[0] == stopped[0]["train_s"]
+        and stopped[0]["elapsed_s"] <= saved[1] < stopped[0]["elapsed_s"] + 1
+    )
+    resumed = next(r for r in records(tmp_path) if r["kind"] == "train" and r["step"] == step + 1)
+    assert resumed["train_s"] > saved[0] and resumed["elapsed_s"] > saved[1], (resumed, saved)
     assert " s of training, " in again.stdout.splitlines()[-1]
 
 
@@ -328,6 +335,22 @@ def test_writer_killed_while_writing_leaves_the_previous_checkpoint(tmp_path: Pa
     assert checkpoints(tmp_path) == ["ckpt-000000002.h5", "ckpt-000000004.h5", "latest"]
     done = hpcngd(str(run_file))  # resubmitted after it finished
     assert done.returncode == 0 and "nothing to do: the run is complete at step 4" in done.stdout
+
+
+def test_a_resume_with_another_global_batch_keeps_the_records_its_checkpoint_had(
+    tmp_path: Path, demo: Path
+) -> None:
+    """Steps count the new batch after such a resume (step 4 of batch 20 is step 2 of batch 40); the
+    records are kept up to the checkpoint's own step, not the new one (which dropped the evaluation, and
+    any target record, of the steps in between)."""
+    run_file = write_run(tmp_path, demo, extra=SAVE)
+    assert hpcngd(str(run_file)).returncode == 0  # 40 images, batch 20: evaluated at steps 2 and 4
+    batch = ["--set", "data.batch_size=40", "--set", 'checkpoint.allow_changes=["data.batch_size"]']
+    res = hpcngd(str(run_file), "--set", "run.epochs=3", *batch)
+    assert res.returncode == 0, res.stderr
+    assert "ckpt-000000004.h5 (step 2)" in res.stdout
+    evals = [(r["step"], r["epoch"]) for r in records(tmp_path) if r["kind"] == "eval"]
+    assert evals == [(2, 1.0), (4, 2.0), (3, 3.0)], evals
 
 
 def test_damaged_checkpoints(tmp_path: Path, demo: Path) -> None:

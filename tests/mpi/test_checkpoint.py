@@ -103,7 +103,7 @@ def snapshot(t: Trainer) -> dict[str, Any]:
         out["mixup"] = t.mixup.prev
     out["rng"] = (t.mc_rng.get_state(), torch.get_rng_state(), np.random.get_state()[1], random.getstate())
     out["position"] = (t.step, list(t.pending_losses), dict(t.ngd_counts))
-    out["clock"] = (t.clock.train_s, t.clock.elapsed_s, t.target_step)
+    out["clock"] = (t.clock.train_s, t.clock.elapsed_s, t.target_step, list(t.evals))
     return out
 
 
@@ -142,7 +142,7 @@ def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: 
             a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
         batches.close()
         a.clock.load(12.5, 20.25)  # seconds trained before (the clock runs in train(), not in train_step)
-        a.target_step = 3
+        a.evals, a.target_step = [(2, 0.5, 40.0, 1.0, 1.5), (4, 1.0, 60.0, 2.0, 3.0)], 4  # target: 50
         path = a.save_checkpoint("test")
         taken = snapshot(a)
     if layout == "schema-1" and comm.rank == 0:

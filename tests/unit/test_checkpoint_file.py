@@ -302,7 +302,7 @@ def test_describe(tmp_path: Path) -> None:
     text = checkpoint.describe(write(tmp_path, 12))
     assert "step 12" in text and "model" in text and "data" in text and "[run]" in text
     assert "SHA-256 checked" in text
-    assert "trained" not in text  # a header without the run's clock (an older hpcngd)
+    assert "clock" not in text  # a header without the run's clock (an older hpcngd)
 
 
 def test_describe_says_how_long_the_run_trained_and_when_it_reached_its_target(tmp_path: Path) -> None:
@@ -311,11 +311,11 @@ def test_describe_says_how_long_the_run_trained_and_when_it_reached_its_target(t
     w.put("model/w", np.zeros(3, np.float32))
     lines = checkpoint.describe(w.commit(1)).splitlines()
     reached = "; target top1 75.4% reached at step 9"
-    assert lines[2] == "trained 5.5 min, 2.22 h with evaluations and checkpoints" + reached
+    assert lines[2] == "clock: 5.5 min of training, 2.22 h with evaluations and checkpoints" + reached
     w = Writer(tmp_path, 13, {"run_file": "[run]\n", **clock, "target_top1": 75.4, "target_step": -1})
     w.put("model/w", np.zeros(3, np.float32))
     assert checkpoint.describe(w.commit(1)).splitlines()[2] == (
-        "trained 5.5 min, 2.22 h with evaluations and checkpoints"
+        "clock: 5.5 min of training, 2.22 h with evaluations and checkpoints"
     )
 
 
@@ -471,7 +471,7 @@ def test_a_resume_continues_where_the_images_trained_on_end() -> None:
             assert (_resume_step(t, header, got), got) == (step, notes)
 
 
-def test_a_resume_continues_the_run_s_clock_and_keeps_its_time_to_target() -> None:
+def test_a_resume_continues_the_run_s_clock_and_finds_its_time_to_target_in_its_evaluations() -> None:
     import sys
 
     from mpi4py import MPI
@@ -481,16 +481,21 @@ def test_a_resume_continues_the_run_s_clock_and_keeps_its_time_to_target() -> No
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))
     from runs import make_trainer
 
-    header = {"train_s": 30.5, "elapsed_s": 42.25, "target_top1": 50.0, "target_step": 7}
-    with make_trainer(MPI.COMM_SELF, ["log.target_top1=50"]) as t:
-        notes: list[str] = []
-        _restore_clock(t, header, notes)
-        assert (t.clock.fields(), t.target_step, notes) == ({"train_s": 30.5, "elapsed_s": 42.25}, 7, [])
-    with make_trainer(MPI.COMM_SELF, ["log.target_top1=60"]) as t:  # another target is timed anew
-        _restore_clock(t, header, notes)
-        assert (t.clock.train_s, t.target_step, notes) == (30.5, -1, [])
+    header = {"train_s": 30.5, "elapsed_s": 42.25, "target_top1": 50.0}
+    evals = [(3.0, 1.0, 40.0, 10.0, 12.0), (7.0, 2.0, 55.0, 21.5, 25.0), (9.0, 3.0, 65.0, 28.0, 33.5)]
+    for target, reached, note in [
+        (50.0, 7, ""),  # reported before: not again
+        (60.0, 9, "log.target_top1 = 60 was reached before this resume, at step 9 (epoch 3) after 28.0 s of "
+         "training, 33.5 s with evaluations and checkpoints (no target record is written for it)"),
+        (70.0, -1, ""),  # not yet: timed from here on
+    ]:  # fmt: skip
+        with make_trainer(MPI.COMM_SELF, [f"log.target_top1={target}"]) as t:
+            notes: list[str] = []
+            _restore_clock(t, header, list(evals), notes)
+            assert t.clock.fields() == {"train_s": 30.5, "elapsed_s": 42.25}
+            assert (t.evals, t.target_step, notes) == (evals, reached, [note] if note else [])
     with make_trainer(MPI.COMM_SELF, ["log.target_top1=50"]) as t:  # written by an older hpcngd
-        _restore_clock(t, {"step": 3}, notes)
+        _restore_clock(t, {"step": 3}, [], notes)
         assert (t.clock.train_s, t.target_step) == (0.0, -1)
         assert notes == [
             "the checkpoint holds no training clock: train_s and elapsed_s count from this resume"

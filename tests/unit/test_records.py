@@ -18,6 +18,7 @@ def test_the_first_evaluation_that_reaches_the_target_is_timed_once(tmp_path: Pa
         cfg=SimpleNamespace(log=SimpleNamespace(target_top1=55.0)),
         log=MetricsLog(tmp_path / "metrics.jsonl", active=True, stream=console),
         clock=RunClock(),
+        evals=[],
         target_step=-1,
         step=0,
     )
@@ -36,6 +37,9 @@ def test_the_first_evaluation_that_reaches_the_target_is_timed_once(tmp_path: Pa
     assert (targets[0]["train_s"], targets[0]["elapsed_s"]) == (10.0, 20.0)
     assert all({"train_s", "elapsed_s"} <= set(r) for r in records)
     assert t.target_step == 20
+    assert t.evals == [
+        (s, s / 10, top, s / 2, float(s)) for s, top in [(10, 40), (20, 60), (30, 55), (40, 70)]
+    ]
     assert "target top1 55% reached at step 20 (epoch 2.00) after 10.0 s of training, 20.0 s with " in (
         console.getvalue()
     )
@@ -47,6 +51,7 @@ def test_no_target_no_target_record(tmp_path: Path) -> None:
         cfg=SimpleNamespace(log=SimpleNamespace(target_top1=0.0)),
         log=MetricsLog(tmp_path / "metrics.jsonl", active=True, stream=io.StringIO()),
         clock=RunClock(),
+        evals=[],
         target_step=-1,
         step=5,
     )
