@@ -300,7 +300,7 @@ def _run(
     agree(world, lambda: record_run_file(cfg, config.to_toml(cfg)) if world.rank == 0 else None)
     if resumed_from is not None:
         log.say(f"resuming from {resumed_from} (step {trainer.step})")
-    log.open(resume_step=trainer.resumed_from_step)  # later records: written after the checkpoint
+    log.open(trainer.resumed_from_step, resumed_from.name if resumed_from else None)
     for note in [n for lock in locks for n in lock.notes] + resume_notes:
         log.say(f"note: {note}")
     log.say(

@@ -9,6 +9,7 @@ rank 0 holds open. ``metrics.jsonl`` gets one JSON object per line: ``"kind": "t
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -129,14 +130,16 @@ class MetricsLog:
         self.path = path if active else None
         self.file: IO[str] | None = None
 
-    def open(self, resume_step: int | None = None) -> None:
-        """Start the file: a fresh one, or (resuming at ``resume_step``) the old one without its records
-        of later steps (written after that checkpoint by the run that stopped), appended to."""
+    def open(self, resume_step: int | None = None, checkpoint: str | None = None) -> None:
+        """Start the file: a fresh one, or (resuming from the checkpoint of step ``resume_step``, file name
+        ``checkpoint``) the old one, appended to, without the records written after that checkpoint by the
+        run that stopped: those after its record, or (no record: a crash right after the write) of later
+        steps. Not by step alone: a resume with another global batch numbers the steps anew."""
         if self.path is not None:
             with _writing(self.path):
-                self._open(self.path, resume_step)
+                self._open(self.path, resume_step, checkpoint)
 
-    def _open(self, path: Path, resume_step: int | None) -> None:
+    def _open(self, path: Path, resume_step: int | None, checkpoint: str | None) -> None:
         if resume_step is None or not path.exists():
             if path.is_file() and not path.is_symlink():
                 # A new file, not the old one truncated: a run whose directory this run took over (it was
@@ -144,10 +147,13 @@ class MetricsLog:
                 path.unlink()
             self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
             return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        mark = next((i for i in range(len(lines) - 1, -1, -1) if _writes(lines[i], checkpoint)), None)
         kept = [
             line
-            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.endswith("\n") and _step(line) <= resume_step  # a torn last line is dropped
+            for line in (lines if mark is None else lines[: mark + 1])
+            if line.endswith("\n")  # a torn last line is dropped
+            and _step(line) <= (resume_step if mark is None else math.inf)  # and lines not of ours
         ]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")  # the old file stays whole until the rename
@@ -185,6 +191,21 @@ def _writing(path: Path | None) -> Iterator[None]:
         yield
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _writes(line: str, checkpoint: str | None) -> bool:
+    """Whether ``line`` is the record of writing the checkpoint file named ``checkpoint``."""
+    if checkpoint is None or checkpoint not in line:
+        return False  # most lines, not parsed
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return (
+        isinstance(rec, dict)
+        and rec.get("kind") == "checkpoint"
+        and Path(str(rec.get("path"))).name == checkpoint
+    )
 
 
 def _step(line: str) -> float:

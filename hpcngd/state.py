@@ -12,6 +12,9 @@ What is saved (all world-size independent except ``ranks/``):
   mixup/images, targets   running mixup's previous global batch (mixed, then erased), gathered slice by slice
                           (when at most checkpoint.mixup_max_mib: at 32K images of 224 px it is 19.7 GB)
   log/pending_losses      losses since the last metrics record (the record after a resume is exact)
+  log/evals               every evaluation so far: step, epoch, top-1 and the run's clock (the time to
+                          log.target_top1 survives resumes); the clock itself (train_s, elapsed_s) and the
+                          target (target_top1, target_step) are header attributes
   precision (attributes)  fp16 loss scale state (scale, good_steps, skips_in_a_row)
   ranks/KEY               every rank's random generators (torch, MC Fisher, numpy, Python) and SP-NGD
                           counts since the last record, row R for rank R (one dataset per key, not per
@@ -89,7 +92,7 @@ def _set_rank_state(trainer: Trainer, s: dict[str, np.ndarray]) -> None:
     )
 
 
-def _header(trainer: Trainer) -> dict[str, Any]:
+def _header(trainer: Trainer, clock: dict[str, float]) -> dict[str, Any]:
     cfg, topo = trainer.cfg, trainer.topo
     return {
         "hpcngd_version": __version__,
@@ -103,7 +106,7 @@ def _header(trainer: Trainer) -> dict[str, Any]:
         "optimizer": cfg.optim.name,
         "run_file": config.to_toml(cfg),
         "run_dir": str(cfg.run_dir.resolve()),  # whose checkpoint it is, in a shared checkpoint.dir
-        **trainer.clock.fields(),  # seconds trained so far, over all resumes
+        **clock,  # seconds trained so far, over all resumes
         "target_top1": cfg.log.target_top1,
         "target_step": trainer.target_step,  # where target_top1 was first reached (-1: not yet)
     }
@@ -127,8 +130,10 @@ def nonfinite(trainer: Trainer) -> str | None:
     return None
 
 
-def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
+def save(trainer: Trainer, directory: Path, keep_last: int, clock: dict[str, float] | None = None) -> Path:
     """Write the state of ``trainer`` as one checkpoint (collective); returns its path on every rank.
+
+    ``clock``: the run's clock to keep (its :meth:`RunClock.fields`; None: as it reads now).
 
     Raises AgreedError on every rank when the state holds NaN/Inf (nothing is written), the file
     cannot be written (the temporary file is removed), or rank 0 finds that another run took its run
@@ -140,7 +145,10 @@ def save(trainer: Trainer, directory: Path, keep_last: int) -> Path:
         raise AgreedError(
             f"checkpoint at step {trainer.step} refused: {bad[0]} holds NaN or Inf (earlier checkpoints kept)"
         )
-    w = Writer(directory, trainer.step, _header(trainer), _expected_bytes(trainer)) if rank == 0 else None
+    w = None
+    if rank == 0:
+        head = _header(trainer, clock or trainer.clock.fields())
+        w = Writer(directory, trainer.step, head, _expected_bytes(trainer))
     if w is not None:
         for name, t in trainer.model.state_dict().items():
             w.put(f"model/{name}", _np(t))

@@ -412,8 +412,8 @@ class Trainer:
     def save_checkpoint(self, reason: str) -> Path:
         """Write a checkpoint of the current state (collective) and log it."""
         t0 = time.perf_counter()
-        clock = self.clock.fields()  # what the checkpoint keeps: a resume continues from there
-        path = state.save(self, self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        clock = self.clock.fields()  # what the checkpoint keeps and its record says: a resume goes on from it
+        path = state.save(self, self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last, clock)
         seconds = time.perf_counter() - t0
         self.last_save = time.monotonic()
         if self.topo.rank == 0:

@@ -355,6 +355,32 @@ def test_metrics_log_resume_drops_later_records_and_appends(tmp_path: Path) -> N
     ]
 
 
+def test_metrics_log_resume_keeps_what_was_written_up_to_the_checkpoint_s_record(tmp_path: Path) -> None:
+    """After a resume with another global batch (step 4 of batch 20 became step 2 of batch 40), step
+    numbers repeat: a later resume keeps the records up to its checkpoint's record, not by step."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, active=True)
+    written = [
+        {"kind": "train", "step": 2},
+        {"kind": "eval", "step": 4},
+        {"kind": "checkpoint", "step": 4, "path": "out/r/checkpoints/ckpt-000000004.h5"},
+        {"kind": "train", "step": 3},  # batch 40 from here
+        {"kind": "checkpoint", "step": 3, "path": "/abs/out/r/checkpoints/ckpt-000000003.h5"},
+        {"kind": "train", "step": 4},  # after that checkpoint: dropped
+    ]
+    for rec in written:
+        log.record(**rec)
+    log.close()
+    log = MetricsLog(path, active=True)
+    log.open(3, "ckpt-000000003.h5")
+    log.close()
+    assert timeless(path) == written[:5]  # by step (<= 3) it dropped the eval and checkpoint of step 4
+    log = MetricsLog(path, active=True)
+    log.open(2, "ckpt-000000002.h5")  # no record of it (a crash right after its write): by step
+    log.close()
+    assert timeless(path) == [written[0]]
+
+
 def timeless(path: Path) -> list[dict[str, object]]:
     """The records of metrics file ``path`` without their ``time``, which each must hold (Unix seconds,
     written within the last minute)."""
