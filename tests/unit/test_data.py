@@ -11,7 +11,7 @@ import torch
 from hpcngd.config import DataConfig
 from hpcngd.data import TrainLoader, build_datasets, eval_batches
 from hpcngd.data.demo import CLASSES, generate
-from hpcngd.data.folder import ImageFolder, random_resized_box
+from hpcngd.data.folder import ImageFolder, random_resized_box, samples_of
 from hpcngd.errors import UserError
 
 
@@ -80,6 +80,11 @@ def test_workers_do_not_change_batches(demo: Path) -> None:
 def test_missing_and_bad_folders(tmp_path: Path, demo: Path) -> None:
     with pytest.raises(UserError, match=r"data.path = '.*nothing': folder not found"):
         build_datasets(folder_cfg(tmp_path / "nothing"), 10, 0)
+    (tmp_path / "notrain").mkdir()
+    with pytest.raises(
+        UserError, match=r"notrain/train: data folder not found \(expected <class>/<image> folders\)"
+    ):
+        build_datasets(folder_cfg(tmp_path / "notrain"), 10, 0)
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(UserError, match=r"empty/train: no class folders"):
         build_datasets(folder_cfg(tmp_path / "empty"), 10, 0)
@@ -89,6 +94,35 @@ def test_missing_and_bad_folders(tmp_path: Path, demo: Path) -> None:
         build_datasets(folder_cfg(tmp_path / "noval"), 1, 0)
     with pytest.raises(UserError, match=r"demo\d*/train: 10 class folders, but model.num_classes = 5"):
         build_datasets(folder_cfg(demo), 5, 0)
+
+
+def test_a_bad_file_list_is_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
+    """data.train_list / val_list: 'relative/path label' lines (a path may hold spaces; blank lines are
+    skipped); anything else is refused before training, naming the list file (and line)."""
+    lst = tmp_path / "list.txt"
+    c = folder_cfg(tmp_path, train_list="list.txt")
+    lst.write_text("\ndir with space/a b.jpg 3\nc.png 0\n")
+    assert samples_of(c, "train", 5) == [
+        (str(tmp_path / "dir with space/a b.jpg"), 3),
+        (str(tmp_path / "c.png"), 0),
+    ]
+    bad = [
+        ("x.jpg 1\n\nno_label.jpg\n", rf"^{lst}:3: expected 'relative/path label', got 'no_label.jpg'$"),
+        ("x.jpg one\n", rf"^{lst}:1: expected 'relative/path label', got 'x.jpg one'$"),
+        (" 4\n", rf"^{lst}:1: expected 'relative/path label', got ' 4'$"),
+        ("x.jpg -1\n", rf"^{lst}:1: expected 'relative/path label', got 'x.jpg -1'$"),
+        ("\n  \n", rf"^{lst}: file list is empty$"),
+        ("x.jpg 1\ny.jpg 7\n", rf"^{lst}: label 7 but model.num_classes = 5$"),
+        (b"x.jpg 1\n\xff\xfe 2\n", rf"^{lst}: cannot read file list: 'utf-8' codec can't decode"),
+        (None, rf"^{lst}: cannot read file list: \[Errno 2\] No such file"),
+    ]
+    for text, message in bad:
+        if text is None:
+            lst.unlink()
+        else:
+            lst.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(UserError, match=message):
+            samples_of(c, "train", 5)
 
 
 def test_val_classes_are_matched_to_train_by_name(tmp_path: Path) -> None:
