@@ -50,6 +50,7 @@ import hpcngd
 from hpcngd import config
 from hpcngd.comm.topology import Topology
 from hpcngd.data import build_datasets
+from hpcngd.errors import Diverged
 from hpcngd.metrics import PHASES, MetricsLog
 from hpcngd.ngd import factors
 from hpcngd.ngd.plan import layer_costs, make_plan
@@ -205,7 +206,7 @@ def run_config(
         rows, path, counts, share = measure(cfg, batch, num_steps, args.plan_world)
     except torch.cuda.OutOfMemoryError:
         failure = f"OOM at batch {args.batch}"
-    except FloatingPointError as exc:  # a diverged run (NaN loss, fp16 overflowing every step)
+    except Diverged as exc:  # a diverged run (NaN loss, fp16 overflowing every step)
         failure = f"diverged: {exc}"
     except Exception as exc:  # noqa: BLE001 -- reported in the JSON and the exit status, traceback on stderr
         traceback.print_exc()

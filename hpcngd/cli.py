@@ -32,7 +32,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, TypeVar
 
 from hpcngd import __version__, config, versions
-from hpcngd.errors import AgreedError, UserError, agree
+from hpcngd.errors import AgreedError, Diverged, UserError, agree
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -48,6 +48,7 @@ COMMANDS = ("train", "validate", "plan", "inspect", "eval", "data")
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 EXIT_STOPPED = 3  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue to continue
+EXIT_DIVERGED = 4  # a non-finite loss (or fp16 overflow step after step): the checkpoints are kept
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -403,10 +404,10 @@ def _loader(data: config.DataConfig) -> str:
 
 
 def _agreed_exit(world: MPI.Comm, exc: AgreedError) -> int:
-    """An error every rank raised together: rank 0 prints it once; every rank exits 2."""
+    """An error every rank raised together: rank 0 prints it once; every rank exits 2 (4: diverged)."""
     if world.rank == 0:
         print(f"hpcngd: error: {exc}", file=sys.stderr, flush=True)
-    return EXIT_USER_ERROR
+    return EXIT_DIVERGED if isinstance(exc, Diverged) else EXIT_USER_ERROR
 
 
 def _capture(fn: Callable[[], T]) -> T | UserError:

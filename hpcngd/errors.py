@@ -1,8 +1,8 @@
 """The one error type for bad user input (run files, data, checkpoints).
 
 A ``UserError`` is printed as one line by the CLI (no traceback) and ends the job with exit code 2 on
-every rank. Anything else that escapes is a bug or an environment failure and aborts the whole MPI
-job (see ``cli.py``).
+every rank (a :class:`Diverged` run: 4). Anything else that escapes is a bug or an environment failure
+and aborts the whole MPI job (see ``cli.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ class CheckpointError(UserError):
 
 class AgreedError(UserError):
     """A UserError raised on every rank at once: printed once by rank 0, exit 2 everywhere, no abort."""
+
+
+class Diverged(AgreedError):
+    """Training diverged: a non-finite global loss, or fp16 gradients overflowing step after step. Every
+    rank sees the same reduced figures, so every rank raises it at the same step: printed once by rank 0,
+    exit 4 everywhere (not 2: the input was valid; resuming would diverge again), no abort."""
 
 
 def agree(comm: Any, fn: Callable[[], T]) -> T:

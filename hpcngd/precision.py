@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hpcngd.errors import Diverged
+
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,9 +80,9 @@ class LossScaler:
             self.skipped += 1
             self.skips_in_a_row += 1
             if self.skips_in_a_row >= self.max_skips_in_a_row:
-                raise FloatingPointError(
-                    f"fp16 gradients overflowed on {self.skips_in_a_row} steps in a row (loss scale now "
-                    f'{self.scale:g}): the run diverged; try a lower optim.lr or run.precision = "bf16"'
+                raise Diverged(
+                    f"the run diverged: fp16 gradients overflowed on {self.skips_in_a_row} steps in a row "
+                    f'(loss scale now {self.scale:g}); try a lower optim.lr or run.precision = "bf16"'
                 )
             return
         self.skips_in_a_row = 0

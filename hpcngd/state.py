@@ -49,7 +49,7 @@ from hpcngd.checkpoint import (
     resume_order,
     set_aside,
 )
-from hpcngd.errors import AgreedError, CheckpointError, InvalidToml, agree
+from hpcngd.errors import AgreedError, CheckpointError, Diverged, InvalidToml, agree
 from hpcngd.metrics import NGD_COUNTS, clock_phrase
 from hpcngd.records import first_reaching
 
@@ -135,15 +135,16 @@ def save(trainer: Trainer, directory: Path, keep_last: int, clock: dict[str, flo
 
     ``clock``: the run's clock to keep (its :meth:`RunClock.fields`; None: as it reads now).
 
-    Raises AgreedError on every rank when the state holds NaN/Inf (nothing is written), the file
+    Raises Diverged on every rank when the state holds NaN/Inf (nothing is written), AgreedError when the file
     cannot be written (the temporary file is removed), or rank 0 finds that another run took its run
     directory over (the file is dropped); earlier checkpoints are untouched either way.
     """
     comm, rank = trainer.topo.world, trainer.topo.rank
     bad = [b for b in comm.allgather(nonfinite(trainer)) if b]
     if bad:
-        raise AgreedError(
-            f"checkpoint at step {trainer.step} refused: {bad[0]} holds NaN or Inf (earlier checkpoints kept)"
+        raise Diverged(
+            f"the run diverged: {bad[0]} holds NaN or Inf at step {trainer.step}; its checkpoint is not "
+            "written (earlier ones are kept; try a lower optim.lr)"
         )
     w = None
     if rank == 0:

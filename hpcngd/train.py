@@ -53,7 +53,7 @@ from hpcngd.config import Config, check_world_size
 from hpcngd.data import Dataset, evaluation_batches, sharding, train_loader
 from hpcngd.data.mixing import RunningMixup, erase_
 from hpcngd.device import bind, to_device, use
-from hpcngd.errors import AgreedError, UserError
+from hpcngd.errors import AgreedError, Diverged, UserError
 from hpcngd.metrics import MetricsLog, PhaseTimer, RunClock
 from hpcngd.models.batchnorm import StepRunningStatistics
 from hpcngd.models.resnet import build
@@ -235,8 +235,8 @@ class Trainer:
             self.timer.add("fwd_bwd", -hooks)
         if not skip:
             if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {self.step}; stopping (try a lower optim.lr)"
+                raise Diverged(
+                    f"the run diverged: the loss is {loss_value} at step {self.step} (try a lower optim.lr)"
                 )
             if self.ngd is not None:
                 self._precondition(fresh)

@@ -330,6 +330,28 @@ def test_exception_on_one_rank_ends_the_job(tmp_path: Path) -> None:
     assert "Traceback" in res.stderr
 
 
+@pytest.mark.parametrize("every_steps", [0, 1])
+def test_a_diverged_run_is_one_line_and_exit_4_on_every_rank(
+    tmp_path: Path, demo: Path, every_steps: int
+) -> None:
+    """A non-finite global loss (or state, met by a checkpoint) is the same on every rank: one line, no
+    traceback, no MPI_Abort (it was a traceback from every rank and exit 1); earlier checkpoints are kept."""
+    run_file = write_run(tmp_path, demo, extra=f"\n[checkpoint]\nevery_steps = {every_steps}\n")
+    res = hpcngd(str(run_file), "--set", "optim.lr=1e12", "--set", "optim.warmup_epochs=0", ranks=2)
+    assert res.returncode == 4, res.stderr
+    (line,) = error_lines(res.stderr)
+    # the loss, or the weights when a checkpoint comes first: the same numbers on every rank either way
+    assert line.startswith("hpcngd: error: the run diverged: ") and line.endswith("try a lower optim.lr)"), (
+        line
+    )
+    assert "the loss is" in line or every_steps
+    assert "Traceback" not in res.stderr and "MPI_ABORT" not in res.stderr
+    kept = sorted(p.name for p in (tmp_path / "out/tiny/checkpoints").glob("ckpt-*.h5"))
+    assert bool(kept) == bool(every_steps)
+    if kept:
+        assert hpcngd("inspect", str(tmp_path / "out/tiny/checkpoints" / kept[-1])).returncode == 0
+
+
 def test_mixed_precision_run_reports_its_loss_scale(tmp_path: Path, demo: Path) -> None:
     """fp16 (CPU autocast here): every train record says the loss scale and how many steps it skipped."""
     run_file = write_run(tmp_path, demo)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from hpcngd.errors import Diverged
 from hpcngd.precision import LossScaler, autocast, unscale_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mpi"))
@@ -42,7 +43,8 @@ def test_a_diverged_run_stops_instead_of_skipping_forever() -> None:
     s.update(False)  # a good step resets the count in a row
     s.update(True)
     s.update(True)
-    with pytest.raises(FloatingPointError, match=r"3 steps in a row .*run.precision = \"bf16\""):
+    message = r"^the run diverged: fp16 gradients overflowed on 3 steps in a row .*run.precision = \"bf16\""
+    with pytest.raises(Diverged, match=message):
         s.update(True)
 
 
