@@ -25,6 +25,7 @@ from mpi4py import MPI
 from hpcngd import config
 from hpcngd.comm.topology import Topology
 from hpcngd.data import build_datasets
+from hpcngd.errors import Diverged
 from hpcngd.metrics import MetricsLog
 from hpcngd.train import Trainer
 
@@ -42,12 +43,16 @@ def run_to_target(
         trainer = Trainer(cfg, topo, train_set, val_set, MetricsLog(None, active=False))
         batches = trainer.loader.batches(0, trainer.total_steps)
         for _, x, y in batches:
-            loss = trainer.train_step(x, y)
+            try:
+                loss = trainer.train_step(x, y)
+            except Diverged:  # a learning rate too high for the sweep: on every rank at once
+                history.append((math.nan, math.nan))
+                break
             top1 = trainer.evaluate()["val_top1"]  # reduced over ranks: every rank decides alike
             history.append((loss, top1))
             if world.rank == 0:
                 print(f"    step {trainer.step:3d} loss {loss:.3f} val top-1 {top1:5.1f}%", flush=True)
-            if top1 >= target or trainer.step >= max_steps or not math.isfinite(loss):
+            if top1 >= target or trainer.step >= max_steps:
                 break
         batches.close()
         if trainer.ngd is not None:

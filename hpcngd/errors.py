@@ -31,13 +31,15 @@ class CheckpointError(UserError):
 
 
 class AgreedError(UserError):
-    """A UserError raised on every rank at once: printed once by rank 0, exit 2 everywhere, no abort."""
+    """A UserError raised on every rank at once: printed once by rank 0, exit 2 everywhere (a Diverged
+    run: 4), no abort."""
 
 
 class Diverged(AgreedError):
-    """Training diverged: a non-finite global loss, or fp16 gradients overflowing step after step. Every
-    rank sees the same reduced figures, so every rank raises it at the same step: printed once by rank 0,
-    exit 4 everywhere (not 2: the input was valid; resuming would diverge again), no abort."""
+    """Training diverged: a non-finite global loss, fp16 gradients overflowing step after step, or NaN/Inf
+    in the state a checkpoint would save (found by an allgather). Every rank sees the same reduced
+    figures, so every rank raises it at the same step: printed once by rank 0, exit 4 everywhere (not 2:
+    the input was valid; resuming would diverge again), no abort."""
 
 
 def agree(comm: Any, fn: Callable[[], T]) -> T:
