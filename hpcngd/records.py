@@ -83,8 +83,7 @@ def log_eval(t: Trainer, epoch: float) -> dict[str, float]:
     )
     t.evals.append((t.step, round(epoch, 4), res["val_top1"], clock["train_s"], clock["elapsed_s"]))
     target = t.cfg.log.target_top1
-    if target and t.target_step < 0 and res["val_top1"] >= target:
-        t.target_step = t.step
+    if first_reaching(t.evals, target) is t.evals[-1]:  # this evaluation is the first to reach it
         t.log.record(
             kind="target",
             step=t.step,

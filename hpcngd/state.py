@@ -480,7 +480,8 @@ def restore(trainer: Trainer, reader: Reader | None) -> list[str]:
 def _restore_clock(
     trainer: Trainer, a: dict[str, Any], evals: list[tuple[float, ...]], notes: list[str]
 ) -> None:
-    """The run's clock, its evaluations so far and its time to target (an older hpcngd saved none)."""
+    """The run's clock and its evaluations so far, which give its time to target (an older hpcngd saved
+    neither); a note when a target other than the checkpoint's was already reached."""
     if "train_s" not in a or "elapsed_s" not in a:
         notes.append("the checkpoint holds no training clock: train_s and elapsed_s count from this resume")
         return
@@ -488,10 +489,7 @@ def _restore_clock(
     trainer.evals = evals
     target = trainer.cfg.log.target_top1
     first = first_reaching(evals, target)
-    if first is None:
-        return
-    trainer.target_step = int(first[0])
-    if a.get("target_top1") != target:  # its target record was not written: the target was another
+    if first is not None and a.get("target_top1") != target:  # no target record was written for it
         notes.append(
             f"log.target_top1 = {target:g} was reached before this resume, at step {int(first[0])} (epoch "
             f"{first[1]:g}) after {clock_phrase(first[3], first[4])} (no target record is written for it)"

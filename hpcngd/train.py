@@ -62,7 +62,7 @@ from hpcngd.ngd.plan import layer_costs, make_plan, owned_parameters
 from hpcngd.ngd.preconditioner import select_layers
 from hpcngd.optim import build_optimizer, damping_at, learning_rate, rescale_weights, set_lr
 from hpcngd.precision import LossScaler, autocast, unscale_
-from hpcngd.records import log_eval, log_train
+from hpcngd.records import first_reaching, log_eval, log_train
 from hpcngd.runlock import RunLock
 from hpcngd.stopping import StopSignals
 
@@ -159,13 +159,18 @@ class Trainer:
         self.timer = PhaseTimer(sync)
         self.clock = RunClock()  # seconds trained, over all resumes (checkpointed)
         self.evals: list[tuple[float, ...]] = []  # (step, epoch, top-1, train_s, elapsed_s), checkpointed
-        self.target_step = -1  # the step whose evaluation first reached log.target_top1 (-1: not yet)
         self.resumed_from_step: int | None = None  # the restored checkpoint's step, as it counted steps
         self.step = 0
         self.pending_losses: list[float] = []  # since the last metrics record
         self.stop_requested = self.save_due = False
         self.stopped: str | None = None  # the stop signal's name once the run stopped for it
         self.last_save = time.monotonic()
+
+    @property
+    def target_step(self) -> int:
+        """The step whose evaluation first reached log.target_top1 (-1: not yet)."""
+        first = first_reaching(self.evals, self.cfg.log.target_top1)
+        return -1 if first is None else int(first[0])
 
     def lr_at(self, step: int) -> float:
         return learning_rate(self.cfg.optim, self.epoch_at(step), self.cfg.run.epochs)

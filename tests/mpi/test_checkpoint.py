@@ -142,7 +142,7 @@ def test_every_piece_of_state_round_trips(comm: MPI.Comm, folder: Path, layout: 
             a.pending_losses.append(a.train_step(x, y))  # losses not yet in a metrics record
         batches.close()
         a.clock.load(12.5, 20.25)  # seconds trained before (the clock runs in train(), not in train_step)
-        a.evals, a.target_step = [(2, 0.5, 40.0, 1.0, 1.5), (4, 1.0, 60.0, 2.0, 3.0)], 4  # target: 50
+        a.evals = [(2, 0.5, 40.0, 1.0, 1.5), (4, 1.0, 60.0, 2.0, 3.0)]  # target 50: reached at step 4
         path = a.save_checkpoint("test")
         taken = snapshot(a)
     if layout == "schema-1" and comm.rank == 0:

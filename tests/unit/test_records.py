@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from hpcngd.metrics import MetricsLog, RunClock
-from hpcngd.records import log_eval
+from hpcngd.records import first_reaching, log_eval
 
 
 def test_the_first_evaluation_that_reaches_the_target_is_timed_once(tmp_path: Path) -> None:
@@ -19,7 +19,6 @@ def test_the_first_evaluation_that_reaches_the_target_is_timed_once(tmp_path: Pa
         log=MetricsLog(tmp_path / "metrics.jsonl", active=True, stream=console),
         clock=RunClock(),
         evals=[],
-        target_step=-1,
         step=0,
     )
     t.evaluate = lambda: {
@@ -36,7 +35,7 @@ def test_the_first_evaluation_that_reaches_the_target_is_timed_once(tmp_path: Pa
     assert got == [(20, 2.0, 55.0, 60.0)]
     assert (targets[0]["train_s"], targets[0]["elapsed_s"]) == (10.0, 20.0)
     assert all({"train_s", "elapsed_s"} <= set(r) for r in records)
-    assert t.target_step == 20
+    assert first_reaching(t.evals, 55.0)[0] == 20
     assert t.evals == [
         (s, s / 10, top, s / 2, float(s)) for s, top in [(10, 40), (20, 60), (30, 55), (40, 70)]
     ]
@@ -52,7 +51,6 @@ def test_no_target_no_target_record(tmp_path: Path) -> None:
         log=MetricsLog(tmp_path / "metrics.jsonl", active=True, stream=io.StringIO()),
         clock=RunClock(),
         evals=[],
-        target_step=-1,
         step=5,
     )
     t.evaluate = lambda: {
@@ -61,4 +59,4 @@ def test_no_target_no_target_record(tmp_path: Path) -> None:
     log_eval(t, 1.0)
     t.log.close()
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kinds == ["eval"] and t.target_step == -1
+    assert kinds == ["eval"] and first_reaching(t.evals, 0.0) is None
