@@ -16,12 +16,22 @@ longest ones (most rows ``n T``; ResNet-50's layer1 3x3 convs, 401,408 rows at b
 input that autocast hands that layer, against fp64 products of the same values -- the mean signed error
 of the diagonal (a tensor core's accumulator truncates, so its error has a sign) and the largest error,
 both relative to the largest entry.
+
+Then what capturing every statistic adds to a whole forward and backward, in wall time (the host waits
+for the device after each pass; median of --repeats): capture off; on, as trained; on with the factor
+arithmetic stubbed out (what is left: the hooks themselves, their timing and bookkeeping); on without
+the hooks' timing (on a GPU a pair of CUDA events a hook). On a GPU also how long the host takes to
+queue a pass, off and on: when that is longer than the pass, the host's launches bound it (ResNet-50 at
+32 images on an H200).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +97,75 @@ def drift(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return float(error.diagonal().mean()) / top, float(error.abs().max()) / top
 
 
+@contextmanager
+def stubbed_arithmetic(device: torch.device) -> Iterator[None]:
+    """The capture's factor functions return an empty sum at once: the hooks run, their work does not."""
+    kept = factors.a_sum, factors.g_sum, factors.bn_sum
+
+    def empty(*args: object, **kwargs: object) -> factors.FactorSum:
+        return factors.FactorSum(torch.zeros(1, device=device), 1)
+
+    factors.a_sum = factors.g_sum = factors.bn_sum = empty
+    try:
+        yield
+    finally:
+        factors.a_sum, factors.g_sum, factors.bn_sum = kept
+
+
+@contextmanager
+def untimed(capture: Capture) -> Iterator[None]:
+    """The capture's hooks do their work (autocast off, as in training) with no timing around it."""
+
+    @contextmanager
+    def work(t: torch.Tensor) -> Iterator[None]:
+        with torch.autocast(t.device.type, enabled=False):
+            yield
+
+    capture._hook_work = work  # type: ignore[method-assign]  # the instance's, over the class's
+    try:
+        yield
+    finally:
+        del capture._hook_work
+
+
+def capture_cost(
+    capture: Capture, one_pass: Callable[[bool], object], device: torch.device, repeats: int
+) -> None:
+    """Prints the wall ms of a forward and backward with the capture off, on, stubbed and untimed."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def wall(armed: bool) -> float:
+        one_pass(armed)  # untimed: a first pass of this kind (allocations, cuDNN's choices)
+        ms = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            one_pass(armed)
+            sync()
+            ms.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ms)
+
+    off = wall(False)
+    on = wall(True)
+    with stubbed_arithmetic(device):
+        stub = wall(True)
+    with untimed(capture):
+        bare = wall(True)
+    print(f"capturing every statistic, wall ms of a forward and backward (median of {repeats}):")
+    print(f"  capture off {off:.1f} | on {on:.1f} (+{on - off:.1f})")
+    print(f"  on, factor arithmetic stubbed {stub:.1f}: the hooks without their work cost {stub - off:.1f}")
+    print(f"  on, hooks untimed {bare:.1f}: timing the hooks costs {on - bare:.1f}")
+    if device.type == "cuda":
+        queued = {}
+        for armed in (False, True):
+            sync()
+            t0 = time.perf_counter()
+            one_pass(armed)
+            queued[armed] = (time.perf_counter() - t0) * 1e3  # the host is done; the GPU may not be
+            sync()
+        print(f"  host time to queue a pass: capture off {queued[False]:.1f}, on {queued[True]:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -111,21 +190,21 @@ def main() -> None:
     capture = Capture(layers, torch.float32, compile_bn=as_trained)
     flop = gflop(layers, model, x)
 
+    def one_pass(want: set[tuple[str, str]]) -> float:
+        """A forward and backward with the statistics ``want`` captured; the hooks' seconds."""
+        if want:
+            capture.arm(want, grad_scale=float(args.batch))
+        with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        assert set(capture.take()) == want
+        return capture.take_seconds()
+
     def timed(kind: str) -> float:
         """Median ms of the hooks that compute ``kind`` over the repeats (one untimed pass first)."""
         want = {k for k in keys if k[1] == kind}
-        ms = []
-        for i in range(args.repeats + 1):
-            capture.arm(want, grad_scale=float(args.batch))
-            with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            assert set(capture.take()) == want
-            seconds = capture.take_seconds()
-            if i:
-                ms.append(seconds * 1e3)
-        return statistics.median(ms)
+        return statistics.median([one_pass(want) * 1e3 for _ in range(args.repeats + 1)][1:])
 
     direct = device.type == "cuda" and half != torch.float32 and factors.MM_OUT_DTYPE
     paths = {"as trained": factors.MM_OUT_DTYPE}
@@ -156,6 +235,8 @@ def main() -> None:
         setting = f"ngd.compile_bn = {str(capture.compile_bn).lower()}"
         print(f"{'BN F, the other way':24s} {'':8s} {'':8s} {other:8.1f}   {setting}")
         print(f"BatchNorm statistic with ngd.compile_bn = true: {factors.bn_statistic_path(True)}")
+        capture.compile_bn = as_trained
+        capture_cost(capture, lambda armed: one_pass(set(keys) if armed else set()), device, args.repeats)
     finally:
         factors.MM_OUT_DTYPE = paths["as trained"]
         capture.remove()

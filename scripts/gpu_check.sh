@@ -15,7 +15,7 @@
 # Needs a Python (PYTHON, default python3, else python) with a CUDA torch, mpi4py, h5py and numpy;
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
-# under `timeout`, with limits that add up to 1,205 s without DALI and 1,385 s with it (upper bounds: on
+# under `timeout`, with limits that add up to 1,295 s without DALI and 1,475 s with it (upper bounds: on
 # one H200 the whole script took 256 s on 2026-11-29, without DALI; the device tool's start added 32 s):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
@@ -26,7 +26,9 @@
 #      preconditioning only its layers; its computation only) -> $OUT/gpu_benchmark_rank.json; then
 #      benchmarks/precondition_precision.py: the error of SP-NGD's preconditioning products in fp32, on
 #      the GPU's TF32 tensor cores and with TF32x3, against fp64 (the CPU only emulates TF32); and
-#      benchmarks/factors.py: the time of each kind of statistic (A, G, BatchNorm) on a refresh step;
+#      benchmarks/factors.py: the time of each kind of statistic (A, G, BatchNorm) on a refresh step, and
+#      what capturing them adds to a forward and backward (the hooks' work, the hooks themselves, their
+#      timing; the host's time to queue a pass), at the benchmark's batch and at 32 images a GPU;
 #      benchmarks/inversion.py: the time to invert all of ResNet-50's factors on the GPU;
 #   4. hpcngd eval of that checkpoint, per-layer fp16 and bf16 inference latency -> $OUT/inference_*.json;
 #   5. with an mpiexec (MPIEXEC, else found on PATH): ranks sharing the GPU, so that the communication
@@ -196,6 +198,8 @@ if lacks torch numpy; then
 else
   step "preconditioning precision" 60 "$PY" benchmarks/precondition_precision.py "${precision_args[@]}"
   step "factor statistics" 150 "$PY" benchmarks/factors.py "${factor_args[@]}"
+  step "factor statistics at $rank_batch images" 90 "$PY" benchmarks/factors.py "${factor_args[@]}" \
+    --batch "$rank_batch"
 fi
 if lacks torch mpi4py; then
   skip "inversion" "needs torch and mpi4py (missing: $missing)"

@@ -255,7 +255,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     assert f"WHEELS={wheels}: not installed, this Python's mpi4py loads and mpiexec is on PATH" in log
     steps = [
         "versions", "MPI CUDA support", "GPU tests", "benchmark", "benchmark as a rank of 1024",
-        "preconditioning precision",
+        "preconditioning precision", "factor statistics", "factor statistics at 4 images", "inversion",
         "inference fp16", "inference bf16", "two ranks: staged buckets test",
         "four ranks: training, comm.cuda_aware=false",
     ]  # fmt: skip
@@ -267,6 +267,9 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     assert re.search(r"^\d+ skipped(, \d+ deselected)? in [\d.]+s$", proc.stdout, re.MULTILINE), log
     assert proc.stdout.count("2 passed") == 2  # the staged test on each of the two ranks
     assert "tf32x3: relative error median" in proc.stdout and "TF32 emulated on the CPU" in proc.stdout
+    # what capturing the statistics costs a forward and backward, at the benchmark's batch and a rank's
+    assert proc.stdout.count("capturing every statistic, wall ms of a forward and backward") == 2, log
+    assert proc.stdout.count("on, hooks untimed") == 2, log
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]
     assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]
