@@ -20,9 +20,9 @@ both relative to the largest entry.
 Then what capturing every statistic adds to a whole forward and backward, in wall time (the host waits
 for the device after each pass; median of --repeats): capture off; on, as trained; on with the factor
 arithmetic stubbed out (what is left: the hooks themselves, their timing and bookkeeping); on without
-the hooks' timing (on a GPU a pair of CUDA events a hook). On a GPU also how long the host takes to
-queue a pass, off and on: when that is longer than the pass, the host's launches bound it (ResNet-50 at
-32 images on an H200).
+the hooks' timing (on a GPU a pair of CUDA events a hook); and how long the host takes to queue a pass,
+off and on, before anything waits for the device: on a GPU, where that is about the pass's wall time,
+the host's launches bound the pass (on a CPU the host does the work as it queues it).
 """
 
 from __future__ import annotations
@@ -129,10 +129,21 @@ def untimed(capture: Capture) -> Iterator[None]:
 
 
 def capture_cost(
-    capture: Capture, one_pass: Callable[[bool], object], device: torch.device, repeats: int
+    capture: Capture,
+    forward_backward: Callable[[bool], None],
+    finish: Callable[[bool], object],
+    device: torch.device,
+    repeats: int,
 ) -> None:
-    """Prints the wall ms of a forward and backward with the capture off, on, stubbed and untimed."""
+    """Prints the wall ms of a forward and backward (``forward_backward(armed)`` then ``finish(armed)``,
+    which takes the sums and waits for the hooks' timing) with the capture off, on, stubbed and untimed;
+    and the host's time to queue ``forward_backward``, before anything waits for the device (a GPU's
+    pass is bound by the host's launches where that is about its wall time)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def one_pass(armed: bool) -> None:
+        forward_backward(armed)
+        finish(armed)
 
     def wall(armed: bool) -> float:
         one_pass(armed)  # untimed: a first pass of this kind (allocations, cuDNN's choices)
@@ -155,15 +166,20 @@ def capture_cost(
     print(f"  capture off {off:.1f} | on {on:.1f} (+{on - off:.1f})")
     print(f"  on, factor arithmetic stubbed {stub:.1f}: the hooks without their work cost {stub - off:.1f}")
     print(f"  on, hooks untimed {bare:.1f}: timing the hooks costs {on - bare:.1f}")
-    if device.type == "cuda":
-        queued = {}
+    queued: dict[bool, list[float]] = {False: [], True: []}  # on a CPU the host does the work as it goes
+    for _ in range(repeats):
         for armed in (False, True):
             sync()
             t0 = time.perf_counter()
-            one_pass(armed)
-            queued[armed] = (time.perf_counter() - t0) * 1e3  # the host is done; the GPU may not be
+            forward_backward(armed)
+            queued[armed].append((time.perf_counter() - t0) * 1e3)  # the host is done; a GPU may not be
+            finish(armed)
             sync()
-        print(f"  host time to queue a pass: capture off {queued[False]:.1f}, on {queued[True]:.1f}")
+    off_q, on_q = (statistics.median(queued[a]) for a in (False, True))
+    print(
+        f"  host time to queue it, before anything waits for the device: capture off {off_q:.1f}, "
+        f"on {on_q:.1f}"
+    )
 
 
 def main() -> None:
@@ -190,16 +206,23 @@ def main() -> None:
     capture = Capture(layers, torch.float32, compile_bn=as_trained)
     flop = gflop(layers, model, x)
 
-    def one_pass(want: set[tuple[str, str]]) -> float:
-        """A forward and backward with the statistics ``want`` captured; the hooks' seconds."""
+    def forward_backward(want: set[tuple[str, str]]) -> None:
+        """A forward and backward with the statistics ``want`` captured (nothing waits for the device)."""
         if want:
             capture.arm(want, grad_scale=float(args.batch))
         with torch.autocast(device.type, dtype=half, enabled=half != torch.float32):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
+
+    def finish(want: set[tuple[str, str]]) -> float:
+        """The pass's sums taken and gradients dropped; the hooks' seconds (waits for their kernels)."""
         model.zero_grad(set_to_none=True)
         assert set(capture.take()) == want
         return capture.take_seconds()
+
+    def one_pass(want: set[tuple[str, str]]) -> float:
+        forward_backward(want)
+        return finish(want)
 
     def timed(kind: str) -> float:
         """Median ms of the hooks that compute ``kind`` over the repeats (one untimed pass first)."""
@@ -235,8 +258,16 @@ def main() -> None:
         setting = f"ngd.compile_bn = {str(capture.compile_bn).lower()}"
         print(f"{'BN F, the other way':24s} {'':8s} {'':8s} {other:8.1f}   {setting}")
         print(f"BatchNorm statistic with ngd.compile_bn = true: {factors.bn_statistic_path(True)}")
-        capture.compile_bn = as_trained
-        capture_cost(capture, lambda armed: one_pass(set(keys) if armed else set()), device, args.repeats)
+        capture.compile_bn = as_trained  # the BatchNorm statistic and the A, G products as training has them
+        factors.MM_OUT_DTYPE = paths["as trained"]
+        every = set(keys)
+        capture_cost(
+            capture,
+            lambda armed: forward_backward(every if armed else set()),
+            lambda armed: finish(every if armed else set()),
+            device,
+            args.repeats,
+        )
     finally:
         factors.MM_OUT_DTYPE = paths["as trained"]
         capture.remove()

@@ -16,7 +16,7 @@
 # pytest is optional; WHEELS=DIR supplies MPI where that Python has none that runs (see below).
 # hpcngd is not installed: it runs from this checkout (PYTHONPATH), and nothing is installed. Steps, each
 # under `timeout`, with limits that add up to 1,295 s without DALI and 1,475 s with it (upper bounds: on
-# one H200 the whole script took 256 s on 2026-11-29, without DALI; the device tool's start added 32 s):
+# one H200 the whole script took 256 s on 2026-11-29, without DALI; the device tool held the machine 288 s):
 #   1. the machine: GPUs, Python/torch/CUDA versions, whether MPI reports CUDA support;
 #   2. pytest -m gpu tests/gpu (skipped without pytest);
 #   3. benchmarks/gpu.py -> $OUT/gpu_benchmark.json (rewritten after each configuration, so a run

@@ -269,7 +269,7 @@ def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path: Path) -> None
     assert "tf32x3: relative error median" in proc.stdout and "TF32 emulated on the CPU" in proc.stdout
     # what capturing the statistics costs a forward and backward, at the benchmark's batch and a rank's
     assert proc.stdout.count("capturing every statistic, wall ms of a forward and backward") == 2, log
-    assert proc.stdout.count("on, hooks untimed") == 2, log
+    assert proc.stdout.count("on, hooks untimed") == 2 == proc.stdout.count("host time to queue it"), log
     report = json.loads((out / "gpu_benchmark.json").read_text())
     assert report["device"]["type"] == "cpu" and report["settings"]["amp"] == "bf16" and report["complete"]
     assert all(r["status"] == "ok" for r in report["configs"].values()), report["configs"]
