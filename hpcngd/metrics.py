@@ -9,7 +9,6 @@ rank 0 holds open. ``metrics.jsonl`` gets one JSON object per line: ``"kind": "t
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -149,12 +148,10 @@ class MetricsLog:
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         mark = next((i for i in range(len(lines) - 1, -1, -1) if _writes(lines[i], checkpoint)), None)
-        kept = [
-            line
-            for line in (lines if mark is None else lines[: mark + 1])
-            if line.endswith("\n")  # a torn last line is dropped
-            and _step(line) <= (resume_step if mark is None else math.inf)  # and lines not of ours
-        ]
+        if mark is None:  # no record of that checkpoint (a crash right after its write): by step
+            kept = [line for line in lines if line.endswith("\n") and _step(line) <= resume_step]
+        else:  # everything up to the checkpoint's record
+            kept = [line for line in lines[: mark + 1] if line.endswith("\n")]  # a torn last line is dropped
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")  # the old file stays whole until the rename
         tmp.replace(path)
